@@ -1,0 +1,159 @@
+"""Orbax checkpoints of a training run: model, optimiser, RNG, step and the data iterators' state.
+
+One `ocp.CheckpointManager` under `WORKDIR/checkpoints/<step>/` with three items:
+
+* `state`: the TrainState pytree (params, batch_stats, opt_state, rng, step), `StandardSave`; restored onto any
+  mesh (the abstract target carries the shardings, so a run can resume on another device count);
+* `data`: the train iterator state of every process (`JsonSave`, gathered from all hosts: each host restores its
+  own entry);
+* `meta`: step, epoch and the evaluation metrics of that step (`JsonSave`).
+
+Retention: the last `keep` checkpoints plus the `keep_best` best by R@1 (checkpoints saved with metrics); both
+policies at once through Orbax preservation policies. Saves are asynchronous; Orbax writes into a temporary
+directory and renames it when complete, so a process killed mid-save leaves the previous checkpoints intact (the
+half-written temporary directory is removed at the next start). Call `wait()` / `close()` before exiting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+BEST_METRIC = 'recall@1'
+
+
+class Checkpointable(Protocol):
+  def get_state(self) -> Any: ...
+  def set_state(self, state: Any) -> None: ...
+
+
+def _encode_iterator_state(state: Any) -> dict[str, Any]:
+  if isinstance(state, bytes):
+    return {'format': 'bytes', 'value': state.decode('utf-8')}
+  return {'format': 'json', 'value': state}
+
+
+def _decode_iterator_state(entry: dict[str, Any]) -> Any:
+  return entry['value'].encode('utf-8') if entry['format'] == 'bytes' else entry['value']
+
+
+def _gather_strings(text: str) -> list[str]:
+  """Every process's `text`, in process order (one string per process; identity on one process)."""
+  if jax.process_count() == 1:
+    return [text]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(text.encode('utf-8'), np.uint8)
+  lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
+  width = int(np.max(lengths))
+  padded = np.zeros([width], np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [bytes(gathered[i, :int(lengths[i, 0])]).decode('utf-8') for i in range(gathered.shape[0])]
+
+
+def _preservation_options(keep: int, keep_best: int) -> dict[str, Any]:
+  cm = getattr(ocp, 'checkpoint_managers', None)
+  if cm is not None and hasattr(cm, 'AnyPreservationPolicy'):
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=keep),
+        cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best,
+                 keep_checkpoints_without_metrics=False),
+    ])
+    return {'preservation_policy': policy}
+  logging.warning('This orbax-checkpoint has no preservation policies: keeping the last %d checkpoints only '
+                  '(the best-by-R@1 checkpoint may be deleted).', keep)
+  return {'max_to_keep': keep}
+
+
+class Checkpointer:
+  """Save/restore of (state, data iterator states, metrics) under `directory`."""
+
+  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+        **_preservation_options(keep, keep_best))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The kept step with the highest R@1 (None if no checkpoint has metrics)."""
+    best, best_value = None, -np.inf
+    for step in self.all_steps():
+      metrics = self.metrics(step)
+      if metrics and BEST_METRIC in metrics and metrics[BEST_METRIC] > best_value:
+        best, best_value = step, metrics[BEST_METRIC]
+    return best
+
+  def metrics(self, step: int) -> dict[str, float] | None:
+    self._manager.wait_until_finished()
+    meta = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return meta.get('metrics')
+
+  def save(self, step: int, state: Any, *, data_iterator: Checkpointable | None = None,
+           metrics: dict[str, float] | None = None, extra: dict[str, Any] | None = None,
+           force: bool = True) -> bool:
+    """Starts an asynchronous save of `state` (+ every host's iterator state) at `step`; returns whether saved.
+
+    Every process must call this (Orbax coordinates the hosts); only the primary host writes the JSON items.
+    """
+    iterator_state = '' if data_iterator is None else json.dumps(_encode_iterator_state(data_iterator.get_state()))
+    per_process = _gather_strings(iterator_state)
+    data = {'process_count': len(per_process),
+            'iterators': [json.loads(s) if s else None for s in per_process]}
+    metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+    meta = {'step': int(step), 'metrics': metrics, **(extra or {})}
+    return self._manager.save(
+        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+                                           meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=force)
+
+  def restore(self, step: int, abstract_state: Any, *,
+              data_iterator: Checkpointable | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores the state at `step` into the structure/shardings of `abstract_state` and the iterator in place.
+
+    `abstract_state`: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or of arrays (their shardings are used).
+    Returns (state, meta).
+    """
+    self._manager.wait_until_finished()
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    data = restored['data']
+    if data_iterator is not None:
+      entries = data['iterators']
+      if len(entries) != jax.process_count():
+        raise ValueError(f'Checkpoint {self.directory}/{step} holds data-iterator states of {len(entries)} '
+                         f'processes but this run has {jax.process_count()}; resume with the same number of '
+                         f'hosts (the model and optimiser restore on any device count).')
+      entry = entries[jax.process_index()]
+      if entry is None:
+        raise ValueError(f'Checkpoint {self.directory}/{step} has no data-iterator state.')
+      data_iterator.set_state(_decode_iterator_state(entry))
+    return restored['state'], restored['meta']
+
+  def restore_state(self, step: int, abstract_state: Any) -> Any:
+    """Only the model/optimiser state (evaluation, embedding export)."""
+    self._manager.wait_until_finished()
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored['state']
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
