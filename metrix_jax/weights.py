@@ -247,7 +247,7 @@ def init_embedding_variables(model, key, *, pretrained: str | None, image_size: 
     # Only the head is initialised (the same init as model.init); the backbone comes from the file.
     shapes = jax.eval_shape(model.init, key, images)
     feature_map = jnp.zeros(shapes['params']['head']['kernel'].shape[:1], jnp.float32)[None, None, None]
-    head = model.init(key, feature_map, method='head')['params']['head']
+    head = jax.jit(lambda k, f: model.init(k, f, method='head'))(key, feature_map)['params']['head']
     variables = with_backbone(shapes, backbone)
     variables['params']['head'] = head
     logging.info('Loaded ResNet-%d backbone from %s.', model.depth, pretrained)
