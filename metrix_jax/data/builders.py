@@ -1,0 +1,446 @@
+"""tfds builders (array_record, no TensorFlow needed) for the metric-learning data sets, and their registry.
+
+Each data set is a `tfds.core.GeneratorBasedBuilder` written as `array_record` files and read back through
+`builder.as_data_source(split)` (random access, what grain needs); nothing here imports TensorFlow. Images are
+stored as encoded bytes (JPEG for the photo benchmarks, PNG for glyphs) and decoded by `pipeline.py` with PIL.
+
+| name       | source (manual dir)                               | splits                     | classes train / eval |
+|------------|---------------------------------------------------|----------------------------|----------------------|
+| `demo`     | generated glyphs (`demo.py`), no download         | train / test               | 500 / 500            |
+| `omniglot` | `images_background*.zip`, `images_evaluation*.zip` | train / test (by alphabet) | depends on the zips  |
+| `cub200`   | `CUB_200_2011.tgz`                                | train / test               | 100 / 100            |
+| `cars196`  | `car_ims.tgz`, `cars_annos.mat`                   | train / test               | 98 / 98              |
+| `sop`      | `Stanford_Online_Products.zip`                    | train / test               | 11,318 / 11,316      |
+| `inshop`   | `img.zip`, `list_eval_partition.txt`              | train / query / gallery    | 3,997 / 3,985        |
+
+Labels are int64, unique across splits (eval classes follow the train classes), and the train labels are
+0..num_classes_train-1. Features: `image` (encoded bytes), `label`, `original_size` ([height, width] before the
+build-time resize), `file_name` (path inside the archive).
+
+The benchmark images are resized once at build time so that the shorter side is `short_side` (default 256;
+never upsampled) with PIL bilinear, as torchvision's `Resize(256)` does, and re-encoded as JPEG (quality 95).
+`short_side` is part of the tfds config name (`s256`), so several sizes can live side by side.
+
+Build safety: every expected file is checked before anything is written (a missing file raises
+`FileNotFoundError` naming it and the download instructions); tfds writes into `incomplete.*` and renames on
+success, removing it on failure; the standard image counts are checked (`check_counts=False` only for tests
+with fake archives); an image that fails to decode is skipped and counted in the build log (never kept with a
+wrong label). After a build, a small `metrix_labels.npz` (labels per split, in record order) is written next to
+the tfds files so samplers need not read every record.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import zipfile
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+from metrix_jax.data import DATASET_NAMES
+
+LABELS_FILE = 'metrix_labels.npz'
+_JPEG_QUALITY = 95
+
+
+def check_name(name: str) -> str:
+  if name not in DATASET_NAMES:
+    raise ValueError(f'Unknown dataset {name!r}; valid choices: {", ".join(DATASET_NAMES)}.')
+  return name
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+  """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets (tfds' convention; always passed explicitly)."""
+  return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def default_manual_dir(data_dir: str, manual_dir: str | None = None) -> str:
+  return os.path.expanduser(manual_dir or os.path.join(data_dir, 'downloads', 'manual'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs and the common builder base.
+
+
+@dataclasses.dataclass
+class ImageConfig(tfds.core.BuilderConfig):
+  """Build option of the photo benchmarks: shorter side of the stored images (never upsampled)."""
+  short_side: int = 256
+
+
+def image_config(short_side: int = 256) -> ImageConfig:
+  if short_side < 32:
+    raise ValueError(f'short_side={short_side} is too small; use >= 32 (default 256).')
+  return ImageConfig(name=f's{short_side}', short_side=short_side,
+                     description=f'images resized so that the shorter side is {short_side} px')
+
+
+class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base class: array_record output, explicit manual dir, count checks, parallel image processing.
+
+  Subclasses define `name`, `VERSION`, `MANUAL_DOWNLOAD_INSTRUCTIONS`, `SPLITS`, `required_files()` and
+  `_split_examples(split)`.
+  """
+  SPLITS: tuple[str, ...] = ('train', 'test')
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):  # no checksums/metadata files next to the code (and editable installs break the lookup)
+    return None
+
+  def __init__(self, *, data_dir: str, manual_dir: str | None = None, check_counts: bool = True,
+               num_workers: int | None = None, **kwargs):
+    kwargs.setdefault('file_format', 'array_record')
+    super().__init__(data_dir=data_dir, **kwargs)
+    self._manual_dir = manual_dir
+    self.check_counts = check_counts
+    self.num_workers = os.cpu_count() if num_workers is None else num_workers
+    self.skipped_files: list[str] = []
+
+  @classmethod
+  def default_config(cls, short_side: int = 256) -> tfds.core.BuilderConfig:
+    return image_config(short_side)
+
+  # -- manual files --------------------------------------------------------------------------------------
+  def required_files(self) -> dict[str, Sequence[str]]:
+    """{description: candidate paths relative to the manual dir (first existing wins)}."""
+    return {}
+
+  def find_files(self) -> dict[str, str]:
+    """Resolves `required_files()` in the manual dir; raises FileNotFoundError naming what is missing."""
+    manual_dir = self._manual_dir
+    found, missing = {}, []
+    for key, candidates in self.required_files().items():
+      for rel in candidates:
+        path = os.path.join(manual_dir or '', rel)
+        if manual_dir and os.path.exists(path):
+          found[key] = path
+          break
+      else:
+        missing.append(f'{key} (one of: {", ".join(candidates)})')
+    if missing:
+      raise FileNotFoundError(
+          f'Cannot build {self.name!r}: missing in manual_dir={manual_dir!r}:\n  - ' + '\n  - '.join(missing)
+          + f'\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    return found
+
+  # -- tfds hooks ----------------------------------------------------------------------------------------
+  def _split_generators(self, dl_manager):
+    del dl_manager  # files are located through `find_files()` (explicit manual dir, checked up front)
+    return {split: self._generate_examples(split) for split in self.SPLITS}
+
+  def _generate_examples(self, split):
+    for key, example in self._split_examples(split):
+      yield key, example
+
+  def _split_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    raise NotImplementedError
+
+  # -- helpers for subclasses ----------------------------------------------------------------------------
+  def check_count(self, what: str, expected: int, found: int):
+    if found != expected:
+      message = (f'{self.name}: expected {expected:,} {what}, found {found:,}: the archive is incomplete or not '
+                 f'the official release.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+      if self.check_counts:
+        raise ValueError(message)
+      log.warning('%s (count check disabled)', message.split('\n')[0])
+
+  def encode_images(self, items: Iterable[tuple[str, bytes, dict[str, Any]]], short_side: int | None,
+                    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, raw image bytes, other features) -> (key, example); corrupt images skipped and logged.
+
+    `short_side=None` keeps the bytes as they are (after checking that they decode).
+    """
+    skipped_before = len(self.skipped_files)
+    for key, result, extra in _parallel_map(_encode_image, items, short_side, self.num_workers):
+      if isinstance(result, str):
+        self.skipped_files.append(key)
+        log.warning('%s: skipping corrupt image %s (%s)', self.name, key, result)
+        continue
+      data, original_size = result
+      yield key, dict(extra, image=data, original_size=np.asarray(original_size, np.int32))
+    skipped = len(self.skipped_files) - skipped_before
+    if skipped:
+      log.warning('%s: skipped %d corrupt image(s) in this split: %s', self.name, skipped,
+                  ', '.join(self.skipped_files[skipped_before:skipped_before + 20]))
+
+
+def photo_features(image_channels: int = 3, encoding: str = 'jpeg', raw_image_shape: tuple[int, ...] | None = None,
+                   **extra) -> tfds.features.FeaturesDict:
+  """Common features; `raw_image_shape` stores small images as raw uint8 pixels instead of encoded bytes."""
+  if raw_image_shape is not None:
+    image = tfds.features.Tensor(shape=raw_image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
+  else:
+    image = tfds.features.Image(shape=(None, None, image_channels), encoding_format=encoding)
+  return tfds.features.FeaturesDict({
+      'image': image,
+      'label': tfds.features.Tensor(shape=(), dtype=np.int64),
+      'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),
+      'file_name': tfds.features.Text(),
+      **extra,
+  })
+
+
+def _encode_image(data: bytes, short_side: int | None):
+  """Worker: raw bytes -> (encoded bytes, (height, width)) or an error string."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      width, height = image.size
+      if short_side is None:
+        return data, (height, width)
+      image = image.convert('RGB')
+      if min(width, height) > short_side:  # torchvision Resize(int): shorter side -> size, int() on the other
+        if width <= height:
+          size = (short_side, int(short_side * height / width))
+        else:
+          size = (int(short_side * width / height), short_side)
+        image = image.resize(size, Image.BILINEAR)
+      out = io.BytesIO()
+      image.save(out, format='JPEG', quality=_JPEG_QUALITY)
+      return out.getvalue(), (height, width)
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds on corrupt files)
+    return f'{type(e).__name__}: {e}'
+
+
+def _parallel_map(fn: Callable, items: Iterable[tuple[str, bytes, Any]], arg, num_workers: int,
+                  chunk: int = 64) -> Iterator[tuple[str, Any, Any]]:
+  """Ordered map of fn(data, arg) over (key, data, extra) with bounded memory; in-process if num_workers < 2."""
+  if num_workers < 2:
+    for key, data, extra in items:
+      yield key, fn(data, arg), extra
+    return
+  # fork is fast and needs no `if __name__ == '__main__'` guard, but is unsafe once jax runs its threads.
+  ctx = multiprocessing.get_context('spawn' if 'jax' in sys.modules else 'fork')
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+    block: list = []
+    pending: list = []  # at most two blocks in flight
+    def flush(block):
+      return block, [pool.submit(_map_chunk, fn, [d for _, d, _ in block[i:i + chunk]], arg)
+                     for i in range(0, len(block), chunk)]
+    for item in items:
+      block.append(item)
+      if len(block) == chunk * num_workers * 2:
+        pending.append(flush(block))
+        block = []
+        if len(pending) > 1:
+          yield from _drain(pending.pop(0))
+    if block:
+      pending.append(flush(block))
+    for p in pending:
+      yield from _drain(p)
+
+
+def _map_chunk(fn, datas, arg):
+  return [fn(d, arg) for d in datas]
+
+
+def _drain(pending):
+  block, futures = pending
+  results = [r for f in futures for r in f.result()]
+  for (key, _, extra), result in zip(block, results):
+    yield key, result, extra
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading archives (tar/tgz streamed, zip or an extracted folder), yielding (name, bytes).
+
+
+def iter_archive(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+  """Yields (member name with '/' separators, bytes) for wanted regular files, in archive order.
+
+  For a folder, names are relative to the folder's parent (so they start with the folder's own name, as the
+  archive's members do). Errors in a truncated/corrupt archive are re-raised naming the file.
+  """
+  try:
+    if os.path.isdir(path):
+      root = os.path.dirname(os.path.abspath(path))
+      for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for fname in sorted(filenames):
+          full = os.path.join(dirpath, fname)
+          name = os.path.relpath(full, root).replace(os.sep, '/')
+          if wanted(name):
+            with open(full, 'rb') as f:
+              yield name, f.read()
+    elif zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+          if not info.is_dir() and wanted(info.filename):
+            yield info.filename, zf.read(info)
+    else:
+      with tarfile.open(path, 'r|*') as tf:  # streaming: one sequential pass over a .tgz
+        for member in tf:
+          name = member.name[2:] if member.name.startswith('./') else member.name
+          if member.isfile() and wanted(name):
+            yield name, tf.extractfile(member).read()
+  except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+    raise ValueError(f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; '
+                     'download it again.') from e
+
+
+def read_text_member(path: str, name: str) -> str:
+  """One text file from a zip/folder/tar archive (`name` as `iter_archive` names it)."""
+  for _, data in iter_archive(path, lambda n: n == name):
+    return data.decode('utf-8')
+  raise FileNotFoundError(f'{name} not found in {path}: the archive is incomplete or not the official one.')
+
+
+def is_hidden(name: str) -> bool:
+  return any(part.startswith('._') or part == '__MACOSX' for part in name.split('/'))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry, prepare, split access.
+
+
+def builder_class(name: str) -> type[MetrixBuilder]:
+  check_name(name)
+  if name == 'demo':
+    from metrix_jax.data import demo  # pylint: disable=g-import-not-at-top
+    return demo.Demo
+  class_name = {'omniglot': 'Omniglot', 'cub200': 'Cub200', 'cars196': 'Cars196', 'sop': 'Sop',
+                'inshop': 'InShop'}[name]
+  if class_name not in globals():
+    raise NotImplementedError(f'The {name!r} builder is not written yet.')
+  return globals()[class_name]
+
+
+def get_builder(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
+                config: tfds.core.BuilderConfig | None = None, short_side: int = 256, check_counts: bool = True,
+                num_workers: int | None = None) -> MetrixBuilder:
+  """The builder object (nothing built). `config` overrides the default config (`short_side` for photos)."""
+  cls = builder_class(name)
+  data_dir = default_data_dir(data_dir)
+  if config is None:
+    config = cls.default_config(short_side=short_side)
+  return cls(data_dir=data_dir, manual_dir=default_manual_dir(data_dir, manual_dir), config=config,
+             check_counts=check_counts, num_workers=num_workers)
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs
+            ) -> MetrixBuilder:
+  """Builds `name` under `data_dir` on first use (instant afterwards) and returns the builder.
+
+  `builder_kwargs`: `config`, `short_side` (photos, default 256), `check_counts` (default True; False only
+  for tests with fake archives), `num_workers` (build processes; default all cores).
+  """
+  builder = get_builder(name, data_dir, manual_dir, **builder_kwargs)
+  labels_path = os.path.join(builder.data_dir, LABELS_FILE)
+  if not os.path.exists(labels_path):
+    if not builder.is_prepared():
+      builder.find_files()  # fail before writing anything
+      tfds.disable_progress_bar()
+      log.info('Building %s into %s ...', name, builder.data_dir)
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=builder._manual_dir))  # pylint: disable=protected-access
+      if builder.skipped_files:
+        log.warning('%s: %d corrupt image(s) skipped in total.', name, len(builder.skipped_files))
+    _write_labels(builder, labels_path)
+  return builder
+
+
+def _write_labels(builder: MetrixBuilder, path: str):
+  """One pass over the serialized records (nothing decoded); written atomically."""
+  arrays = {}
+  for split in builder.info.splits:
+    reader = _SplitReader(builder, split)
+    arrays[split] = np.fromiter((reader.label(i) for i in range(len(reader))), np.int64, len(reader))
+  fd, tmp = tempfile.mkstemp(dir=builder.data_dir, suffix='.npz.tmp')
+  with os.fdopen(fd, 'wb') as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+class _SplitReader:
+  """Reads tfds' serialized tf.Example records directly (upb protobuf): ~10x less Python than tfds' decoding.
+
+  Falls back to the tfds data source if its array_record reader is not exposed.
+  """
+
+  def __init__(self, builder, split: str):
+    self.source = builder.as_data_source(split, decoders=_image_decoders(builder))
+    feature = builder.info.features['image']
+    self.raw_shape = None if isinstance(feature, tfds.features.Image) else tuple(feature.shape)
+    self.raw = getattr(self.source, 'data_source', None)
+
+  def __len__(self):
+    return len(self.source)
+
+  def _example(self, index: int):
+    return tf_example_pb2.Example.FromString(self.raw[index]).features.feature
+
+  def label(self, index: int) -> int:
+    if self.raw is None:
+      return int(self.source[index]['label'])
+    return self._example(index)['label'].int64_list.value[0]
+
+  def image(self, index: int) -> bytes | np.ndarray:
+    if self.raw is None:
+      return self.source[index]['image']
+    value = self._example(index)['image'].bytes_list.value[0]
+    return value if self.raw_shape is None else np.frombuffer(value, np.uint8).reshape(self.raw_shape)
+
+
+def _image_decoders(builder):
+  """Keep encoded images as bytes (decoded by the pipeline); raw pixel tensors decode for free."""
+  if isinstance(builder.info.features['image'], tfds.features.Image):
+    return {'image': tfds.decode.SkipDecoding()}
+  return None
+
+
+class RecordSource:
+  """Picklable random access to one built split: `len`, `labels` (int64 [N]), `image_bytes(i)`, `record(i)`.
+
+  Opens the tfds files lazily (also in grain worker processes), through `builder_from_directory`.
+  """
+
+  def __init__(self, dataset_dir: str, split: str):
+    self.dataset_dir, self.split = dataset_dir, split
+    with np.load(os.path.join(dataset_dir, LABELS_FILE)) as f:
+      if split not in f.files:
+        raise ValueError(f'Split {split!r} not in {dataset_dir}; available: {", ".join(f.files)}.')
+      self.labels = f[split]
+    self._source = None
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getstate__(self):
+    return dict(self.__dict__, _source=None)
+
+  def _reader(self) -> _SplitReader:
+    if self._source is None:
+      self._source = _SplitReader(tfds.builder_from_directory(self.dataset_dir), self.split)
+    return self._source
+
+  def record(self, index: int) -> dict[str, Any]:
+    """The full tfds-decoded record (image left encoded)."""
+    return self._reader().source[int(index)]
+
+  def image_bytes(self, index: int) -> bytes | np.ndarray:
+    """Encoded bytes (JPEG/PNG), or raw uint8 [H, W, C] pixels for data sets stored raw (demo)."""
+    return self._reader().image(int(index))
+
+
+def load_split(name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None,
+               **builder_kwargs) -> RecordSource:
+  builder = prepare(name, data_dir, manual_dir, **builder_kwargs)
+  return RecordSource(builder.data_dir, split)
+
+
+# The benchmark and Omniglot builders follow.

@@ -1,0 +1,95 @@
+"""The embedded `demo` data set, generated for real: counts, class split, determinism, caching."""
+import hashlib
+import os
+import time
+
+import numpy as np
+import pytest
+
+from metrix_jax import data
+from metrix_jax.data import builders, demo
+
+
+def _record_files_digest(dataset_dir):
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(dataset_dir)):
+    if '.array_record' in name:
+      with open(os.path.join(dataset_dir, name), 'rb') as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def default_demo(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('demo_data'))
+  start = time.time()
+  builder = data.prepare('demo', data_dir)
+  return data_dir, builder, time.time() - start
+
+
+def test_default_demo_counts_and_split(default_demo):
+  data_dir, builder, seconds = default_demo
+  info = data.get_dataset_info('demo', data_dir)
+  assert info == data.DatasetInfo(num_classes_train=500, num_train_examples=10_000, eval_splits=('test',),
+                                  has_gallery=False)
+  train = builders.RecordSource(builder.data_dir, 'train')
+  test = builders.RecordSource(builder.data_dir, 'test')
+  assert len(test) == 10_000
+  np.testing.assert_array_equal(np.bincount(train.labels), np.full(500, 20))
+  np.testing.assert_array_equal(np.bincount(test.labels)[500:], np.full(500, 20))
+  assert test.labels.min() == 500  # eval classes follow the train classes: disjoint
+  # Records carry what the label cache says; one class = one code point; raw grey 32x32 pixels.
+  for source in (train, test):
+    for i in (0, 1234, len(source) - 1):
+      record = source.record(i)
+      assert record['label'] == source.labels[i]
+      assert record['image'].shape == (32, 32, 1) and record['image'].dtype == np.uint8
+      np.testing.assert_array_equal(source.image_bytes(i), record['image'])  # fast reader == tfds decoding
+      np.testing.assert_array_equal(record['original_size'], [32, 32])
+  codepoints = {}
+  for i in range(0, 10_000, 97):
+    record = train.record(i)
+    codepoints.setdefault(int(record['label']), set()).add(record['file_name'].split(b'/')[0])
+  assert all(len(c) == 1 for c in codepoints.values())
+  print(f'default demo built in {seconds:.1f}s')
+
+
+def test_demo_is_cached(default_demo):
+  data_dir, builder, _ = default_demo
+  stamp = os.path.getmtime(os.path.join(builder.data_dir, builders.LABELS_FILE))
+  start = time.time()
+  again = data.prepare('demo', data_dir)
+  assert time.time() - start < 5
+  assert again.data_dir == builder.data_dir
+  assert os.path.getmtime(os.path.join(builder.data_dir, builders.LABELS_FILE)) == stamp
+
+
+def test_demo_is_deterministic(tmp_path):
+  config = demo.demo_config(num_classes=30, num_train_classes=20, images_per_class=5)
+  digests = [_record_files_digest(data.prepare('demo', str(tmp_path / name), config=config).data_dir)
+             for name in ('a', 'b')]
+  assert digests[0] == digests[1]
+  other_seed = demo.demo_config(num_classes=30, num_train_classes=20, images_per_class=5, seed=1)
+  assert _record_files_digest(data.prepare('demo', str(tmp_path / 'c'), config=other_seed).data_dir) != digests[0]
+
+
+def test_glyph_classes_are_many_and_distinct():
+  candidates = demo.candidate_characters()
+  assert len(candidates) >= 1000
+  assert len({cp for cp, _ in candidates}) == len(candidates)
+  assert all(len(faces) >= 4 for _, faces in candidates)
+  classes = demo.select_classes(demo.demo_config())
+  assert len(classes) == 1000 and len(set(classes)) == 1000
+
+
+def test_instances_differ_within_a_class():
+  codepoint, faces = demo.select_classes(demo.demo_config())[0]
+  images = [demo.render_glyph(codepoint, faces, np.random.default_rng([0, codepoint, k]), 32)[0]
+            for k in range(4)]
+  assert all(im.shape == (32, 32) and im.dtype == np.uint8 for im in images)
+  assert all(np.abs(images[0].astype(int) - im).mean() > 2 for im in images[1:])
+
+
+def test_bad_config_is_rejected():
+  with pytest.raises(ValueError, match='num_train_classes'):
+    demo.demo_config(num_classes=10, num_train_classes=10)
