@@ -39,14 +39,18 @@ _TORCH_STAGES = {(2, 2, 2, 2, 'basic'): 18, (3, 4, 6, 3, 'basic'): 34, (3, 4, 6,
 def how_to_produce(path: str, depth: int = 50) -> str:
     """Instructions for producing the torchvision ImageNet V1 weights file `path`."""
     stem = os.path.splitext(os.path.basename(path))[0] or f'resnet{depth}'
-    return (
-        f'Produce it on a machine with internet and torchvision:\n'
-        f'  python -c "import torch, torchvision; torch.save(torchvision.models.resnet{depth}('
-        f"weights='IMAGENET1K_V1').state_dict(), '{stem}.pth')\"\n"
-        f'then convert it once (needs torch, not torchvision) so that training machines need no torch:\n'
-        f'  python -m metrix_jax.weights convert {stem}.pth {stem}.npz\n'
-        f'and copy {stem}.npz to {path!r} (or point the config at it). '
-        f'For random init, pass pretrained=None (results are then not comparable with the paper).')
+    save = (f'  python -c "import torch, torchvision; torch.save(torchvision.models.resnet{depth}('
+            f"weights='IMAGENET1K_V1').state_dict(), '{stem}.pth')\"\n")
+    convert = f'  python -m metrix_jax.weights convert {stem}.pth {stem}.npz\n'
+    if os.path.splitext(path)[1].lower() in ('.pth', '.pt'):
+        steps = (f'{save}and copy {stem}.pth to {path!r}. Training machines without torch: convert it once\n'
+                 f'{convert}and point the config at the .npz.')
+    else:
+        steps = (f'{save}then convert it once (needs torch, not torchvision) so that training machines need no '
+                 f'torch:\n{convert}and copy {stem}.npz to {path!r} (or point the config at it).')
+    return (f'Produce it (torchvision ImageNet-1k V1 ResNet-{depth}) on a machine with internet and '
+            f'torchvision:\n{steps} For random init, pass pretrained=None (results are then not comparable '
+            f'with the paper).')
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

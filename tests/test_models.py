@@ -89,8 +89,9 @@ def test_parity_with_torch(checkpoints, depth, size, batch):
     assert_close(fmap, fmap_t)
     assert_close(fmap_backbone, fmap_t)
     assert_close(emb, emb_t)
-    print(f'ResNet-{depth} {size}px: feature map rel err {relative_errors(fmap, fmap_t)}, '
-          f'embedding rel err {relative_errors(emb, emb_t)}')
+    (fmap_max, fmap_l2), (emb_max, emb_l2) = relative_errors(fmap, fmap_t), relative_errors(emb, emb_t)
+    print(f'ResNet-{depth} {size}px rel err (max, l2): feature map {fmap_max:.1e}, {fmap_l2:.1e}; '
+          f'embedding {emb_max:.1e}, {emb_l2:.1e}')
 
 
 @pytest.mark.parametrize('depth,channels', [(18, 512), (34, 512), (50, 2048)])
