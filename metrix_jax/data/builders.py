@@ -112,7 +112,9 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.skipped_files: list[str] = []
 
   @classmethod
-  def default_config(cls, short_side: int = 256) -> tfds.core.BuilderConfig:
+  def default_config(cls, short_side: int = 256, manual_dir: str | None = None,
+                     data_dir: str | None = None) -> tfds.core.BuilderConfig:
+    del manual_dir, data_dir
     return image_config(short_side)
 
   # -- manual files --------------------------------------------------------------------------------------
@@ -326,9 +328,10 @@ def get_builder(name: str, data_dir: str | None = None, manual_dir: str | None =
   """The builder object (nothing built). `config` overrides the default config (`short_side` for photos)."""
   cls = builder_class(name)
   data_dir = default_data_dir(data_dir)
+  manual_dir = default_manual_dir(data_dir, manual_dir)
   if config is None:
-    config = cls.default_config(short_side=short_side)
-  return cls(data_dir=data_dir, manual_dir=default_manual_dir(data_dir, manual_dir), config=config,
+    config = cls.default_config(short_side=short_side, manual_dir=manual_dir, data_dir=data_dir)
+  return cls(data_dir=data_dir, manual_dir=manual_dir, config=config,
              check_counts=check_counts, num_workers=num_workers)
 
 
@@ -443,4 +446,320 @@ def load_split(name: str, split: str, data_dir: str | None = None, manual_dir: s
   return RecordSource(builder.data_dir, split)
 
 
-# The benchmark and Omniglot builders follow.
+# ----------------------------------------------------------------------------------------------------------
+# The four benchmarks.
+
+
+class _RandomAccess:
+  """read(name) from a zip or an extracted folder (names as `iter_archive` gives them); None when absent."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._zip = None if os.path.isdir(path) else zipfile.ZipFile(path)
+    self._root = os.path.dirname(os.path.abspath(path))
+
+  def read(self, name: str) -> bytes | None:
+    try:
+      if self._zip is not None:
+        return self._zip.read(name)
+      with open(os.path.join(self._root, *name.split('/')), 'rb') as f:
+        return f.read()
+    except (KeyError, FileNotFoundError):
+      return None
+
+  def close(self):
+    if self._zip is not None:
+      self._zip.close()
+
+
+class _PhotoBuilder(MetrixBuilder, skip_registration=True):
+  """Benchmarks built from official archives: JPEG resized to `short_side`, label/original size/file name."""
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  DESCRIPTION = ''
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, description=f'{self.DESCRIPTION} {self.builder_config.description}.',
+                                 features=photo_features(), supervised_keys=('image', 'label'))
+
+  def _encode(self, items, split: str, expected: int | None, expected_classes: int | None = None):
+    """items: (key, bytes or None when missing from the archive, label) -> examples; counts checked at the end."""
+    listed, missing, classes = 0, [], set()
+    def examples():
+      nonlocal listed
+      for key, data, label in items:
+        listed += 1
+        classes.add(label)
+        if data is None:
+          missing.append(key)
+          continue
+        yield key, data, {'label': label, 'file_name': key}
+    yield from self.encode_images(examples(), self.builder_config.short_side)
+    if missing:
+      message = (f'{self.name}: {len(missing)} image(s) of the {split} split listed in the annotations are missing '
+                 f'from the archive (first: {", ".join(missing[:5])}).')
+      if self.check_counts:
+        raise ValueError(f'{message}\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+      log.warning(message)
+    if expected is not None:
+      self.check_count(f'{split} images', expected, listed)
+    if expected_classes is not None:
+      self.check_count(f'{split} classes', expected_classes, len(classes))
+    log.info('%s/%s: %d images listed, %d classes.', self.name, split, listed, len(classes))
+
+
+class Cub200(_PhotoBuilder, skip_registration=True):
+  """CUB-200-2011: classes 1-100 train (5,864 images), 101-200 test (5,924); label = class number - 1."""
+  name = 'metrix_cub200'
+  DESCRIPTION = 'CUB-200-2011, metric-learning split (classes 0-99 train, 100-199 test).'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+cub200 needs, in the manual dir:
+  CUB_200_2011.tgz (1,150,585,339 bytes; or the extracted folder CUB_200_2011/ with images/ inside)
+Download it from the Caltech data repository: https://data.caltech.edu/records/65de6-vp158
+(file CUB_200_2011.tgz). Do not extract it: the builder streams the archive once per split."""
+  COUNTS = {'train': 5864, 'test': 5924}
+  _IMAGE = re.compile(r'^CUB_200_2011/images/(\d{3})\.[^/]+/[^/]+\.jpg$', re.IGNORECASE)
+
+  def required_files(self):
+    return {'CUB_200_2011.tgz': ('CUB_200_2011.tgz', 'CUB_200_2011.tar.gz', 'CUB_200_2011')}
+
+  def _split_examples(self, split):
+    archive = self.find_files()['CUB_200_2011.tgz']
+    def items():
+      for name, data in iter_archive(archive, lambda n: not is_hidden(n) and self._IMAGE.match(n) is not None):
+        label = int(self._IMAGE.match(name).group(1)) - 1
+        if (label < 100) == (split == 'train'):
+          yield name, data, label
+    return self._encode(items(), split, self.COUNTS[split], 100)
+
+
+class Cars196(_PhotoBuilder, skip_registration=True):
+  """Cars196: classes 1-98 train (8,054 images), 99-196 test (8,131); label = `class` - 1 (`test` flag unused)."""
+  name = 'metrix_cars196'
+  DESCRIPTION = 'Cars196 (Stanford Cars), metric-learning split (classes 0-97 train, 98-195 test).'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+cars196 needs, in the manual dir:
+  car_ims.tgz     (all 16,185 images, ~1.9 GB; or the extracted folder car_ims/)
+  cars_annos.mat  (annotations of all images: relative_im_path, class)
+Both were published on the Stanford Cars page, http://ai.stanford.edu/~jkrause/cars/car_dataset.html
+(http://ai.stanford.edu/~jkrause/car196/car_ims.tgz and .../car196/cars_annos.mat); that server is no longer
+maintained, so use a copy of these same two files (e.g. an Internet Archive snapshot of those URLs). The
+train/test archives with the devkit (cars_train.tgz, cars_test.tgz) are a different split and are not used."""
+  COUNTS = {'train': 8054, 'test': 8131}
+
+  def required_files(self):
+    return {'car_ims.tgz': ('car_ims.tgz', 'car_ims.tar.gz', 'car_ims'), 'cars_annos.mat': ('cars_annos.mat',)}
+
+  def annotations(self) -> dict[str, int]:
+    """{'car_ims/000001.jpg': label}."""
+    import scipy.io  # pylint: disable=g-import-not-at-top  (a jax dependency)
+    mat = scipy.io.loadmat(self.find_files()['cars_annos.mat'], squeeze_me=True)
+    annotations = np.atleast_1d(mat['annotations'])
+    out = {str(a['relative_im_path']).lstrip('./'): int(a['class']) - 1 for a in annotations}
+    self.check_count('annotated images', sum(self.COUNTS.values()), len(out))
+    return out
+
+  def _split_examples(self, split):
+    labels = self.annotations()
+    wanted = {n: y for n, y in labels.items() if (y < 98) == (split == 'train')}
+    def items():
+      seen = set()
+      for name, data in iter_archive(self.find_files()['car_ims.tgz'], lambda n: n in wanted):
+        seen.add(name)
+        yield name, data, wanted[name]
+      for name in sorted(set(wanted) - seen):
+        yield name, None, wanted[name]
+    return self._encode(items(), split, self.COUNTS[split], 98)
+
+
+class Sop(_PhotoBuilder, skip_registration=True):
+  """Stanford Online Products: Ebay_train.txt (11,318 classes, 59,551 images) / Ebay_test.txt (11,316, 60,502)."""
+  name = 'metrix_sop'
+  DESCRIPTION = 'Stanford Online Products, Ebay_train / Ebay_test (label = class_id - 1).'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+sop needs, in the manual dir:
+  Stanford_Online_Products.zip (3,083,860,082 bytes; or the extracted folder Stanford_Online_Products/)
+Download it from the project page https://cvgl.stanford.edu/projects/lifted_struct/ (Stanford Online Products
+data set). It holds Ebay_train.txt, Ebay_test.txt and the images."""
+  COUNTS = {'train': (59551, 11318), 'test': (60502, 11316)}
+
+  def required_files(self):
+    return {'Stanford_Online_Products.zip': ('Stanford_Online_Products.zip', 'Stanford_Online_Products')}
+
+  def _split_examples(self, split):
+    archive = self.find_files()['Stanford_Online_Products.zip']
+    listing = read_text_member(archive, f'Stanford_Online_Products/Ebay_{split}.txt')
+    rows = [line.split() for line in listing.splitlines()[1:] if line.strip()]
+    entries = [(f'Stanford_Online_Products/{path}', int(class_id) - 1) for _, class_id, _, path in rows]
+    if split == 'train' and entries and sorted({y for _, y in entries}) != list(range(len({y for _, y in entries}))):
+      raise ValueError('sop: Ebay_train.txt class ids are not 1..N; not the official file.')
+    def items():
+      reader = _RandomAccess(archive)
+      try:
+        for name, label in entries:
+          yield name, reader.read(name), label
+      finally:
+        reader.close()
+    return self._encode(items(), split, *self.COUNTS[split])
+
+
+class InShop(_PhotoBuilder, skip_registration=True):
+  """In-Shop Clothes Retrieval (DeepFashion): train / query / gallery from Eval/list_eval_partition.txt.
+
+  Labels: train items sorted -> 0..3,996; query and gallery share one map, test items sorted -> 3,997...
+  """
+  name = 'metrix_inshop'
+  SPLITS = ('train', 'query', 'gallery')
+  DESCRIPTION = 'In-Shop Clothes Retrieval (DeepFashion): train / query / gallery.'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+inshop needs, in the manual dir (flat, or in the benchmark's own Img/ and Eval/ sub-folders):
+  img.zip                  (Img/img.zip: the low-resolution images, folder img/; or the extracted folder img/)
+  list_eval_partition.txt  (Eval/list_eval_partition.txt)
+Download them from the DeepFashion In-shop Clothes Retrieval Benchmark,
+https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (Google Drive folder
+"In-shop Clothes Retrieval Benchmark"; the image archive may require the password the authors send on request)."""
+  COUNTS = {'train': 25882, 'query': 14218, 'gallery': 12612}
+  ITEMS = {'train': 3997, 'test': 3985}
+
+  def required_files(self):
+    return {'img.zip': ('img.zip', 'Img/img.zip', 'img', 'Img/img'),
+            'list_eval_partition.txt': ('list_eval_partition.txt', 'Eval/list_eval_partition.txt')}
+
+  def partition(self) -> dict[str, list[tuple[str, int]]]:
+    with open(self.find_files()['list_eval_partition.txt'], encoding='utf-8') as f:
+      lines = f.read().splitlines()
+    rows = [line.split() for line in lines[2:] if line.strip()]  # line 1: count, line 2: header
+    by_status = {s: [(name, item) for name, item, status in rows if status == s] for s in self.SPLITS}
+    train_items = sorted({item for _, item in by_status['train']})
+    test_items = sorted({item for s in ('query', 'gallery') for _, item in by_status[s]})
+    label_of = {item: i for i, item in enumerate(train_items)}
+    label_of.update({item: len(train_items) + i for i, item in enumerate(test_items)})
+    if set(train_items) & set(test_items):
+      raise ValueError('inshop: train and test items overlap; not the official list_eval_partition.txt.')
+    self.check_count('train items', self.ITEMS['train'], len(train_items))
+    self.check_count('query/gallery items', self.ITEMS['test'], len(test_items))
+    return {s: [(name, label_of[item]) for name, item in by_status[s]] for s in self.SPLITS}
+
+  def _split_examples(self, split):
+    entries = self.partition()[split]
+    archive = self.find_files()['img.zip']
+    def items():
+      reader = _RandomAccess(archive)
+      try:
+        for name, label in entries:
+          yield name, reader.read(name), label
+      finally:
+        reader.close()
+    return self._encode(items(), split, self.COUNTS[split])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Omniglot.
+
+
+@dataclasses.dataclass
+class OmniglotConfig(tfds.core.BuilderConfig):
+  zips: tuple[str, ...] = ()
+
+
+_OMNIGLOT_ZIPS = {  # archive stem -> (characters, images) for the count check
+    'images_background': (964, 19280),
+    'images_evaluation': (659, 13180),
+    'images_background_small1': (136, 2720),
+    'images_background_small2': (156, 3120),
+}
+
+
+class Omniglot(MetrixBuilder, skip_registration=True):
+  """Omniglot from any subset of the official zips; class = (alphabet, character); classes split by alphabet.
+
+  With `images_evaluation.zip` present (and a background zip), background alphabets train and evaluation
+  alphabets test (the official background/evaluation split). Otherwise the sorted alphabets alternate: even
+  positions train, odd positions test. Greek/Latin in both small zips are the same images (de-duplicated).
+  The config name lists the zips used, so adding a zip later builds a new variant instead of mixing.
+  """
+  name = 'metrix_omniglot'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+omniglot needs, in the manual dir, any of:
+  images_background.zip, images_evaluation.zip, images_background_small1.zip, images_background_small2.zip
+from https://github.com/brendenlake/omniglot (folder python/; MIT licence)."""
+  _IMAGE = re.compile(r'^([^/]+)/([^/]+)/([^/]+)/([^/]+\.png)$')
+
+  @classmethod
+  def default_config(cls, short_side: int = 256, manual_dir: str | None = None,
+                     data_dir: str | None = None) -> OmniglotConfig:
+    del short_side
+    zips = tuple(z for z in _OMNIGLOT_ZIPS if manual_dir and os.path.exists(os.path.join(manual_dir, z + '.zip')))
+    if not zips and data_dir:  # nothing to build from: reuse the one variant already built, if unique
+      built = sorted(os.listdir(os.path.join(data_dir, cls.name))) if os.path.isdir(
+          os.path.join(data_dir, cls.name)) else []
+      if len(built) == 1:
+        zips = tuple(built[0].split('+'))
+    return OmniglotConfig(name='+'.join(zips) or 'none', zips=zips, description=f'zips: {", ".join(zips)}')
+
+  def required_files(self):
+    zips = self.builder_config.zips
+    if not zips:
+      return {'an Omniglot zip': tuple(z + '.zip' for z in _OMNIGLOT_ZIPS)}
+    return {z + '.zip': (z + '.zip',) for z in zips}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, description=f'Omniglot, classes split by alphabet; {self.builder_config.description}.',
+        features=photo_features(image_channels=1, encoding='png', alphabet=tfds.features.Text(),
+                                character=tfds.features.Text()),
+        supervised_keys=('image', 'label'))
+
+  def _scan(self):
+    """{(alphabet, character): {file: (zip stem, member)}} and {alphabet: set of zip stems}; counts checked."""
+    files = self.find_files()
+    classes, alphabet_sets = {}, {}
+    for key, path in files.items():
+      stem = os.path.basename(path)[:-4]
+      with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if not is_hidden(n) and self._IMAGE.match(n)]
+      characters = set()
+      for member in names:
+        _, alphabet, character, fname = self._IMAGE.match(member).groups()
+        characters.add((alphabet, character))
+        classes.setdefault((alphabet, character), {}).setdefault(fname, (path, member))
+        alphabet_sets.setdefault(alphabet, set()).add(stem)
+      expected = _OMNIGLOT_ZIPS.get(stem)
+      if expected:
+        self.check_count(f'characters in {key}', expected[0], len(characters))
+        self.check_count(f'images in {key}', expected[1], len(names))
+    return classes, alphabet_sets
+
+  def split_alphabets(self, alphabet_sets) -> tuple[list[str], list[str]]:
+    alphabets = sorted(alphabet_sets)
+    evaluation = {a for a, stems in alphabet_sets.items() if 'images_evaluation' in stems}
+    if evaluation and len(evaluation) < len(alphabets):
+      return [a for a in alphabets if a not in evaluation], sorted(evaluation)
+    return alphabets[0::2], alphabets[1::2]
+
+  def _split_examples(self, split):
+    classes, alphabet_sets = self._scan()
+    train_alphabets, test_alphabets = self.split_alphabets(alphabet_sets)
+    ordered = sorted(c for c in classes if c[0] in train_alphabets) + sorted(
+        c for c in classes if c[0] in test_alphabets)
+    label_of = {c: i for i, c in enumerate(ordered)}
+    wanted = set(train_alphabets if split == 'train' else test_alphabets)
+    def items():
+      opened = {}
+      try:
+        for (alphabet, character) in ordered:
+          if alphabet not in wanted:
+            continue
+          for fname, (path, member) in sorted(classes[(alphabet, character)].items()):
+            if path not in opened:
+              opened[path] = zipfile.ZipFile(path)
+            yield (f'{alphabet}/{character}/{fname}', opened[path].read(member),
+                   {'label': label_of[(alphabet, character)], 'file_name': f'{alphabet}/{character}/{fname}',
+                    'alphabet': alphabet, 'character': character})
+      finally:
+        for zf in opened.values():
+          zf.close()
+    log.info('omniglot/%s: alphabets %s', split, ', '.join(sorted(wanted)))
+    return self.encode_images(items(), None)

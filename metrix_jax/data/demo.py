@@ -185,8 +185,8 @@ class Demo(builders.MetrixBuilder, skip_registration=True):
   MANUAL_DOWNLOAD_INSTRUCTIONS = 'Nothing to download: the demo data set is generated locally.'
 
   @classmethod
-  def default_config(cls, short_side: int = 256) -> DemoConfig:
-    del short_side
+  def default_config(cls, short_side: int = 256, manual_dir=None, data_dir=None) -> DemoConfig:
+    del short_side, manual_dir, data_dir
     return demo_config()
 
   def _info(self):

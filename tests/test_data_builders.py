@@ -1,0 +1,287 @@
+"""tfds builders from tiny fake archives with the official layout and file names; Omniglot from the real zips.
+
+Fakes hold a handful of images per class, so the standard-count check is disabled (`check_counts=False`)
+except where a test checks that it fires.
+"""
+import io
+import logging
+import os
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metrix_jax import data
+from metrix_jax.data import builders
+
+OMNIGLOT_SMALL = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'omniglot_small')
+SMALL = builders.image_config(32)  # fake images are 40 x 48: resized to 32 x 38 at build time
+
+
+def jpeg(seed, size=(48, 40), mode='RGB'):
+  pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).convert(mode).save(out, format='JPEG')
+  return out.getvalue()
+
+
+def png(seed):
+  pixels = np.random.default_rng(seed).random((105, 105)) > 0.2
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format='PNG')
+  return out.getvalue()
+
+
+def write_tar(path, files):
+  with tarfile.open(path, 'w:gz') as tf:
+    for name, payload in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      tf.addfile(info, io.BytesIO(payload))
+
+
+def write_zip(path, files):
+  with zipfile.ZipFile(path, 'w') as zf:
+    for name, payload in files.items():
+      zf.writestr(name, payload)
+
+
+def build(name, data_dir, manual_dir, **kwargs):
+  kwargs.setdefault('check_counts', False)
+  kwargs.setdefault('config', SMALL)
+  builder = data.prepare(name, str(data_dir), str(manual_dir), num_workers=0, **kwargs)
+  return builder, {s: builders.RecordSource(builder.data_dir, s) for s in builder.info.splits}
+
+
+def labels_of(source):
+  return sorted(source.labels.tolist())
+
+
+def leftovers(data_dir):
+  return [os.path.join(d, f) for d, dirs, files in os.walk(data_dir) for f in files + dirs
+          if 'incomplete' in f or f.endswith('.array_record-00000-of-00001')]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUB-200-2011
+
+
+@pytest.fixture(scope='module')
+def cub_manual(tmp_path_factory):
+  manual = tmp_path_factory.mktemp('cub_manual')
+  files = {'attributes.txt': b'1 has_bill_shape::curved\n', 'CUB_200_2011/images.txt': b'1 001.x/a.jpg\n'}
+  for cls in (1, 2, 100, 101, 200):
+    for k in range(3):
+      files[f'CUB_200_2011/images/{cls:03d}.Bird_{cls}/Bird_{cls}_{k:04d}_1.jpg'] = jpeg(cls * 10 + k)
+  files['CUB_200_2011/images/001.Bird_1/._Bird_1_0000_1.jpg'] = b'\x00\x05\x16\x07 mac resource fork'
+  files['CUB_200_2011/images/002.Bird_2/Bird_2_corrupt.jpg'] = b'\xff\xd8\xff\xe0 not really a jpeg'
+  write_tar(manual / 'CUB_200_2011.tgz', files)
+  return manual
+
+
+def test_cub200_split_labels_resize_and_corrupt_skip(cub_manual, tmp_path, caplog):
+  with caplog.at_level(logging.WARNING):
+    builder, splits = build('cub200', tmp_path, cub_manual)
+  assert labels_of(splits['train']) == [0] * 3 + [1] * 3 + [99] * 3  # corrupt image and ._ file skipped
+  assert labels_of(splits['test']) == [100] * 3 + [199] * 3
+  assert builder.skipped_files == ['CUB_200_2011/images/002.Bird_2/Bird_2_corrupt.jpg']
+  assert 'skipped 1 corrupt image' in caplog.text
+  record = splits['train'].record(0)
+  np.testing.assert_array_equal(record['original_size'], [40, 48])
+  assert Image.open(io.BytesIO(record['image'])).size == (38, 32)  # shorter side 32, int(32 * 48 / 40)
+  assert record['file_name'].decode().startswith('CUB_200_2011/images/')
+  assert builder.data_dir.endswith(os.path.join('metrix_cub200', 's32', '1.0.0'))
+  # Readable through tfds' own data source (grain-compatible), with tfds decoding the JPEG via PIL.
+  tfds_source = builder.as_data_source('test')
+  assert len(tfds_source) == 6 and tfds_source[0]['image'].shape == (32, 38, 3)
+
+
+def test_cub200_count_check_fails_and_leaves_nothing(cub_manual, tmp_path):
+  with pytest.raises(ValueError, match='expected 5,864 train images, found 10'):
+    data.prepare('cub200', str(tmp_path), str(cub_manual), config=SMALL, num_workers=0)
+  assert leftovers(tmp_path) == []
+  assert not os.path.exists(tmp_path / 'metrix_cub200' / 's32' / '1.0.0')
+
+
+def test_missing_archive_names_the_file_and_the_instructions(tmp_path):
+  with pytest.raises(FileNotFoundError) as error:
+    data.prepare('cub200', str(tmp_path / 'data'), str(tmp_path / 'empty_manual'))
+  assert 'CUB_200_2011.tgz' in str(error.value) and 'https://data.caltech.edu' in str(error.value)
+  with pytest.raises(FileNotFoundError, match='cars_annos.mat'):
+    data.prepare('cars196', str(tmp_path / 'data'), str(tmp_path / 'empty_manual'))
+  assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'metrix_cub200' / 's256' / '1.0.0')
+
+
+def test_truncated_archive_is_reported(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  write_tar(manual / 'CUB_200_2011.tgz', {f'CUB_200_2011/images/001.A/{k}.jpg': jpeg(k) for k in range(30)})
+  payload = (manual / 'CUB_200_2011.tgz').read_bytes()
+  (manual / 'CUB_200_2011.tgz').write_bytes(payload[:len(payload) // 2])
+  with pytest.raises(ValueError, match='truncated or corrupt'):
+    build('cub200', tmp_path / 'data', manual)
+  assert leftovers(tmp_path / 'data') == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cars196
+
+
+def write_cars_annos(path, entries):
+  from scipy import io as sio  # pylint: disable=g-import-not-at-top
+  fields = ['relative_im_path', 'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class', 'test']
+  annotations = np.zeros((1, len(entries)), dtype=[(f, 'O') for f in fields])
+  for i, (name, cls) in enumerate(entries):
+    annotations[0, i] = (np.array([name]), np.array([[1]]), np.array([[2]]), np.array([[30]]), np.array([[20]]),
+                         np.array([[cls]], np.uint8), np.array([[i % 2]], np.uint8))
+  sio.savemat(path, {'annotations': annotations, 'class_names': np.array([['a', 'b']], dtype=object)})
+
+
+def test_cars196_split_by_class_number_and_missing_image(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  entries = [(f'car_ims/{i + 1:06d}.jpg', cls) for i, cls in enumerate([1, 1, 98, 98, 99, 99, 196, 196])]
+  write_cars_annos(manual / 'cars_annos.mat', entries + [('car_ims/000099.jpg', 2)])  # not in the archive
+  write_tar(manual / 'car_ims.tgz', {name: jpeg(i) for i, (name, _) in enumerate(entries)})
+  builder, splits = build('cars196', tmp_path / 'data', manual)
+  assert labels_of(splits['train']) == [0, 0, 97, 97]
+  assert labels_of(splits['test']) == [98, 98, 195, 195]
+  with pytest.raises(ValueError, match='expected 16,185 annotated images, found 9'):
+    data.prepare('cars196', str(tmp_path / 'data2'), str(manual), config=SMALL, num_workers=0)
+  assert leftovers(tmp_path / 'data2') == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stanford Online Products
+
+
+def test_sop_train_test_from_ebay_lists(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  files, rows = {}, {'train': [], 'test': []}
+  image_id = 0
+  for class_id, split, super_class in ((1, 'train', 'bicycle'), (2, 'train', 'bicycle'), (3, 'train', 'chair'),
+                                       (4, 'test', 'chair'), (5, 'test', 'mug')):
+    for k in range(2):
+      image_id += 1
+      path = f'{super_class}_final/{1000 + class_id}_{k}.JPG'
+      files[f'Stanford_Online_Products/{path}'] = jpeg(image_id, mode='L' if class_id == 5 else 'RGB')
+      rows[split].append(f'{image_id} {class_id} 1 {path}')
+  for split in rows:
+    files[f'Stanford_Online_Products/Ebay_{split}.txt'] = (
+        'image_id class_id super_class_id path\n' + '\n'.join(rows[split]) + '\n').encode()
+  write_zip(manual / 'Stanford_Online_Products.zip', files)
+  builder, splits = build('sop', tmp_path / 'data', manual)
+  assert labels_of(splits['train']) == [0, 0, 1, 1, 2, 2]
+  assert labels_of(splits['test']) == [3, 3, 4, 4]
+  grey = [splits['test'].record(i) for i in range(4) if splits['test'].labels[i] == 4][0]
+  assert Image.open(io.BytesIO(grey['image'])).mode == 'RGB'  # grey stored as RGB
+  info = data.get_dataset_info('sop', str(tmp_path / 'data'), str(manual), config=SMALL)
+  assert info == data.DatasetInfo(3, 6, ('test',), False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-Shop
+
+
+def test_inshop_query_gallery_share_one_label_map(tmp_path):
+  manual = tmp_path / 'manual'
+  (manual / 'Img').mkdir(parents=True)
+  (manual / 'Eval').mkdir()
+  rows, files = [], {}
+  layout = [('id_00000001', 'train', 2), ('id_00000003', 'train', 2), ('id_00000002', 'query', 1),
+            ('id_00000002', 'gallery', 2), ('id_00000004', 'query', 1), ('id_00000004', 'gallery', 1)]
+  n = 0
+  for item, status, count in layout:
+    for _ in range(count):
+      n += 1
+      name = f'img/WOMEN/Dresses/{item}/{n:02d}_1_front.jpg'
+      files[name] = jpeg(n)
+      rows.append(f'{name} {item} {status}')
+  write_zip(manual / 'Img' / 'img.zip', files)
+  (manual / 'Eval' / 'list_eval_partition.txt').write_text(
+      f'{len(rows)}\nimage_name item_id evaluation_status\n' + '\n'.join(rows) + '\n')
+  builder, splits = build('inshop', tmp_path / 'data', manual)
+  assert set(splits) == {'train', 'query', 'gallery'}
+  assert labels_of(splits['train']) == [0, 0, 1, 1]
+  assert labels_of(splits['query']) == [2, 3]
+  assert labels_of(splits['gallery']) == [2, 2, 3]
+  info = data.get_dataset_info('inshop', str(tmp_path / 'data'), str(manual), config=SMALL)
+  assert info == data.DatasetInfo(2, 4, ('query', 'gallery'), True)
+  with pytest.raises(ValueError, match='expected 3,997 train items, found 2'):
+    data.prepare('inshop', str(tmp_path / 'data2'), str(manual), config=SMALL, num_workers=0)
+  assert leftovers(tmp_path / 'data2') == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Omniglot
+
+
+def omniglot_zip(path, stem, alphabets, characters=2, drawers=3):
+  files = {}
+  for alphabet in alphabets:
+    for c in range(1, characters + 1):
+      for d in range(1, drawers + 1):
+        files[f'{stem}/{alphabet}/character{c:02d}/{c:02d}{d:02d}_{d:02d}.png'] = png(hash((alphabet, c, d)) % 1000)
+  write_zip(path / f'{stem}.zip', files)
+
+
+def test_omniglot_fake_zips_split_by_alphabet(tmp_path):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  omniglot_zip(manual, 'images_background_small1', ['Alpha', 'Beta', 'Gamma', 'Delta'])
+  omniglot_zip(manual, 'images_background_small2', ['Alpha', 'Epsilon'])  # Alpha again: de-duplicated
+  builder, splits = build('omniglot', tmp_path / 'data', manual, config=None)
+  assert builder.builder_config.name == 'images_background_small1+images_background_small2'
+  alphabets = {s: {splits[s].record(i)['alphabet'].decode() for i in range(len(splits[s]))} for s in splits}
+  assert alphabets == {'train': {'Alpha', 'Delta', 'Gamma'}, 'test': {'Beta', 'Epsilon'}}  # sorted, alternating
+  assert len(splits['train']) == 3 * 2 * 3 and labels_of(splits['train'])[-1] == 5
+  assert labels_of(splits['test']) == sorted(list(range(6, 10)) * 3)
+  record = splits['train'].record(0)
+  assert Image.open(io.BytesIO(record['image'])).size == (105, 105)
+  # With the evaluation zip, background alphabets train and evaluation alphabets test, in a new variant.
+  omniglot_zip(manual, 'images_evaluation', ['Zeta'])
+  builder2, splits2 = build('omniglot', tmp_path / 'data', manual, config=None)
+  assert builder2.data_dir != builder.data_dir
+  assert {splits2['test'].record(i)['alphabet'] for i in range(len(splits2['test']))} == {b'Zeta'}
+  assert len(splits2['train']) == 5 * 2 * 3
+
+
+def test_omniglot_without_any_zip(tmp_path):
+  with pytest.raises(FileNotFoundError, match='images_background.zip'):
+    data.prepare('omniglot', str(tmp_path / 'data'), str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir(OMNIGLOT_SMALL), reason='../shared/data/omniglot_small not present')
+def test_omniglot_real_small_zips(tmp_path):
+  builder, splits = build('omniglot', tmp_path, OMNIGLOT_SMALL, config=None, check_counts=True)
+  train, test = splits['train'], splits['test']
+  assert len(train) + len(test) == 4840  # union of the two zips, Greek and Latin once
+  assert len(set(train.labels)) + len(set(test.labels)) == 242
+  assert set(train.labels) == set(range(len(set(train.labels))))
+  assert np.bincount(train.labels).max() == 20
+  alphabet = lambda s, i: s.record(i)['alphabet']  # noqa: E731
+  assert not {alphabet(train, i) for i in range(0, len(train), 50)} & {alphabet(test, i) for i in
+                                                                        range(0, len(test), 50)}
+  info = data.get_dataset_info('omniglot', str(tmp_path), OMNIGLOT_SMALL)
+  assert info.num_train_examples == len(train) and not info.has_gallery
+  batch = next(iter(data.create_eval_iterator('omniglot', 'test', data_dir=str(tmp_path),
+                                              manual_dir=OMNIGLOT_SMALL, global_batch_size=8, image_size=64)))
+  assert batch['image'].shape == (8, 64, 64, 3) and batch['mask'].all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pipelines over a JPEG data set.
+
+
+def test_pipelines_read_a_jpeg_benchmark(cub_manual, tmp_path):
+  build('cub200', tmp_path, cub_manual)
+  kwargs = dict(data_dir=str(tmp_path), manual_dir=str(cub_manual), config=SMALL)
+  it = data.create_train_iterator('cub200', global_batch_size=4, image_size=24, seed=0, **kwargs)
+  batch = next(it)
+  it.close()
+  assert batch['image'].shape == (4, 24, 24, 3) and set(batch['label']) <= {0, 1, 99}
+  batches = list(data.create_eval_iterator('cub200', 'test', global_batch_size=4, image_size=24, **kwargs))
+  assert [b['mask'].sum() for b in batches] == [4, 2]
