@@ -182,6 +182,12 @@ def _chunk_program(kernel: Callable, mesh: Mesh, static: tuple) -> Callable:
     return jax.jit(mapped, out_shardings=NamedSharding(mesh, P()))
 
 
+@functools.lru_cache(maxsize=16)
+def _normalize_program(mesh: Mesh) -> Callable:
+    """jit(l2_normalize) with a replicated result on `mesh`."""
+    return jax.jit(l2_normalize, out_shardings=NamedSharding(mesh, P()))
+
+
 def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host value that every process holds in full."""
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
@@ -209,8 +215,7 @@ def _map_query_chunks(kernel: Callable, queries: np.ndarray, query_labels: np.nd
 
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    gallery_normalized = jax.jit(l2_normalize, out_shardings=replicated)(
-        _global_array(gallery, replicated))
+    gallery_normalized = _normalize_program(mesh)(_global_array(gallery, replicated))
     gallery_labels = _global_array(gallery_labels, replicated)
     program = _chunk_program(kernel, mesh, tuple(sorted(static.items())))
     outputs = []
@@ -230,7 +235,7 @@ def _check_embeddings(x: Any, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D array [num_items, dim]; got shape {x.shape}.")
-    if not np.issubdtype(x.dtype, np.number):
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):  # bf16 included
         raise ValueError(f"{name} must be numeric; got dtype {x.dtype}.")
     x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):

@@ -224,6 +224,9 @@ def test_label_values_and_input_types_do_not_matter():
     _assert_retrieval_equal(evaluation.retrieval_metrics(jnp.asarray(x), jnp.asarray(y) * 10**6, (1, 4)), want)
     scaled = evaluation.retrieval_metrics(x * 3.5, y, (1, 4))  # cosine: scale-free
     _assert_retrieval_equal(scaled, want)
+    exact = np.round(x * 4).astype(np.float32) / 4  # exactly representable in bfloat16
+    assert (evaluation.recall_at_k(jnp.asarray(exact, jnp.bfloat16), y, (1, 4))
+            == evaluation.recall_at_k(exact, y, (1, 4)))
 
 
 def test_lone_queries_are_recall_misses():
