@@ -250,8 +250,30 @@ def test_omniglot_fake_zips_split_by_alphabet(tmp_path):
 
 
 def test_omniglot_without_any_zip(tmp_path):
-  with pytest.raises(FileNotFoundError, match='images_background.zip'):
+  with pytest.raises(FileNotFoundError) as error:
     data.prepare('omniglot', str(tmp_path / 'data'), str(tmp_path))
+  for stem in ('images_background', 'images_evaluation', 'images_background_small1', 'images_background_small2'):
+    assert f'{stem}.zip' in str(error.value)  # every file named, with where to get it
+  assert 'github.com/brendenlake/omniglot' in str(error.value)
+
+
+def test_omniglot_corrupt_png_skipped_and_truncated_zip_named(tmp_path, caplog):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  files = {f'images_background/Alpha/character01/01{d:02d}_{d:02d}.png': png(d) for d in range(1, 4)}
+  files['images_background/Beta/character01/0101_01.png'] = png(7)
+  files['images_background/Beta/character01/0102_02.png'] = b'\x89PNG\r\n\x1a\n truncated'
+  write_zip(manual / 'images_background.zip', files)
+  with caplog.at_level(logging.WARNING):
+    builder, splits = build('omniglot', tmp_path / 'data', manual, config=None)
+  assert builder.skipped_files == ['Beta/character01/0102_02.png']
+  assert 'skipped 1 corrupt image' in caplog.text
+  assert len(splits['train']) == 3 and len(splits['test']) == 1  # never kept with a wrong label
+  payload = (manual / 'images_background.zip').read_bytes()
+  (manual / 'images_background.zip').write_bytes(payload[:len(payload) // 3])
+  with pytest.raises(ValueError, match='images_background.zip: .*truncated or corrupt'):
+    build('omniglot', tmp_path / 'data2', manual, config=None)
+  assert leftovers(tmp_path / 'data2') == []
 
 
 @pytest.mark.skipif(not os.path.isdir(OMNIGLOT_SMALL), reason='../shared/data/omniglot_small not present')

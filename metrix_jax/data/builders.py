@@ -682,9 +682,12 @@ class Omniglot(MetrixBuilder, skip_registration=True):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
-omniglot needs, in the manual dir, any of:
-  images_background.zip, images_evaluation.zip, images_background_small1.zip, images_background_small2.zip
-from https://github.com/brendenlake/omniglot (folder python/; MIT licence)."""
+omniglot needs, in the manual dir, any one or more of (MIT licence, https://github.com/brendenlake/omniglot):
+  images_background.zip         (30 alphabets, 964 characters, 19,280 PNGs)
+  images_evaluation.zip         (20 alphabets, 659 characters, 13,180 PNGs)
+  images_background_small1.zip  (5 alphabets, 136 characters, 2,720 PNGs)
+  images_background_small2.zip  (5 alphabets, 156 characters, 3,120 PNGs)
+each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. Do not extract them."""
   _IMAGE = re.compile(r'^([^/]+)/([^/]+)/([^/]+)/([^/]+\.png)$')
 
   @classmethod
@@ -718,8 +721,12 @@ from https://github.com/brendenlake/omniglot (folder python/; MIT licence)."""
     classes, alphabet_sets = {}, {}
     for key, path in files.items():
       stem = os.path.basename(path)[:-4]
-      with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if not is_hidden(n) and self._IMAGE.match(n)]
+      try:
+        with zipfile.ZipFile(path) as zf:
+          names = [n for n in zf.namelist() if not is_hidden(n) and self._IMAGE.match(n)]
+      except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; '
+                         f'download it again.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}') from e
       characters = set()
       for member in names:
         _, alphabet, character, fname = self._IMAGE.match(member).groups()
