@@ -181,7 +181,7 @@ def build_eval_data(config, *, include_train: bool) -> dict[str, Any]:
     splits = tuple(info.eval_splits) + (('train',) if include_train else ())
     return {split: data_lib.create_eval_iterator(
         d.name, split, global_batch_size=d.eval_batch_size, image_size=d.image_size,
-        resize_size=config_lib.optional(d.eval_resize), process_index=jax.process_index(),
+        resize_size=int(d.eval_resize or 0) or None, process_index=jax.process_index(),
         process_count=jax.process_count(), num_workers=d.num_workers, **where) for split in splits}
 
 
@@ -190,10 +190,11 @@ def embed_splits(trained: TrainedModel, eval_data: Mapping[str, Any]) -> dict[st
     from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
     mesh = sharding.make_mesh()
     embed_fn = train.make_embed_fn(trained.model, trained.config, mesh)
+    variables = sharding.replicate(trained.variables, mesh)  # on device once, not per batch
     out = {}
     for split, batches in eval_data.items():
         log.info('embedding the %s split...', split)
-        out[split] = train.embed_dataset(embed_fn, trained.variables, batches, mesh)
+        out[split] = train.embed_dataset(embed_fn, variables, batches, mesh)
     return out
 
 
