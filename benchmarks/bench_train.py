@@ -1,0 +1,293 @@
+r"""Train-step benchmark (issue 8): the project's REAL train step vs a PyTorch reference, in one run.
+
+    python benchmarks/bench_train.py                       # GPU: ResNet-50, 224 px, batch 180, bf16, every variant
+    python benchmarks/bench_train.py --quick               # CPU smoke test: ResNet-18, 32 px, batch 16, 2 steps
+    python benchmarks/bench_train.py --losses=ms --modes=none,feature --extra_batch_sizes=100 --json_out=r.json
+
+JAX rows: `metrix_jax.train.make_train_step` (the trainer's jitted step: uint8 batch -> normalise -> EmbeddingNet
+-> loss (+ Metrix at the configured level) -> clip + Adam with coupled L2), built from a config exactly as
+`train_and_evaluate` builds it, for each loss (--losses) x mix level (--modes; 'none' = clean). Settings: the
+official CUB recipe after warm-up (bn_freeze=True, warm-up 0: BN statistics and gamma/beta frozen), random weights,
+random uint8 images, labels of n classes x 5 images. The batch stays on the device; each step is timed over
+--steps steps after --warmup steps, with `jax.block_until_ready`. Compilation is timed apart (AOT lower/compile).
+
+PyTorch rows (`benchmarks/torch_reference.py`, same process, run first so each framework has the GPU's memory to
+itself): torchvision ResNet-50 (random weights) + the same head + MS loss (spec 1.4) + clip + Adam, float32 eager
+(the official code) and bf16 autocast + channels_last (a strong PyTorch user), same images and labels.
+
+Columns: images/s; ms/step; Metrix overhead = step time vs the clean step of the same loss (-1); ratios vs the
+PyTorch rows; the step's device memory from XLA's compiled memory analysis (arguments + outputs + temporaries -
+donated aliases; PyTorch: `torch.cuda.max_memory_allocated`); compile seconds; the loss after the last step
+(finite check). Then the eval embedding throughput (`train.make_embed_fn`) and the process's peak device memory
+(`device.memory_stats()`, where the backend reports it). --json_out writes every row (rewritten after each row,
+so a run cut short still leaves its rows).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share the GPU with the PyTorch reference
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+LOSS_ALIASES = {'ms': 'multi_similarity', 'contrastive': 'contrastive', 'pa': 'proxy_anchor',
+                'multi_similarity': 'multi_similarity', 'proxy_anchor': 'proxy_anchor'}
+MODES = ('none', 'input', 'feature', 'embedding')
+IMAGES_PER_CLASS = 5
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny CPU smoke run: ResNet-18, 32 px, batch 16, 2 steps, 1 warm-up (overrides sizes)')
+  parser.add_argument('--depth', type=int, default=50, choices=(18, 34, 50))
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--batch_size', type=int, default=180)
+  parser.add_argument('--eval_batch_size', type=int, default=360)
+  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
+                      help='JAX compute dtype (parameters, loss and Metrix math stay float32)')
+  parser.add_argument('--losses', default='ms,contrastive,pa', help='comma-separated: ms, contrastive, pa')
+  parser.add_argument('--modes', default=','.join(MODES), help='comma-separated mix levels; none = clean')
+  parser.add_argument('--torch', default='fp32,bf16_cl',
+                      help='PyTorch variants: fp32, bf16_cl, or "none" to skip PyTorch')
+  parser.add_argument('--extra_batch_sizes', default='',
+                      help='e.g. 100: also time MS clean + feature and PyTorch bf16_cl at these batch sizes')
+  parser.add_argument('--steps', type=int, default=20)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--num_classes', type=int, default=100, help='train classes (proxies for proxy anchor)')
+  parser.add_argument('--json_out', default='')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.depth, args.image_size, args.batch_size, args.eval_batch_size = 18, 32, 16, 16
+    args.steps, args.warmup = 2, 1
+  args.losses = [_loss_name(x) for x in args.losses.split(',') if x.strip()]
+  args.modes = [m.strip() for m in args.modes.split(',') if m.strip()]
+  bad = [m for m in args.modes if m not in MODES]
+  if bad:
+    parser.error(f'unknown mix level(s) {bad}; valid choices: {", ".join(MODES)}')
+  args.torch = [] if args.torch.strip() in ('', 'none') else [t.strip() for t in args.torch.split(',')]
+  args.extra_batch_sizes = [int(b) for b in args.extra_batch_sizes.split(',') if b.strip()]
+  return args
+
+
+def _loss_name(name: str) -> str:
+  name = name.strip()
+  if name not in LOSS_ALIASES:
+    raise SystemExit(f'Unknown loss {name!r}; valid choices: {", ".join(LOSS_ALIASES)}.')
+  return LOSS_ALIASES[name]
+
+
+def make_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0):
+  """Random uint8 images [B, S, S, 3] and labels of consecutive groups of 5 (n classes x 5 images)."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+  labels = ((np.arange(batch_size) // IMAGES_PER_CLASS) % num_classes).astype(np.int32)
+  return images, labels
+
+
+def make_config(loss: str, mode: str, args, batch_size: int):
+  """The trainer's config for this variant (validated like a run's)."""
+  from metrix_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.dataset.name = 'cub200'
+  c.dataset.image_size = args.image_size
+  c.dataset.eval_resize = max(c.dataset.eval_resize, args.image_size)
+  c.dataset.eval_batch_size = args.eval_batch_size
+  c.model.depth = args.depth
+  c.model.dtype = args.dtype
+  c.model.bn_freeze = True
+  c.optim.warmup_epochs = 0  # the step after warm-up: everything but BN trains
+  c.loss.name = loss
+  c.mix.mode = mode
+  c.train.batch_size = batch_size
+  config_lib.validate(c, check_files=False)
+  return c
+
+
+def _xla_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False):
+  """Builds the trainer's step for (loss, mode), times it; returns (row, (state, model, config) or None)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  config = make_config(loss, mode, args, batch_size)
+  model, loss_fn = train.create_model(config), train.create_loss(config)
+
+  def tx_factory(params):
+    return optim.make_optimizer(config.optim, params=params, steps_per_epoch=1000, total_steps=10 ** 6,
+                                freeze_bn_affine=True)
+
+  state = train.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
+  step_fn = train.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
+  batch = sharding.global_batch({'image': images, 'label': labels}, mesh)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  seconds = (time.perf_counter() - start) / args.steps
+  row = dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype,
+             images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, memory_bytes=_xla_bytes(compiled),
+             compile_s=compile_s, loss_value=float(metrics['loss']))
+  return row, ((state, model, config) if keep_state else None)
+
+
+def time_embed(state, model, config, args, mesh) -> dict:
+  """Eval embedding throughput (`train.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  images, _ = make_batch(args.eval_batch_size, args.image_size, args.num_classes, seed=1)
+  embed_fn = train.make_embed_fn(model, config, mesh)
+  variables = state.variables()
+  batch = sharding.global_batch({'image': images}, mesh)['image']
+  start = time.perf_counter()
+  compiled = embed_fn.lower(variables, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    out = compiled(variables, batch)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(args.steps):
+    out = compiled(variables, batch)
+  jax.block_until_ready(out)
+  seconds = (time.perf_counter() - start) / args.steps
+  return dict(framework='jax', loss='-', mix='eval embed', batch_size=args.eval_batch_size, dtype=args.dtype,
+              images_per_s=args.eval_batch_size / seconds, ms_per_step=1000 * seconds,
+              memory_bytes=_xla_bytes(compiled), compile_s=compile_s,
+              loss_value=float(np.abs(np.asarray(out, np.float32)).sum()))
+
+
+def time_torch(variant: str, args, images, labels) -> dict:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  r = torch_reference.time_variant(variant, depth=args.depth, images_uint8=images, labels=labels,
+                                   steps=args.steps, warmup=args.warmup)
+  return dict(framework='torch', loss='multi_similarity', mix=f'none ({variant})', batch_size=len(labels),
+              dtype='float32' if variant == 'fp32' else 'bf16 autocast, channels_last',
+              images_per_s=r['images_per_s'], ms_per_step=r['ms_per_step'], memory_bytes=r['peak_bytes'],
+              compile_s=None, loss_value=r['loss'], torch_variant=variant, resnet_source=r['source'])
+
+
+def environment(args) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  env = {'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M'),
+         'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
+         'backend': jax.default_backend(), 'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+         'cpu_cores': os.cpu_count(), 'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+  if args.torch:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_reference  # pylint: disable=g-import-not-at-top
+    env['torch'] = torch_reference.describe_device()
+  return env
+
+
+def _mib(n):
+  return '-' if n is None else f'{n / 2 ** 20:,.0f} MiB'
+
+
+def _fmt(x, spec, suffix=''):
+  return '-' if x is None or (isinstance(x, float) and not math.isfinite(x)) else f'{x:{spec}}{suffix}'
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """Metrix overhead vs the clean step of the same loss and batch; speed ratios vs the PyTorch rows of the batch."""
+  for r in rows:
+    if r['framework'] != 'jax' or r['mix'] == 'eval embed':
+      continue
+    clean = [c for c in rows if c['framework'] == 'jax' and c['loss'] == r['loss'] and c['mix'] == 'none'
+             and c['batch_size'] == r['batch_size']]
+    if clean and r['mix'] != 'none':
+      r['overhead_pct'] = 100 * (r['ms_per_step'] / clean[0]['ms_per_step'] - 1)
+    for variant in ('bf16_cl', 'fp32'):
+      ref = [t for t in rows if t.get('torch_variant') == variant and t['batch_size'] == r['batch_size']]
+      if ref:
+        r[f'vs_torch_{variant}'] = r['images_per_s'] / ref[0]['images_per_s']
+
+
+def print_table(rows: list[dict], env: dict, args) -> None:
+  print(f"\n{env['device']} ({env['backend']}); jax {env['jax']}, flax {env['flax']}; {env.get('torch', '')}")
+  print(f'ResNet-{args.depth}, {args.image_size} px, JAX compute {args.dtype}, {args.steps} timed steps after '
+        f'{args.warmup} warm-up; {env["date_utc"]} UTC; command: {env["command"]}\n')
+  print('| framework | loss | mix | batch | images/s | ms/step | Metrix overhead | vs PyTorch bf16+CL | '
+        'vs PyTorch fp32 | memory | compile s | loss |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    print(f"| {r['framework']} | {r['loss']} | {r['mix']} | {r['batch_size']} | {r['images_per_s']:,.1f} | "
+          f"{r['ms_per_step']:,.1f} | {_fmt(r.get('overhead_pct'), '+.1f', '%')} | "
+          f"{_fmt(r.get('vs_torch_bf16_cl'), '.2f', 'x')} | {_fmt(r.get('vs_torch_fp32'), '.2f', 'x')} | "
+          f"{_mib(r['memory_bytes'])} | {_fmt(r['compile_s'], '.1f')} | {r['loss_value']:.4g} |", flush=True)
+  train_rows = [r for r in rows if r['framework'] == 'jax' and r['mix'] == 'none']
+  embed = [r for r in rows if r['mix'] == 'eval embed']
+  if train_rows and embed:
+    print(f"\neval embedding throughput / clean train step: {embed[0]['images_per_s'] / train_rows[0]['images_per_s']:.2f}x")
+  if env.get('peak_device_bytes') is not None:
+    print(f"process peak device memory (all variants, device.memory_stats): {_mib(env['peak_device_bytes'])}")
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.ERROR)  # the "random init" warning, once per variant
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
+  env = environment(args)
+  mesh = sharding.make_mesh()
+  rows: list[dict] = []
+
+  def emit(row):
+    rows.append(row)
+    print(f"  {row['framework']} {row['loss']} {row['mix']} batch {row['batch_size']}: "
+          f"{row['images_per_s']:,.1f} images/s, {row['ms_per_step']:,.1f} ms/step", file=sys.stderr, flush=True)
+    if args.json_out:
+      with open(args.json_out + '.tmp', 'w') as f:
+        json.dump({'environment': env, 'rows': rows}, f, indent=1)
+      os.replace(args.json_out + '.tmp', args.json_out)
+
+  for batch_size in [args.batch_size] + args.extra_batch_sizes:
+    main_batch = batch_size == args.batch_size
+    images, labels = make_batch(batch_size, args.image_size, args.num_classes)
+    for variant in args.torch if main_batch else [v for v in args.torch if v == 'bf16_cl']:
+      emit(time_torch(variant, args, images, labels))
+    losses = args.losses if main_batch else ['multi_similarity']
+    modes = args.modes if main_batch else [m for m in args.modes if m in ('none', 'feature')]
+    for loss in losses:
+      for mode in modes:
+        want_state = main_batch and loss == losses[0] and mode == modes[0]
+        row, kept = time_jax_step(loss, mode, args, batch_size, images, labels, mesh, keep_state=want_state)
+        emit(row)
+        if kept is not None:
+          emit(time_embed(*kept, args, mesh))
+          del kept
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], 'memory_stats') else None
+  env['peak_device_bytes'] = (stats or {}).get('peak_bytes_in_use')
+  add_ratios(rows)
+  print_table(rows, env, args)
+  if args.json_out:
+    with open(args.json_out, 'w') as f:
+      json.dump({'environment': env, 'rows': rows}, f, indent=1)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
