@@ -6,8 +6,9 @@
 Random unit vectors, labels = a random assignment with every class of size >= n // classes. Each method runs in
 its own subprocess so that its peak resident memory (getrusage ru_maxrss) is its own; "extra" is the peak minus
 the resident size right after the data was generated (for jax it includes the runtime and the compiler).
-"time" is the best of --repeats runs, "first run" the first one (for jax it includes compilation, one program
-per shape); both include the host -> device copies. On an accelerator the jax row adds the device's peak bytes.
+"time" is the best of --repeats runs (wall clock), "first run" the first one (for jax it includes compilation,
+one program per shape); both include the host -> device copies. "CPU time" is the process's user + system time
+of the best run, all threads (robust to other load on a shared machine, unlike wall time). On an accelerator the jax row adds the device's peak bytes.
 
 Baseline (numpy, leave-one-out): per block of queries, sims = q @ g.T, own column set to -inf,
 argpartition for the top max(K), sort those, hit at K if a same-class item is among the first K. This is the
@@ -64,11 +65,12 @@ def run_one(args) -> dict:
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     extra = {}
     if args.method == "numpy":
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             recall = numpy_recall_at_k(x, labels, ks, chunk=args.numpy_chunk)
             seconds.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
         extra["chunk"] = args.numpy_chunk
     else:
         import jax
@@ -76,11 +78,12 @@ def run_one(args) -> dict:
         from metrix_jax import evaluation
 
         chunk = args.chunk or evaluation.default_query_chunk_size(len(x))
-        seconds = []
+        seconds, cpu = [], []
         for _ in range(args.repeats):  # the first run includes compilation
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             recall = evaluation.recall_at_k(x, labels, ks, query_chunk_size=chunk)
             seconds.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
         extra["chunk"] = chunk
         device = jax.devices()[0]
         extra["device"] = f"{jax.device_count()} x {device.device_kind}"
@@ -88,7 +91,9 @@ def run_one(args) -> dict:
         if stats and "peak_bytes_in_use" in stats:
             extra["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"method": args.method, "seconds": min(seconds), "first_seconds": seconds[0], "recall": recall, "peak_rss_mib": rss_peak / 1024,
+    best = int(np.argmin(seconds))
+    return {"method": args.method, "seconds": seconds[best], "first_seconds": seconds[0], "cpu_seconds": cpu[best],
+            "recall": recall, "peak_rss_mib": rss_peak / 1024,
             "extra_rss_mib": (rss_peak - rss_data) / 1024, **extra}
 
 
@@ -114,6 +119,7 @@ def main() -> None:
         return
 
     rows = []
+    load_before = os.getloadavg()
     for method in args.methods.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), f"--n={args.n}", f"--dim={args.dim}",
                f"--classes={args.classes}", f"--ks={args.ks}", f"--chunk={args.chunk}", f"--seed={args.seed}",
@@ -127,15 +133,17 @@ def main() -> None:
     ks = args.ks.split(",")
     print(f"Recall@K leave-one-out: n={args.n:,} dim={args.dim} classes={args.classes:,} "
           f"cpu_count={os.cpu_count()} repeats={args.repeats}")
-    header = "| method | device | chunk | time (s) | first run (s) | peak RSS (MiB) | extra RSS (MiB) | " + " | ".join(f"R@{k}" for k in ks)
+    print(f"load average (1/5/15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}, after: "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    header = "| method | device | chunk | time (s) | first run (s) | CPU time (s) | peak RSS (MiB) | extra RSS (MiB) | " + " | ".join(f"R@{k}" for k in ks)
     print(header + " |")
-    print("|" + "---|" * (7 + len(ks)))
+    print("|" + "---|" * (8 + len(ks)))
     for row in rows:
         device = row.get("device", "numpy (host)")
         if "device_peak_mib" in row:
             device += f", peak {row['device_peak_mib']:.0f} MiB"
         recalls = " | ".join(f"{row['recall'][k]:.4f}" for k in ks)
-        print(f"| {row['method']} | {device} | {row['chunk']} | {row['seconds']:.1f} | {row['first_seconds']:.1f} | "
+        print(f"| {row['method']} | {device} | {row['chunk']} | {row['seconds']:.1f} | {row['first_seconds']:.1f} | {row['cpu_seconds']:.1f} | "
               f"{row['peak_rss_mib']:.0f} | "
               f"{row['extra_rss_mib']:.0f} | {recalls} |")
     if len(rows) > 1:
