@@ -307,3 +307,16 @@ def test_pipelines_read_a_jpeg_benchmark(cub_manual, tmp_path):
   assert batch['image'].shape == (4, 24, 24, 3) and set(batch['label']) <= {0, 1, 99}
   batches = list(data.create_eval_iterator('cub200', 'test', global_batch_size=4, image_size=24, **kwargs))
   assert [b['mask'].sum() for b in batches] == [4, 2]
+
+
+def test_build_command_line(tmp_path, capsys, monkeypatch):
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  monkeypatch.setitem(builders._OMNIGLOT_ZIPS, 'images_background_small1', (4, 8))  # the fake's counts
+  omniglot_zip(manual, 'images_background_small1', ['Alpha', 'Beta'], characters=2, drawers=2)
+  counts = builders.main(['omniglot', f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}',
+                          '--num_workers=0'])
+  assert counts == {'train': 4, 'test': 4}
+  assert 'omniglot/train: 4 images, 2 classes' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='CUB_200_2011.tgz'):
+    builders.main(['cub200', f'--manual_dir={tmp_path / "nothing"}', f'--data_dir={tmp_path / "data"}'])

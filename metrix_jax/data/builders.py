@@ -770,3 +770,41 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
           zf.close()
     log.info('omniglot/%s: alphabets %s', split, ', '.join(sorted(wanted)))
     return self.encode_images(items(), None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: build once, print the splits.
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, int]:
+  """`python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256]`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m metrix_jax.data.builders',
+                                   description='Build a data set from its official archives (once) and print '
+                                               'its splits.')
+  parser.add_argument('name', choices=DATASET_NAMES)
+  parser.add_argument('--manual_dir', default=None, help='folder with the archives (default: '
+                      '<data_dir>/downloads/manual)')
+  parser.add_argument('--data_dir', default=None, help='where built data sets live (default: $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets)')
+  parser.add_argument('--short_side', type=int, default=256, help='photo benchmarks: stored shorter side (px)')
+  parser.add_argument('--num_workers', type=int, default=None, help='build processes (default: all cores)')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  try:
+    builder = prepare(args.name, args.data_dir, args.manual_dir, short_side=args.short_side,
+                      num_workers=args.num_workers)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  counts = {}
+  with np.load(os.path.join(builder.data_dir, LABELS_FILE)) as f:
+    for split in f.files:
+      labels = f[split]
+      counts[split] = len(labels)
+      print(f'{args.name}/{split}: {len(labels):,} images, {len(np.unique(labels)):,} classes')
+  print(f'in {builder.data_dir}')
+  return counts
+
+
+if __name__ == '__main__':
+  main()
