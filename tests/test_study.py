@@ -1,0 +1,170 @@
+"""scripts/study.py: the run plan (dry run, filters, errors), the statistics against scipy/numpy, the report from
+finished runs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'scripts', 'study.py')
+STUDY_CONFIG = os.path.join(ROOT, 'configs', 'study', 'metrix.py')
+
+_spec = importlib.util.spec_from_file_location('study_script', SCRIPT)
+study = importlib.util.module_from_spec(_spec)
+sys.modules['study_script'] = study  # dataclasses look their module up
+_spec.loader.exec_module(study)
+
+
+def _cli(args, timeout=120):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, text=True, capture_output=True,
+                        timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan.
+# ----------------------------------------------------------------------------------------------------------------
+def test_dry_run_lists_every_run_seed_major(tmp_path):
+  proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', '--dry-run'])
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if l.strip()[:3].strip().rstrip('.').isdigit()]
+  assert len(lines) == 24  # 8 rows x 3 seeds
+  names = [l.split()[1] for l in lines]
+  assert names[:8] == [f'{r}/seed1' for r in ('ms-none', 'ms-feature', 'ms-input', 'ms-embedding',
+                                               'contrastive-none', 'contrastive-feature', 'pa-none', 'pa-feature')]
+  assert [n.split('/')[1] for n in names] == ['seed1'] * 8 + ['seed2'] * 8 + ['seed3'] * 8
+  assert all('pending' in l for l in lines)
+  first = lines[0]
+  assert '-m metrix_jax.main' in first and 'configs/omniglot.py:ms,none' in first and '--config.seed=1' in first
+  assert '--config.dataset.image_size=32' in first and '--config.train.num_steps=' in first
+  assert 'metrix_jax.evaluate' in proc.stdout and '--checkpoint=latest' in proc.stdout
+  assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_filters_locations_and_benchmark_config(tmp_path):
+  proc = _cli([f'--config={STUDY_CONFIG}:cub200', f'--workdir={tmp_path}', '--dry-run', '--rows=ms-none,pa-feature',
+               '--seeds=2', '--config.manual_dir=/data/cub', '--config.pretrained=/w/resnet50.npz'])
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if '/seed' in l and not l.startswith('then')]
+  assert [l.split()[1] for l in lines] == ['ms-none/seed2', 'pa-feature/seed2']
+  assert all('configs/cub200.py:' in l and '--config.dataset.manual_dir=/data/cub' in l
+             and '--config.model.pretrained=/w/resnet50.npz' in l and '--config.seed=2' in l for l in lines)
+  assert '--config.dataset.image_size' not in proc.stdout  # the benchmark recipe is used unchanged
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--rows=ms-nope'], 'unknown row(s) ms-nope'),
+    (['--seeds=7'], 'not in this study'),
+    (['--seeds=one'], 'comma-separated integers'),
+    (['--config.not_a_key=1'], 'not_a_key'),
+    (['--bogus'], 'unrecognised arguments'),
+])
+def test_bad_arguments_are_named(tmp_path, args, message):
+  proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', '--dry-run', *args])
+  assert proc.returncode == 2
+  assert message in proc.stderr, proc.stderr
+
+
+def test_unknown_dataset_and_missing_config(tmp_path):
+  proc = _cli([f'--config={STUDY_CONFIG}:mnist', f'--workdir={tmp_path}', '--dry-run'])
+  assert proc.returncode == 2 and 'mnist' in proc.stderr and 'omniglot' in proc.stderr
+  proc = _cli(['--config=configs/study/nope.py', f'--workdir={tmp_path}', '--dry-run'])
+  assert proc.returncode == 2 and 'does not exist' in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics.
+# ----------------------------------------------------------------------------------------------------------------
+def test_paired_comparison_matches_scipy():
+  base = {1: 0.40, 2: 0.43, 3: 0.38}
+  metrix = {1: 0.45, 2: 0.44, 3: 0.42, 4: 0.99}  # seed 4 has no baseline: left out
+  out = study.paired_comparison(base, metrix)
+  b, m = np.array([0.40, 0.43, 0.38]), np.array([0.45, 0.44, 0.42])
+  ref = stats.ttest_rel(m, b)
+  assert out['seeds'] == [1, 2, 3]
+  np.testing.assert_allclose(out['diffs'], m - b, atol=1e-12)
+  np.testing.assert_allclose(out['mean_diff'], np.mean(m - b), atol=1e-12)
+  np.testing.assert_allclose(out['t'], ref.statistic, rtol=1e-10)
+  np.testing.assert_allclose(out['p_two_sided'], ref.pvalue, rtol=1e-10)
+  np.testing.assert_allclose(out['baseline_std'], np.std(b, ddof=1), rtol=1e-12)
+  np.testing.assert_allclose(out['treated_std'], np.std(m, ddof=1), rtol=1e-12)
+  assert out['exceeds_seed_spread'] == (abs(np.mean(m - b)) > max(np.std(b, ddof=1), np.std(m, ddof=1)))
+  assert out['verdict'].startswith('helped' if ref.pvalue < 0.05 else 'no significant')
+  one = study.paired_comparison({1: 0.5}, {1: 0.6})
+  assert one['p_two_sided'] is None and one['exceeds_seed_spread'] is None and 'undetermined' in one['verdict']
+  assert study.paired_comparison({1: 0.5}, {2: 0.6}) is None
+
+
+def test_mean_std_is_sample_std():
+  s = study.mean_std([0.1, 0.2, 0.6])
+  assert s['n'] == 3 and s['min'] == 0.1 and s['max'] == 0.6
+  np.testing.assert_allclose([s['mean'], s['std']], [0.3, np.std([0.1, 0.2, 0.6], ddof=1)], rtol=1e-12)
+  assert study.mean_std([0.5])['std'] is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report from finished runs (fake results.json / eval.json in the trainer's and evaluate's layouts).
+# ----------------------------------------------------------------------------------------------------------------
+def _fake_run(workdir, row, seed, recall, *, util=None, positivity=None):
+  run_dir = os.path.join(workdir, row, f'seed{seed}')
+  os.makedirs(run_dir)
+  with open(os.path.join(run_dir, 'results.json'), 'w') as f:
+    json.dump({'dataset': 'omniglot', 'steps': 5, 'train_loss': 0.1, 'wall_s': 10.0 + seed,
+               'images_per_second': 50.0, 'recall': {str(k): v for k, v in recall.items()},
+               'variant': {'devices': '1 x cpu'}}, f)
+  with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+    json.dump({'dataset': {'name': 'omniglot', 'image_size': 32}, 'model': {'depth': 18},
+               'loss': {'name': 'multi_similarity', 'multi_similarity': {'alpha': 2.0}}, 'train': {}, 'optim': {},
+               'mix': {}}, f)
+  if util is not None:
+    with open(os.path.join(run_dir, 'eval.json'), 'w') as f:
+      json.dump({'step': 5, 'recall': {str(k): v for k, v in recall.items()}, 'utilization': util,
+                 'alignment': 0.5, 'uniformity': -2.0, 'positivity': positivity}, f)
+
+
+def test_report_only_aggregates_finished_runs(tmp_path):
+  rng = np.random.default_rng(0)
+  values = {}
+  lam = [0.2, 0.5, 0.8]
+  for row in ('ms-none', 'ms-feature'):
+    for seed in (1, 2, 3):
+      if (row, seed) == ('ms-feature', 3):
+        continue  # not finished: reported as missing, left out of the numbers
+      recall = {k: float(rng.uniform(0.2, 0.9)) for k in (1, 2, 4, 8)}
+      values[row, seed] = recall
+      pos = {'lambda': lam, 'empirical': [0.1 * seed, 0.5, None], 'theoretical': [0.0, 0.5, 1.0]}
+      _fake_run(tmp_path, row, seed, recall, util=0.1 * seed, positivity=pos)
+  report = tmp_path / 'report'
+  proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', f'--report_dir={report}',
+               '--report-only', '--rows=ms-none,ms-feature'])
+  assert proc.returncode == 0, proc.stderr + proc.stdout
+  with open(report / 'study.json') as f:
+    summary = json.load(f)
+  assert summary['planned_runs'] == 6 and summary['finished_runs'] == 5
+  assert summary['missing_runs'] == ['ms-feature/seed3']
+  rows = {r['row']: r for r in summary['rows']}
+  for row, seeds in (('ms-none', (1, 2, 3)), ('ms-feature', (1, 2))):
+    for k in (1, 2, 4, 8):
+      v = [values[row, s][k] for s in seeds]
+      np.testing.assert_allclose(rows[row]['recall'][str(k)]['mean'], np.mean(v), rtol=1e-12)
+      np.testing.assert_allclose(rows[row]['recall'][str(k)]['std'], np.std(v, ddof=1), rtol=1e-12)
+  np.testing.assert_allclose(rows['ms-none']['utilization']['mean'], 0.2, rtol=1e-12)
+  np.testing.assert_allclose(rows['ms-feature']['positivity']['empirical_mean'][0], 0.15, rtol=1e-12)
+  (cmp,) = summary['comparisons']
+  assert cmp['row'] == 'ms-feature' and cmp['baseline'] == 'ms-none'
+  d = [values['ms-feature', s][1] - values['ms-none', s][1] for s in (1, 2)]
+  np.testing.assert_allclose(cmp['by_k']['1']['diffs'], d, rtol=1e-12)
+  np.testing.assert_allclose(cmp['by_k']['1']['p_two_sided'],
+                             stats.ttest_rel([values['ms-feature', s][1] for s in (1, 2)],
+                                             [values['ms-none', s][1] for s in (1, 2)]).pvalue, rtol=1e-10)
+  md = (report / 'study.md').read_text()
+  assert '| MS + Metrix | 2 |' in md and '| MS | 3 |' in md and 'ms-feature/seed3' in md
+  assert f'{100 * np.mean([values["ms-none", s][1] for s in (1, 2, 3)]):.2f}' in md
+  for png in ('recall_at_k.png', 'positivity.png'):
+    with open(report / png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
