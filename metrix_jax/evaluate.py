@@ -205,6 +205,7 @@ def _balanced_batches(labels: np.ndarray, rng: np.random.Generator, *, classes_p
                       images_per_class: int, num_batches: int) -> list[np.ndarray]:
     """Index batches of `classes_per_batch` classes x `images_per_class` items (classes with enough items)."""
     classes, counts = np.unique(labels, return_counts=True)
+    images_per_class = max(2, min(images_per_class, int(counts.max())))  # small test sets: fewer per class
     eligible = classes[counts >= images_per_class]
     if len(eligible) < 2:
         return []
@@ -218,44 +219,53 @@ def _balanced_batches(labels: np.ndarray, rng: np.random.Generator, *, classes_p
 
 
 def positivity(config, embeddings: np.ndarray, labels: np.ndarray, *, proxies: np.ndarray | None = None,
-               lambdas: Sequence[float] = DEFAULT_LAMBDAS, num_batches: int = 8,
-               seed: int | None = None) -> dict[str, Any]:
+               lambdas: Sequence[float] = DEFAULT_LAMBDAS, pair_sets: Sequence[str] = ('pos_neg',),
+               num_batches: int = 8, seed: int | None = None) -> dict[str, Any]:
     """Positivity curve of the configured loss on balanced batches of `embeddings` [N, D] with `labels` [N].
 
     Batches: `config.dataset.classes_per_batch` x `images_per_class` test items (like a balanced train batch),
-    `num_batches` of them; per batch `metrix_jax.analysis.positivity_curve` (mixed items of the configured pair
-    sets at each lambda; positive iff d(mixed loss)/d s(a, v) <= 0). The empirical fraction is the mean over
-    batches (NaN where no batch has an item at that lambda). Returns {'lambda', 'empirical', 'theoretical'
-    (None if the analysis has no closed form for this loss), 'num_batches', 'batch_size'}.
+    `num_batches` of them; per batch `metrix_jax.analysis.positivity_curve` at embedding level with the loss's
+    hyperparameters and mining, on `pair_sets` (default positive-negative, the paper's analysis, so that runs with
+    and without Metrix are comparable): the fraction of mixed items with d(mixed loss)/d s(a, v) <= 0 at each
+    lambda. Both curves are averaged over batches weighted by the number of (anchor, item) pairs counted. Returns
+    {'lambda' [L], 'empirical' [L], 'theoretical' [L] or None (Multi-Similarity only), 'num_batches',
+    'batch_size', 'num_items'}; NaN where no item was counted.
     """
     import jax  # pylint: disable=g-import-not-at-top
     from metrix_jax import analysis, train  # pylint: disable=g-import-not-at-top
     seed = int(config.seed) if seed is None else int(seed)
     loss = train.create_loss(config)
+    labels = np.asarray(labels)
     rng = np.random.default_rng([seed, 0x905])
-    batches = _balanced_batches(np.asarray(labels), rng, classes_per_batch=int(config.dataset.classes_per_batch),
+    batches = _balanced_batches(labels, rng, classes_per_batch=int(config.dataset.classes_per_batch),
                                 images_per_class=max(2, int(config.dataset.images_per_class)),
                                 num_batches=num_batches)
     if not batches:
         raise ValueError('positivity needs at least two classes with images_per_class test items each.')
     key = jax.random.key(seed)
     lambdas = np.asarray(lambdas, np.float64)
-    empirical, theoretical = [], None
+    sums = {'empirical': np.zeros(len(lambdas)), 'theoretical': np.zeros(len(lambdas))}
+    weights = {'empirical': np.zeros(len(lambdas)), 'theoretical': np.zeros(len(lambdas))}
+    has_theory, num_items = False, 0
     for i, index in enumerate(batches):
-        kwargs = dict(lambdas=lambdas, pair_sets=tuple(config.mix.pairs))
-        if proxies is not None:
-            kwargs['proxies'] = proxies
-        curve = analysis.positivity_curve(loss, embeddings[index], np.asarray(labels)[index],
-                                          jax.random.fold_in(key, i), **kwargs)
-        empirical.append(np.asarray(curve['empirical'], np.float64))
-        if theoretical is None and curve.get('theoretical') is not None:
-            theoretical = np.asarray(curve['theoretical'], np.float64)
-    stacked = np.stack(empirical)
-    with np.errstate(invalid='ignore'):
-        counts = np.sum(np.isfinite(stacked), axis=0)
-        mean = np.where(counts > 0, np.nansum(stacked, axis=0) / np.maximum(counts, 1), np.nan)
-    return {'lambda': lambdas, 'empirical': mean, 'theoretical': theoretical, 'num_batches': len(batches),
-            'batch_size': int(len(batches[0]))}
+        curve = analysis.positivity_curve(loss, embeddings[index], labels[index], jax.random.fold_in(key, i),
+                                          lambdas=lambdas, pair_sets=tuple(pair_sets), proxies=proxies,
+                                          mask_mode=str(config.mix.mask_mode))
+        count = int(curve.get('num_items', 1))
+        num_items += count
+        for name in sums:
+            if curve.get(name) is None:
+                continue
+            has_theory |= name == 'theoretical'
+            values = np.asarray(curve[name], np.float64)
+            finite = np.isfinite(values)
+            sums[name][finite] += count * values[finite]
+            weights[name][finite] += count
+    with np.errstate(invalid='ignore', divide='ignore'):
+        mean = {name: np.where(weights[name] > 0, sums[name] / weights[name], np.nan) for name in sums}
+    return {'lambda': lambdas, 'empirical': mean['empirical'],
+            'theoretical': mean['theoretical'] if has_theory else None, 'num_batches': len(batches),
+            'batch_size': int(len(batches[0])), 'num_items': num_items, 'pair_sets': list(pair_sets)}
 
 
 def compute_metrics(config, embedded: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
@@ -348,7 +358,7 @@ def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:
             pos['lambda'], pos['empirical'], pos['theoretical'], os.path.join(out_dir, POSITIVITY_PNG),
             title=f"Positivity ({report.get('loss', '')}, test embeddings)")
         report['positivity'] = {**plots.positivity_record(pos['lambda'], pos['empirical'], pos['theoretical']),
-                                'num_batches': pos['num_batches'], 'batch_size': pos['batch_size']}
+                                **{k: pos[k] for k in ('num_batches', 'batch_size', 'num_items', 'pair_sets')}}
     report['files'] = dict(paths)
     paths['json'] = plots.write_json(os.path.join(out_dir, EVAL_JSON), report)
     return paths
