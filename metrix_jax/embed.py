@@ -148,6 +148,7 @@ def main() -> int:
         if len(argv) > 1:
             raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
         logging.getLogger('metrix_jax').setLevel(logging.INFO)
+        logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax's per-step INFO lines
         FLAGS = flags.FLAGS  # pylint: disable=invalid-name
         try:
             summary = run(FLAGS.workdir, FLAGS.images, FLAGS.out, checkpoint=FLAGS.checkpoint, config=FLAGS.config,

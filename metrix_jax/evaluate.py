@@ -186,15 +186,19 @@ def build_eval_data(config, *, include_train: bool) -> dict[str, Any]:
 
 
 def embed_splits(trained: TrainedModel, eval_data: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (embeddings float32 [N, D], labels [N])} for every split of `eval_data` (all devices)."""
+    """{split: (embeddings float32 [N, D], labels [N])} for every split of `eval_data` (all devices).
+
+    `config.dataset.eval_max_images` > 0 keeps only the first that many images of each split (smoke tests).
+    """
     from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
     mesh = sharding.make_mesh()
     embed_fn = train.make_embed_fn(trained.model, trained.config, mesh)
     variables = sharding.replicate(trained.variables, mesh)  # on device once, not per batch
+    limit = int(trained.config.dataset.get('eval_max_images', 0) or 0)
     out = {}
     for split, batches in eval_data.items():
         log.info('embedding the %s split...', split)
-        out[split] = train.embed_dataset(embed_fn, variables, batches, mesh)
+        out[split] = train.embed_dataset(embed_fn, variables, batches, mesh, limit)
     return out
 
 
@@ -340,6 +344,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [head, '-' * max(len(head), width + 12)]
     lines += [f'{name:<{width}}  {value:>10}' for name, value in rows]
+    if report.get('eval_max_images'):
+        lines.append(f"note: only the first {report['eval_max_images']:,} images of each split "
+                     '(dataset.eval_max_images): not comparable with full evaluations')
     for note in ('positivity_note', 'alignment_note'):
         if report.get(note):
             lines.append(f'note: {report[note]}')
@@ -380,14 +387,15 @@ def run(workdir: str, *, checkpoint: str | int = 'best', config=None, out_dir: s
     embedded = embed_splits(trained, eval_data)
     report = {'workdir': _check_workdir(workdir), 'dataset': config.dataset.name, 'loss': config.loss.name,
               'mix': config.mix.mode, 'step': trained.step, 'checkpoint_selection': trained.selection,
-              'train_metrics_at_step': trained.train_metrics}
+              'train_metrics_at_step': trained.train_metrics,
+              'eval_max_images': int(config.dataset.get('eval_max_images', 0) or 0) or None}
     report.update(compute_metrics(config, embedded, proxies=trained.proxies, with_positivity=with_positivity))
     report['devices'] = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
     if jax.process_index() == 0:
-        write_outputs(report, _check_out_dir(out_dir or report['workdir']))
+        paths = write_outputs(report, _check_out_dir(out_dir or report['workdir']))
         if verbose:
             print(format_table(report))
-            print('wrote ' + ', '.join(report['files'].values()) + f', {os.path.join(out_dir or workdir, EVAL_JSON)}')
+            print('wrote ' + ', '.join(paths.values()))
     return report
 
 
@@ -434,6 +442,7 @@ def main() -> int:
             raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
         from metrix_jax import config_lib  # pylint: disable=g-import-not-at-top
         logging.getLogger('metrix_jax').setLevel(logging.INFO)
+        logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax's per-step INFO lines
         FLAGS = flags.FLAGS  # pylint: disable=invalid-name
         try:
             config_lib.validate(FLAGS.config, check_files=False)
