@@ -230,6 +230,18 @@ def execute(cmd: list[str], log_path: str, record_path: str, env: dict[str, str]
   return rc
 
 
+def code_version() -> dict[str, Any]:
+  """git commit of the repository and its uncommitted changes under metrix_jax/ and configs/ (what the runs ran)."""
+  def git(*args):
+    try:
+      return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+  return {'commit': git('rev-parse', 'HEAD'), 'uncommitted': (git('status', '--porcelain', '--', 'metrix_jax',
+                                                                   'configs') or '').splitlines(),
+          'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+
+
 def _say(message: str) -> None:
   print(f'[{time.strftime("%H:%M:%S", time.gmtime())} UTC] {message}', flush=True)
 
@@ -491,6 +503,17 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
       out.append(f'| {c["label"]} vs {c["baseline_label"]} | {k} | {100 * cmp["mean_diff"]:+.2f} | '
                  + ', '.join(f'{100 * d:+.2f}' for d in cmp['diffs'])
                  + f' | {stds} | {exceeds} | {_num(cmp["p_two_sided"], 3)} | {cmp["verdict"]} |')
+  out += ['', 'In words (Recall@1):', '']
+  for c in summary['comparisons']:
+    cmp = c['by_k'].get(1) or c['by_k'].get(ks[0])
+    if cmp is None:
+      continue
+    spread = {None: 'no seed spread to compare with (one seed)',
+              True: 'larger than the seed-to-seed std of both rows',
+              False: 'within the seed-to-seed std of at least one row'}[cmp['exceeds_seed_spread']]
+    out.append(f'- {c["label"]} vs {c["baseline_label"]}: {100 * cmp["mean_diff"]:+.2f} points over '
+               f'{len(cmp["seeds"])} paired seed(s) ({", ".join(f"{100 * d:+.2f}" for d in cmp["diffs"])}); the '
+               f'difference is {spread}; {cmp["verdict"]}.')
   out += ['', '### Per run', '',
           '| row | seed | ' + ' | '.join(f'R@{k}' for k in ks)
           + ' | utilization | alignment | uniformity | P(pos) λ=0.2/0.5/0.8 | final loss | train s | eval s |',
@@ -521,7 +544,12 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
           f'- Mean 1-minute load average during the training runs: {_num(hw["mean_load_average_during_runs"], 1)} '
           f'(> core count: the machine was shared).',
           f'- Wall time, all training processes: {_num((walls["training_processes"] or 0) / 60, 1)} min; all '
-          f'evaluate processes: {_num((walls["evaluate_processes"] or 0) / 60, 1)} min.', '']
+          f'evaluate processes: {_num((walls["evaluate_processes"] or 0) / 60, 1)} min.']
+  for v in summary.get('code_versions', []):
+    out.append(f'- Code: started {v["utc"]} at commit {(v["commit"] or "?")[:10]}'
+               + (f' with uncommitted changes in {", ".join(l[3:] for l in v["uncommitted"])}'
+                  if v['uncommitted'] else '') + '.')
+  out.append('')
   if plots:
     out += ['### Plots', ''] + [f'![{name}]({os.path.basename(path)})' for name, path in plots.items()] + ['']
   return '\n'.join(out)
@@ -603,8 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   failed = []
   if not args.report_only:
     _say(f'study {study.name}: {len(runs)} runs in {workdir}')
+    os.makedirs(workdir, exist_ok=True)
+    versions = _read_json(os.path.join(workdir, 'code_versions.json')) or []
+    _write_json(os.path.join(workdir, 'code_versions.json'), versions + [code_version()])
     failed = run_study(study, runs, python=args.python, workdir=workdir, evaluate=evaluate)
   summary = aggregate(study, collect(runs), runs)
+  summary['code_versions'] = _read_json(os.path.join(workdir, 'code_versions.json')) or []
   report_dir = os.path.abspath(args.report_dir or workdir)
   paths = write_report(study, summary, report_dir)
   _say(f'{summary["finished_runs"]}/{summary["planned_runs"]} runs finished; wrote {report_dir}/study.md, '
