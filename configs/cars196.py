@@ -3,7 +3,8 @@ r"""Cars196 (classes 1-98 train, 99-196 test), ResNet-50 ImageNet V1, the offici
     python -m metrix_jax.main --config=configs/cars196.py:ms,feature --workdir=workdirs/cars_ms_metrix \
       --config.dataset.manual_dir=/data/cars196 --config.model.pretrained=resnet50.npz
 
-Argument: a loss (contrastive | ms | pa | circle) and a mix mode (none | input | feature | embedding).
+Argument: a loss (contrastive | ms | pa | circle | nca | lifted;
+the losses without an official recipe use the MS/PA one) and a mix mode (none | input | feature | embedding).
 Expected (paper/README, R@1): contrastive 81.6, +Metrix 85.1; MS 87.8, +Metrix 89.6; PA 87.6, +Metrix 89.1.
 """
 from metrix_jax import config_lib
@@ -16,9 +17,9 @@ def get_config(arg=None):
   c.dataset.recall_ks = config_lib.RECALL_KS['cars196']
   c.loss.name = loss
   c.mix.mode = mode
-  if loss == 'contrastive' or loss == 'circle':
+  if loss == 'contrastive':
     config_lib.set_recipe(c, epochs=60, lr=1e-4, step=10, gamma=0.1, warm=5, bn_freeze=True, sampler='random')
-  else:  # MS / PA, baseline and Metrix alike
+  else:  # MS / PA (and the other losses), baseline and Metrix alike
     config_lib.set_recipe(c, epochs=60, lr=1e-4, step=5, gamma=0.5, warm=5, bn_freeze=True, sampler='random')
   c.train.eval_every_epochs = 5
   return c

@@ -36,8 +36,8 @@ def get_config(arg=None):
 
   c.train.batch_size = 64
   c.train.num_epochs = 1
-  c.train.num_steps = 300
+  c.train.num_steps = 150
   c.train.eval_every_epochs = 0
-  c.train.checkpoint_every_steps = 100
-  c.train.log_every_steps = 20
+  c.train.checkpoint_every_steps = 50
+  c.train.log_every_steps = 10
   return c

@@ -17,11 +17,11 @@ def get_config(arg=None):
   c.dataset.eval_batch_size = 500
   c.loss.name = loss
   c.mix.mode = mode
-  if loss in ('contrastive', 'circle') and mode == 'none':
+  if loss == 'contrastive' and mode == 'none':
     config_lib.set_recipe(c, epochs=60, lr=3e-5, step=5, gamma=0.25, warm=1, bn_freeze=False, sampler='balanced')
-  elif loss in ('contrastive', 'circle'):  # contrastive + Metrix
+  elif loss == 'contrastive':  # contrastive + Metrix
     config_lib.set_recipe(c, epochs=60, lr=1e-4, step=10, gamma=0.25, warm=5, bn_freeze=True, sampler='balanced')
-  else:  # MS / PA, baseline and Metrix alike
+  else:  # MS / PA (and the other losses), baseline and Metrix alike
     config_lib.set_recipe(c, epochs=60, lr=6e-4, step=20, gamma=0.25, warm=1, bn_freeze=False, sampler='balanced')
   c.train.eval_every_epochs = 10
   return c

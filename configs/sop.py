@@ -3,7 +3,8 @@ r"""Stanford Online Products (Ebay_train / Ebay_test), ResNet-50 ImageNet V1, of
     python -m metrix_jax.main --config=configs/sop.py:ms,feature --workdir=workdirs/sop_ms_metrix \
       --config.dataset.manual_dir=/data/sop --config.model.pretrained=resnet50.npz
 
-Balanced batches of 20 classes x 5 images. Argument: a loss (contrastive | ms | pa | circle) and a mix mode.
+Balanced batches of 20 classes x 5 images. Argument: a loss (contrastive | ms | pa | circle | nca | lifted;
+the losses without an official recipe use the MS/PA one) and a mix mode.
 Expected (paper/README, R@1): contrastive 74.9, +Metrix 77.5; MS 76.9, +Metrix 81.0; PA 79.1, +Metrix 81.3.
 """
 from metrix_jax import config_lib
@@ -17,10 +18,10 @@ def get_config(arg=None):
   c.dataset.eval_batch_size = 500
   c.loss.name = loss
   c.mix.mode = mode
-  if loss in ('contrastive', 'circle'):
+  if loss == 'contrastive':
     config_lib.set_recipe(c, epochs=60, lr=3e-5, step=10, gamma=0.25, warm=5, bn_freeze=mode != 'none',
                           sampler='balanced')
-  else:  # MS / PA, baseline and Metrix alike
+  else:  # MS / PA (and the other losses), baseline and Metrix alike
     config_lib.set_recipe(c, epochs=60, lr=6e-4, step=20, gamma=0.25, warm=1, bn_freeze=False, sampler='balanced')
   c.train.eval_every_epochs = 10
   return c

@@ -73,11 +73,14 @@ def _preservation_options(keep: int, keep_best: int) -> dict[str, Any]:
 class Checkpointer:
   """Save/restore of (state, data iterator states, metrics) under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, async_save: bool = True,
+               read_only: bool = False):
+    # read_only (evaluation, embedding export): never writes, and leaves the temporary directory of a save in
+    # progress alone (a training run may be writing into the same directory).
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
-        **_preservation_options(keep, keep_best))
+        create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save and not read_only, **_preservation_options(keep, keep_best))
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data', 'meta'))
 
   def latest_step(self) -> int | None:
@@ -150,6 +153,11 @@ class Checkpointer:
     restored = self._manager.restore(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored['state']
+
+  def restore_raw(self, step: int) -> Any:
+    """The saved state as nested dicts of numpy/jax arrays, without a target (inspection, tests)."""
+    self._manager.wait_until_finished()
+    return self._manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

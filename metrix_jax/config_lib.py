@@ -19,28 +19,30 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from metrix_jax import losses
+from metrix_jax import mixup
+
 DATASETS = ('demo', 'omniglot', 'cub200', 'cars196', 'sop', 'inshop')
 MIX_MODES = ('none', 'input', 'feature', 'embedding')
-PAIR_SETS = ('pos_neg', 'anc_neg', 'pos_pos', 'neg_neg')
-LAMBDA_MODES = ('batch', 'item')
+PAIR_SETS = tuple(mixup.PAIR_SETS)  # positive-negative, anchor-negative, positive-positive, negative-negative
+LAMBDA_MODES = tuple(mixup.LAMBDA_MODES)
+MASK_MODES = tuple(mixup.MASK_MODES)
 DEPTHS = (18, 34, 50)
 DTYPES = ('float32', 'bfloat16')
 OPTIMIZERS = ('adam', 'adamw')
 SCHEDULES = ('step', 'cosine', 'constant')
 SAMPLERS = ('random', 'balanced')
 
-# Hyperparameters of each named loss (official-code values, spec section 1). The keys must match the keyword
-# arguments of `metrix_jax.losses.get(name, **hyperparameters)`.
-LOSS_DEFAULTS = {
-    'contrastive': dict(pos_margin=0.0, neg_margin=0.5),
-    'multi_similarity': dict(alpha=17.97, beta=75.66, base=0.77, epsilon=0.39),
-    'proxy_anchor': dict(alpha=32.0, margin=0.1),
-    'circle': dict(m=0.4, gamma=80.0),
-}
-PROXY_LOSSES = ('proxy_anchor',)
+# Hyperparameters of each named loss: `metrix_jax.losses.default_hparams(name)` (PML defaults; `form` is 'pml',
+# the official code's reduction, or 'paper', per-anchor sums), with the official Metrix code's values where it
+# differs (multi-similarity, spec section 1.4). The keys are the keyword arguments of `losses.get(name, ...)`.
+OFFICIAL_LOSS_HPARAMS = {'multi_similarity': dict(alpha=17.97, beta=75.66, base=0.77, epsilon=0.39)}
+LOSS_DEFAULTS = {name: {**losses.default_hparams(name), **OFFICIAL_LOSS_HPARAMS.get(name, {})}
+                 for name in losses.LOSS_NAMES}
+PROXY_LOSSES = tuple(losses.PROXY_LOSS_NAMES)
 # Short names accepted by get_config(arg).
-LOSS_ALIASES = {'contrastive': 'contrastive', 'ms': 'multi_similarity', 'multi_similarity': 'multi_similarity',
-                'pa': 'proxy_anchor', 'proxy_anchor': 'proxy_anchor', 'circle': 'circle'}
+LOSS_ALIASES = {**{name: name for name in losses.LOSS_NAMES}, 'ms': 'multi_similarity', 'pa': 'proxy_anchor',
+                'nca': 'proxy_nca', 'lifted': 'lifted_structure'}
 
 RECALL_KS = {'demo': (1, 2, 4, 8), 'omniglot': (1, 2, 4, 8), 'cub200': (1, 2, 4, 8, 16, 32),
              'cars196': (1, 2, 4, 8, 16, 32), 'sop': (1, 10, 100, 1000), 'inshop': (1, 10, 20, 30, 40, 50)}
@@ -62,6 +64,7 @@ def base_config() -> config_dict.ConfigDict:
   c.dataset.images_per_class = 5
   c.dataset.num_workers = 4  # grain worker processes per host (0: in-process)
   c.dataset.eval_batch_size = 256  # global
+  c.dataset.eval_max_images = 0  # > 0: evaluate on the first n images of each eval split only (smoke tests)
   c.dataset.recall_ks = (1, 2, 4, 8, 16, 32)
 
   c.model = config_dict.ConfigDict()
@@ -82,8 +85,10 @@ def base_config() -> config_dict.ConfigDict:
   c.mix.alpha = 2.0  # lambda ~ Beta(alpha, alpha)
   c.mix.weight = 0.4  # w in L = mean_a[l(a) + w * l~(a)]
   c.mix.lambda_mode = 'batch'  # one lambda per step ('batch', official) or per mixed item ('item')
-  c.mix.items_per_anchor = 8  # mixed items sampled per anchor (static shapes; ignored where all pairs are exact)
-  c.mix.all_pairs = True  # embedding mode: exact closed form over all pairs of M(a)
+  c.mix.mask_mode = 'own'  # each anchor sees its own mixed items ('own', paper) or all, with soft labels ('all')
+  c.mix.items_per_anchor = 8  # feature level: mixed items sampled per anchor from M(a) (B x K maps)
+  c.mix.input_items_per_anchor = 1  # input level: mixed images per anchor (each costs a backbone pass)
+  c.mix.all_pairs = True  # embedding level: every pair of M(a), exact closed form (else items_per_anchor)
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = 'adam'  # 'adam': Adam + coupled L2 (official); 'adamw': decoupled weight decay
@@ -149,7 +154,7 @@ def optional(value):
   """An optional path from a config: None, '' and the string 'None' (what the command line gives) -> None."""
   if value is None or (isinstance(value, str) and value.strip() in ('', 'None', 'none')):
     return None
-  return os.path.expanduser(value)
+  return os.path.expanduser(value) if isinstance(value, str) else value  # ints (eval_resize) pass through
 
 
 def _choice(problems, path, value, choices):
@@ -186,6 +191,7 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
   _positive(p, 'dataset.images_per_class', d.images_per_class, integer=True)
   _positive(p, 'dataset.num_workers', d.num_workers, allow_zero=True, integer=True)
   _positive(p, 'dataset.eval_batch_size', d.eval_batch_size, integer=True)
+  _positive(p, 'dataset.eval_max_images', d.eval_max_images, allow_zero=True, integer=True)
   if not isinstance(d.recall_ks, tuple) or not d.recall_ks or not all(
       isinstance(k, int) and k > 0 for k in d.recall_ks):
     p.append(f'dataset.recall_ks={d.recall_ks!r} must be a non-empty tuple of positive integers.')
@@ -224,7 +230,11 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
   _positive(p, 'mix.alpha', mx.alpha)
   _positive(p, 'mix.weight', mx.weight, allow_zero=True)
   _choice(p, 'mix.lambda_mode', mx.lambda_mode, LAMBDA_MODES)
+  _choice(p, 'mix.mask_mode', mx.mask_mode, MASK_MODES)
   _positive(p, 'mix.items_per_anchor', mx.items_per_anchor, integer=True)
+  _positive(p, 'mix.input_items_per_anchor', mx.input_items_per_anchor, integer=True)
+  if not isinstance(mx.all_pairs, bool):
+    p.append(f'mix.all_pairs={mx.all_pairs!r} must be True or False.')
 
   _choice(p, 'optim.name', o.name, OPTIMIZERS)
   for key in ('lr', 'head_lr_mult', 'proxy_lr_mult', 'eps'):
@@ -270,10 +280,6 @@ def _unknown_keys(config, expected, prefix, problems):
 
 def _check_loss(name: str, hparams: dict[str, Any], problems: list[str]) -> None:
   """Builds the loss once (cheap, pure) so that a bad hyperparameter fails here, not after compilation."""
-  try:
-    from metrix_jax import losses  # pylint: disable=g-import-not-at-top
-  except ImportError:  # the losses module is not there (yet): only the schema is checked
-    return
   try:
     losses.get(name, **hparams)
   except Exception as e:  # pylint: disable=broad-except

@@ -1,0 +1,252 @@
+"""The trainer end to end at tiny size: results.json, exact resume (also after SIGKILL), 1 vs 4 devices, multi-host.
+
+Tiny stand-ins (tests/trainer_fakes.py: a 2-conv EmbeddingNet-shaped model, deterministic class-pattern data with a
+checkpointable iterator) keep every run to seconds; `test_demo_config_end_to_end` runs the real demo config.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from metrix_jax import checkpointing
+from metrix_jax import train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trainer_fakes  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKES = os.path.join(ROOT, 'tests', 'trainer_fakes.py')
+STEPS = 4
+
+
+def _run(workdir, **kwargs):
+  config = trainer_fakes.tiny_config(kwargs.pop('loss', 'contrastive'), kwargs.pop('mode', 'none'), steps=STEPS)
+  return train.train_and_evaluate(config, str(workdir), data_factory=trainer_fakes.fake_data_factory(),
+                                  model_factory=trainer_fakes.tiny_model_factory, **kwargs)
+
+
+def _final_params(workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(str(workdir), 'checkpoints'))
+  step = ckpt.latest_step()
+  state = ckpt.restore_raw(step)
+  ckpt.close()
+  return step, state
+
+
+def _subprocess(args, *, devices=1, env_extra=None, timeout=300, **popen):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env_extra or {}))
+  return subprocess.Popen([sys.executable, FAKES] + [str(a) for a in args], env=env, cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def _results_of(proc, timeout=300):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  line = [l for l in out.splitlines() if l.startswith('RESULTS ')][-1]
+  return json.loads(line[len('RESULTS '):]), out
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """STEPS steps without interruption (the reference of the resume and device-count tests)."""
+  workdir = tmp_path_factory.mktemp('straight')
+  results = _run(workdir)
+  return workdir, results
+
+
+def test_results_and_outputs(straight_run):
+  workdir, results = straight_run
+  with open(workdir / 'results.json') as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  for key in ('dataset', 'loss', 'mix', 'steps', 'train_loss', 'recall', 'images_per_second', 'wall_s', 'variant'):
+    assert key in saved, key
+  assert saved['steps'] == STEPS and saved['loss'] == 'contrastive' and saved['mix'] == 'none'
+  assert set(saved['recall']) == {'1', '2'} and all(0 <= v <= 1 for v in saved['recall'].values())
+  assert np.isfinite(saved['train_loss']) and saved['images_per_second'] > 0
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['train']['num_steps'] == STEPS
+  lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  assert [l['step'] for l in lines if 'loss' in l] == list(range(1, STEPS + 1))
+  assert any('eval/recall@1' in l for l in lines)
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_resume_equals_straight_run(straight_run, tmp_path):
+  ref_dir, ref = straight_run
+  stopped = _run(tmp_path, stop_after_steps=STEPS // 2)
+  assert stopped == {'stopped_at': STEPS // 2}
+  resumed = _run(tmp_path)
+  assert resumed['steps'] == STEPS and resumed['train_loss'] == ref['train_loss']
+  assert resumed['recall'] == ref['recall']
+  (step_a, a), (step_b, b) = _final_params(ref_dir), _final_params(tmp_path)
+  assert step_a == step_b == STEPS
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_after_sigkill(straight_run, tmp_path):
+  """Killed (SIGKILL) while stuck after the step-2 checkpoint; the rerun resumes and matches the straight run."""
+  _, ref = straight_run
+  proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
+                     env_extra={'METRIX_FAKE_DATA_HANG_AT': '3'})
+  committed = tmp_path / 'checkpoints' / '2' / 'commit_success.txt'
+  deadline = time.time() + 240
+  while not committed.exists():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, 'no checkpoint within 240 s'
+    time.sleep(0.5)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  resumed, out = _results_of(_subprocess([tmp_path, '--steps', STEPS]))
+  assert 'Resumed from' in out
+  assert resumed['steps'] == STEPS
+  np.testing.assert_allclose(resumed['train_loss'], ref['train_loss'], rtol=1e-6)
+
+
+def test_four_devices_match_one(straight_run, tmp_path):
+  _, ref = straight_run
+  four, out = _results_of(_subprocess([tmp_path, '--steps', STEPS], devices=4))
+  assert '4 x cpu' in four['variant']['devices'], out[-2000:]
+  np.testing.assert_allclose(four['train_loss'], ref['train_loss'], rtol=1e-4, atol=1e-4)
+  for k, v in ref['recall'].items():
+    assert abs(four['recall'][k] - v) < 1e-6
+
+
+def test_nan_loss_stops_with_step_window(tmp_path):
+  config = trainer_fakes.tiny_config(steps=STEPS)
+  config.optim.lr = 1e30
+  config.optim.schedule = 'constant'
+  config.optim.warmup_epochs = 0
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d+ \(checked window: steps'):
+    train.train_and_evaluate(config, str(tmp_path), data_factory=trainer_fakes.fake_data_factory(),
+                             model_factory=trainer_fakes.tiny_model_factory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every loss x mix mode: two jitted steps of the real train step at tiny size.
+# ----------------------------------------------------------------------------------------------------------------
+def _step_setup(loss, mode):
+  from metrix_jax import optim, sharding
+  config = trainer_fakes.tiny_config(loss, mode)
+  config.dataset.image_size = config.dataset.eval_resize = 16
+  config.model.bn_freeze = True  # BN on running statistics: the clean embeddings do not depend on the mix mode
+  config.optim.warmup_epochs = 0
+  mesh = sharding.make_mesh()
+  model, loss_fn = trainer_fakes.tiny_model_factory(config), train.create_loss(config)
+
+  def tx_factory(params):
+    return optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
+
+  state = train.init_state(config, model, loss_fn, tx_factory, 12, mesh)
+  step_fn = train.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
+  data = trainer_fakes.FakeTrainIterator(seed=0, batch_size=8, image_size=16, num_classes=12)
+  return config, mesh, model, loss_fn, state, step_fn, data
+
+
+@pytest.mark.parametrize('mode', ('none', 'input', 'feature', 'embedding'))
+@pytest.mark.parametrize('loss', ('contrastive',))
+def test_every_loss_and_mix_mode_runs_two_steps(loss, mode):
+  """Two steps of each (loss, mode): finite, the objective = clean + w * mixed, and the clean term equals the loss
+  evaluated directly on a plain forward of the same images (the step's plumbing of params, proxies and heads)."""
+  from metrix_jax import sharding
+  config, mesh, model, loss_fn, state, step_fn, data = _step_setup(loss, mode)
+  params0 = jax.device_get(state.params)
+  stats0 = jax.device_get(state.batch_stats)
+  local = next(data)
+  images = np.asarray(train.normalize_images(local['image'], np.float32))
+  embeddings, _ = model.apply({'params': {'backbone': params0['backbone'], 'head': params0['head']},
+                               'batch_stats': stats0}, images, train=False)
+  expected_clean = float(loss_fn(embeddings, local['label'], params0.get('proxies')))
+  state, m1 = step_fn(state, sharding.global_batch(local, mesh))
+  state, m2 = step_fn(state, sharding.global_batch(next(data), mesh))
+  m1, m2 = jax.device_get((m1, m2))
+  for m in (m1, m2):
+    assert all(np.isfinite(v) for v in m.values()), m
+    np.testing.assert_allclose(m['loss'], m['clean_loss'] + config.mix.weight * m['mix_loss'], rtol=1e-5,
+                               atol=1e-6)
+  np.testing.assert_allclose(m1['clean_loss'], expected_clean, rtol=1e-5, atol=1e-6)
+  if mode == 'none':
+    assert m1['mix_loss'] == 0.0
+  assert int(state.step) == 2
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), jax.device_get(state.params), params0)
+  assert moved['head']['kernel'] > 0 if 'kernel' in moved['head'] else max(jax.tree.leaves(moved['head'])) > 0
+  if loss_fn.uses_proxies:
+    assert moved['proxies'] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real entry point on the real demo data (few steps, a slice of the test split).
+# ----------------------------------------------------------------------------------------------------------------
+def test_demo_config_end_to_end_via_main(tmp_path):
+  workdir = tmp_path / 'demo'
+  cmd = [sys.executable, '-m', 'metrix_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+         '--config.loss.name=multi_similarity', '--config.mix.mode=feature', '--config.train.num_steps=2',
+         '--config.train.batch_size=16', '--config.dataset.classes_per_batch=4',
+         '--config.dataset.eval_max_images=200', '--config.dataset.eval_batch_size=100',
+         '--config.train.log_every_steps=1']
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-4000:]
+  assert 'step 2/2' in out and 'results: R@1' in out, out[-3000:]
+  with open(workdir / 'results.json') as f:
+    results = json.load(f)
+  assert (results['dataset'], results['loss'], results['mix'], results['steps']) == (
+      'demo', 'multi_similarity', 'feature', 2)
+  assert set(results['recall']) == {'1', '2', '4', '8'}
+  assert all(0.0 <= v <= 1.0 for v in results['recall'].values())
+  assert np.isfinite(results['train_loss']) and results['wall_s'] > 0
+  assert results['variant']['mix']['mode'] == 'feature'
+  assert (workdir / 'checkpoints' / '2').is_dir() and (workdir / 'config.json').exists()
+
+
+def test_main_rejects_a_bad_value_before_any_work(tmp_path):
+  cmd = [sys.executable, '-m', 'metrix_jax.main', '--config=configs/demo.py', f'--workdir={tmp_path}',
+         '--config.mix.mode=features']
+  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'), text=True,
+                        capture_output=True, timeout=300)
+  assert proc.returncode == 2
+  assert "mix.mode='features'" in proc.stderr and 'feature' in proc.stderr and 'embedding' in proc.stderr
+  assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-host: two processes (one CPU device each) joined by jax.distributed over localhost.
+# ----------------------------------------------------------------------------------------------------------------
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_over_localhost_match_one(straight_run, tmp_path):
+  """Per-host input slices + jax.distributed (gloo CPU collectives): same loss and recall as one process."""
+  if not hasattr(jax.distributed, 'initialize'):
+    pytest.skip('this jax has no jax.distributed.initialize')
+  _, ref = straight_run
+  port = _free_port()
+  procs = [_subprocess([tmp_path, '--steps', STEPS, '--distributed'], devices=1,
+                       env_extra={'METRIX_COORDINATOR': f'127.0.0.1:{port}', 'METRIX_NUM_PROCESSES': '2',
+                                  'METRIX_PROCESS_ID': str(i)}) for i in range(2)]
+  try:
+    outs = [_results_of(p) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for results, out in outs:
+    assert '2 x cpu' in results['variant']['devices'] and '2 process' in results['variant']['devices'], out[-2000:]
+    np.testing.assert_allclose(results['train_loss'], ref['train_loss'], rtol=1e-4, atol=1e-4)
+    for k, v in ref['recall'].items():
+      assert abs(results['recall'][k] - v) < 1e-6
+  assert (tmp_path / 'results.json').exists()  # written by process 0 only
