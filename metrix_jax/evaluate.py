@@ -99,7 +99,7 @@ def _checkpointer(workdir: str):
         raise EvaluationError(f'No checkpoint in {directory}. Train first (the trainer checkpoints every '
                               f'`train.checkpoint_every_steps`, at each evaluation and at the end): '
                               f'`{TRAIN_COMMAND.replace("DIR", workdir)}`; rerunning it resumes.')
-    ckpt = checkpointing.Checkpointer(directory, async_save=False)
+    ckpt = checkpointing.Checkpointer(directory, read_only=True)  # a running training may be saving here
     if ckpt.latest_step() is None:
         ckpt.close()
         raise EvaluationError(f'No complete checkpoint in {directory} (only unfinished saves?). Rerun the '

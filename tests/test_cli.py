@@ -100,6 +100,18 @@ def test_load_config_and_best_checkpoint(workdir, trained):
   assert set(trained.variables['params']) == {'backbone', 'head'}
 
 
+def test_loading_leaves_a_save_in_progress_alone(workdir):
+  # A training run may be writing a checkpoint into the same directory while we evaluate: its temporary folder
+  # must survive (a read-write Orbax manager would delete it at start).
+  in_progress = os.path.join(workdir, 'checkpoints', '9.orbax-checkpoint-tmp-1234')
+  os.makedirs(in_progress)
+  try:
+    assert evaluate.load_trained_model(workdir, model_factory=trainer_fakes.tiny_model_factory).step == 1
+    assert os.path.isdir(in_progress)
+  finally:
+    os.rmdir(in_progress)
+
+
 def test_evaluate_command(workdir, trained):
   out_dir = os.path.join(workdir, 'report')
   proc = _cli('evaluate', f'--workdir={workdir}', f'--out_dir={out_dir}', '--config.dataset.recall_ks=(1,2,4)')
@@ -107,9 +119,12 @@ def test_evaluate_command(workdir, trained):
   assert 'Recall@4 (%)' in proc.stdout and 'MAP@R' in proc.stdout and 'uniformity' in proc.stdout
   with open(os.path.join(out_dir, 'eval.json')) as f:
     report = json.load(f)
-  for name in ('eval_recall.png',):
+  for name in ('eval_recall.png', 'eval_positivity.png'):
     with open(os.path.join(out_dir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  pos = report['positivity']  # contrastive loss: no theoretical curve
+  assert len(pos['lambda']) == len(pos['empirical']) == len(evaluate.DEFAULT_LAMBDAS) and pos['theoretical'] is None
+  assert all(v is None or 0 <= v <= 1 for v in pos['empirical']) and pos['num_items'] > 0
   assert report['step'] == 1 and report['protocol'] == 'leave-one-out'
   assert report['num_test'] == len(TEST_LABELS) and report['num_train'] == len(TRAIN_LABELS)
 
@@ -210,3 +225,31 @@ def test_embed_errors(tmp_path, workdir):
               model_factory=trainer_fakes.tiny_model_factory)
   with pytest.raises(ValueError, match='.npz'):
     embed.run(workdir, str(tmp_path / 'bad'), str(tmp_path / 'x.txt'))
+
+
+def test_positivity_averages_batches_weighted_by_item_count(monkeypatch):
+  from metrix_jax import analysis  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_curve(loss, embeddings, labels, key, *, lambdas, pair_sets, proxies, mask_mode):
+    del key, proxies
+    calls.append((loss.name, embeddings.shape, np.unique(labels, return_counts=True)[1], pair_sets, mask_mode))
+    i = len(calls)
+    empirical = np.full(len(lambdas), 0.1 * i)
+    empirical[0] = np.nan if i == 1 else empirical[0]  # an empty bin in the first batch only
+    return {'lambdas': lambdas, 'empirical': empirical, 'theoretical': np.full(len(lambdas), 0.5), 'num_items': i}
+
+  monkeypatch.setattr(analysis, 'positivity_curve', fake_curve)
+  config = trainer_fakes.tiny_config('multi_similarity')
+  config.dataset.classes_per_batch, config.dataset.images_per_class = 3, 4
+  labels = np.repeat(np.arange(6), [4, 4, 4, 5, 2, 9])  # class 4 has too few items to be drawn
+  x = np.random.default_rng(0).normal(size=(len(labels), 8)).astype(np.float32)
+  got = evaluate.positivity(config, x, labels, lambdas=(0.2, 0.5, 0.8), num_batches=3)
+  assert len(calls) == 3
+  for name, shape, counts, pair_sets, mask_mode in calls:
+    assert name == 'multi_similarity' and shape == (12, 8) and list(counts) == [4, 4, 4]
+    assert pair_sets == ('pos_neg',) and mask_mode == 'own'
+  # weights 1, 2, 3: (0.1 + 0.4 + 0.9) / 6 where all batches count; (0.4 + 0.9) / 5 where batch 1 is empty
+  np.testing.assert_allclose(got['empirical'], [1.3 / 5, 1.4 / 6, 1.4 / 6])
+  np.testing.assert_allclose(got['theoretical'], 0.5)
+  assert got['num_items'] == 6 and got['batch_size'] == 12 and got['num_batches'] == 3
