@@ -4,7 +4,7 @@
     python benchmarks/bench_input_pipeline.py --datasets=demo --batches=20
 
 Data sets: `demo` (32 px, built on first use under --data_dir), `omniglot` from ../shared/data/omniglot_small
-(64 px, skipped when absent) and `photos`: a synthetic stand-in for CUB/Cars (a fake CUB_200_2011.tgz of
+or .data/omniglot_small (64 px, skipped when absent) and `photos`: a synthetic stand-in for CUB/Cars (a fake CUB_200_2011.tgz of
 --photos 500 x 375 JPEGs, built like the real one: stored at shorter side 256, read at 224 with the ImageNet
 RandomResizedCrop + flip), which is what a GPU must be fed.
 
@@ -26,7 +26,11 @@ from PIL import Image
 from metrix_jax import data
 from metrix_jax.data import builders
 
-OMNIGLOT_SMALL = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'omniglot_small')
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ../shared/data/omniglot_small next to the checkout, or .data/omniglot_small (staged by ../shared/gpu/stage.sh).
+OMNIGLOT_SMALL = next((p for p in (os.path.join(_ROOT, '..', 'shared', 'data', 'omniglot_small'),
+                                   os.path.join(_ROOT, '.data', 'omniglot_small')) if os.path.isdir(p)),
+                      os.path.join(_ROOT, '..', 'shared', 'data', 'omniglot_small'))
 
 
 def fake_cub_archive(manual_dir, count):
@@ -43,7 +47,7 @@ def fake_cub_archive(manual_dir, count):
       pixels = np.clip(128 + 80 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
       out = io.BytesIO()
       Image.fromarray(pixels).save(out, format='JPEG', quality=90)
-      cls = 1 + i % 200
+      cls = 1 + (i % 2) * 100 + (i // 2) % 100  # alternately a train (1-100) and a test (101-200) class
       info = tarfile.TarInfo(f'CUB_200_2011/images/{cls:03d}.Class_{cls}/img_{i:05d}.jpg')
       info.size = out.tell()
       out.seek(0)
@@ -79,8 +83,8 @@ def main():
       'demo': dict(image_size=32, sampler='balanced', classes_per_batch=20, images_per_class=5),
       'omniglot': dict(image_size=64, sampler='balanced', classes_per_batch=20, images_per_class=5,
                        manual_dir=OMNIGLOT_SMALL),
-      'photos': dict(image_size=224, sampler='random', manual_dir=os.path.join(args.data_dir, 'fake_cub'),
-                     check_counts=False),
+      'photos': dict(image_size=224, sampler='random',
+                     manual_dir=os.path.join(args.data_dir, f'fake_cub_{args.photos}'), check_counts=False),
   }
   print(f'{cores} CPU cores, load average {os.getloadavg()[0]:.1f}; batch {args.batch_size}; '
         f'{args.batches} timed batches')
@@ -90,13 +94,20 @@ def main():
     if key == 'omniglot' and not os.path.isdir(OMNIGLOT_SMALL):
       print(f'| omniglot | - | - | - | skipped: {OMNIGLOT_SMALL} absent |')
       continue
-    kwargs = dict(settings[key], data_dir=args.data_dir)
+    if key not in settings:
+      raise SystemExit(f'Unknown data set {key!r}; valid choices: {", ".join(settings)}.')
+    data_dir = os.path.join(args.data_dir, f'built_{args.photos}') if key == 'photos' else args.data_dir
+    kwargs = dict(settings[key], data_dir=data_dir)
     name = 'cub200' if key == 'photos' else key
-    if key == 'photos':
-      os.makedirs(kwargs['manual_dir'], exist_ok=True)
-      fake_cub_archive(kwargs['manual_dir'], args.photos)
-    builders.prepare(name, args.data_dir, kwargs.get('manual_dir'), **(
-        {'check_counts': False} if key == 'photos' else {}))
+    try:
+      if key == 'photos':
+        os.makedirs(kwargs['manual_dir'], exist_ok=True)
+        fake_cub_archive(kwargs['manual_dir'], args.photos)
+      builders.prepare(name, data_dir, kwargs.get('manual_dir'), **(
+          {'check_counts': False} if key == 'photos' else {}))
+    except Exception as e:  # pylint: disable=broad-except  (e.g. no matplotlib fonts for demo on a bare host)
+      print(f'| {key} | - | - | - | skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]} |', flush=True)
+      continue
     for workers in sorted({0, 2, cores}):
       startup, rate = measure(name, kwargs, workers, args.batches, args.batch_size)
       label = '0 (1 core, in-process)' if workers == 0 else str(workers)

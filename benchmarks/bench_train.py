@@ -19,7 +19,9 @@ Columns: images/s; ms/step; Metrix overhead = step time vs the clean step of the
 PyTorch rows; the step's device memory from XLA's compiled memory analysis (arguments + outputs + temporaries -
 donated aliases; PyTorch: `torch.cuda.max_memory_allocated`); compile seconds; the loss after the last step
 (finite check). Then the eval embedding throughput (`train.make_embed_fn`) and the process's peak device memory
-(`device.memory_stats()`, where the backend reports it). --json_out writes every row (rewritten after each row,
+(`device.memory_stats()`, where the backend reports it). --e2e_workers=N adds the MS + feature step fed by the
+project's grain pipeline (N worker processes) from a synthetic set of 256-px JPEGs (`bench_input_pipeline.py`'s
+photos), as the trainer's loop feeds it: end-to-end images/s vs the step alone. --json_out writes every row (rewritten after each row,
 so a run cut short still leaves its rows).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share the GPU with the PyTorch reference
@@ -62,6 +65,12 @@ def parse_args(argv=None):
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--num_classes', type=int, default=100, help='train classes (proxies for proxy anchor)')
+  parser.add_argument('--e2e_workers', type=int, default=None,
+                      help='also time MS + feature Metrix fed by the grain pipeline (the trainer loop: next batch '
+                           '-> global_batch -> step) from a synthetic 256-px JPEG set read at --image_size, with '
+                           'this many worker processes (0: in-process; -1: all cores); default: skip')
+  parser.add_argument('--e2e_photos', type=int, default=600, help='photos in the synthetic set (half train)')
+  parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(), 'metrix_bench_data'))
   parser.add_argument('--json_out', default='')
   args = parser.parse_args(argv)
   if args.quick:
@@ -121,7 +130,8 @@ def _xla_bytes(compiled) -> int | None:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False):
+def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False,
+                  e2e: int | None = None):
   """Builds the trainer's step for (loss, mode), times it; returns (row, (state, model, config) or None)."""
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
@@ -149,7 +159,41 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
   row = dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype,
              images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, memory_bytes=_xla_bytes(compiled),
              compile_s=compile_s, loss_value=float(metrics['loss']))
+  if e2e is not None:
+    row['e2e'] = time_end_to_end(compiled, state, args, batch_size, mesh, e2e)
+    state = row['e2e'].pop('state')
   return row, ((state, model, config) if keep_state else None)
+
+
+def time_end_to_end(compiled, state, args, batch_size: int, mesh, workers: int) -> dict:
+  """The trainer's loop on real decoded JPEGs: grain batch -> `sharding.global_batch` -> compiled step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import data, sharding  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_input_pipeline  # pylint: disable=g-import-not-at-top
+  manual_dir = os.path.join(args.data_dir, f'fake_cub_{args.e2e_photos}')
+  os.makedirs(manual_dir, exist_ok=True)
+  bench_input_pipeline.fake_cub_archive(manual_dir, args.e2e_photos)
+  workers = os.cpu_count() if workers < 0 else workers
+  it = data.create_train_iterator('cub200', global_batch_size=batch_size, image_size=args.image_size, seed=0,
+                                  data_dir=os.path.join(args.data_dir, f'built_{args.e2e_photos}'),
+                                  manual_dir=manual_dir, check_counts=False, num_workers=workers)
+  try:
+    def step(state):
+      local = next(it)
+      return compiled(state, sharding.global_batch({'image': local['image'], 'label': local['label']}, mesh))
+    for _ in range(max(args.warmup, 1)):
+      state, metrics = step(state)
+    jax.block_until_ready((state, metrics))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = step(state)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / args.steps
+  finally:
+    it.close()
+  return dict(images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, workers=workers, state=state,
+              loss_value=float(metrics['loss']))
 
 
 def time_embed(state, model, config, args, mesh) -> dict:
@@ -239,6 +283,9 @@ def print_table(rows: list[dict], env: dict, args) -> None:
           f"{_mib(r['memory_bytes'])} | {_fmt(r['compile_s'], '.1f')} | {r['loss_value']:.4g} |", flush=True)
   train_rows = [r for r in rows if r['framework'] == 'jax' and r['mix'] == 'none']
   embed = [r for r in rows if r['mix'] == 'eval embed']
+  for r in rows:
+    if 'e2e_vs_step' in r:
+      print(f"end to end (grain pipeline, {r['mix']}) / step alone: {r['e2e_vs_step']:.2f}x")
   if train_rows and embed:
     print(f"\neval embedding throughput / clean train step: {embed[0]['images_per_s'] / train_rows[0]['images_per_s']:.2f}x")
   if env.get('peak_device_bytes') is not None:
@@ -274,8 +321,15 @@ def main(argv=None) -> list[dict]:
     for loss in losses:
       for mode in modes:
         want_state = main_batch and loss == losses[0] and mode == modes[0]
-        row, kept = time_jax_step(loss, mode, args, batch_size, images, labels, mesh, keep_state=want_state)
+        e2e = args.e2e_workers if (main_batch and mode == 'feature' and loss == 'multi_similarity') else None
+        row, kept = time_jax_step(loss, mode, args, batch_size, images, labels, mesh, keep_state=want_state,
+                                  e2e=e2e)
+        e2e_row = row.pop('e2e', None)
         emit(row)
+        if e2e_row is not None:
+          emit(dict(row, mix=f"feature, end to end ({e2e_row['workers']} workers)", memory_bytes=None,
+                    compile_s=None, images_per_s=e2e_row['images_per_s'], ms_per_step=e2e_row['ms_per_step'],
+                    loss_value=e2e_row['loss_value'], e2e_vs_step=e2e_row['images_per_s'] / row['images_per_s']))
         if kept is not None:
           emit(time_embed(*kept, args, mesh))
           del kept

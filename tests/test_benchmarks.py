@@ -60,11 +60,14 @@ def test_bench_train_quick_prints_a_finite_table(capsys, tmp_path):
   import bench_train  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'rows.json'
   rows = bench_train.main(['--quick', '--losses=ms', '--modes=none,feature', '--torch=fp32', '--dtype=float32',
+                           '--e2e_workers=0', '--e2e_photos=40', f'--data_dir={tmp_path / "data"}',
                            f'--json_out={out}'])
   printed = capsys.readouterr().out
   assert '| framework | loss | mix |' in printed and '| jax | multi_similarity | feature | 16 |' in printed
   kinds = {(r['framework'], r['mix']) for r in rows}
-  assert kinds == {('torch', 'none (fp32)'), ('jax', 'none'), ('jax', 'feature'), ('jax', 'eval embed')}
+  assert kinds == {('torch', 'none (fp32)'), ('jax', 'none'), ('jax', 'feature'), ('jax', 'eval embed'),
+                   ('jax', 'feature, end to end (0 workers)')}
+  assert 'end to end (grain pipeline' in printed
   for r in rows:
     assert math.isfinite(r['images_per_s']) and r['images_per_s'] > 0 and math.isfinite(r['loss_value'])
   feature = [r for r in rows if r['mix'] == 'feature'][0]
