@@ -1,5 +1,5 @@
 """scripts/study.py: the run plan (dry run, filters, errors), the statistics against scipy/numpy, the report from
-finished runs."""
+finished runs, and one real 2-step study run on the demo data through the project's trainer."""
 import importlib.util
 import json
 import os
@@ -168,3 +168,40 @@ def test_report_only_aggregates_finished_runs(tmp_path):
   for png in ('recall_at_k.png', 'positivity.png'):
     with open(report / png, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One real run: the demo data, 2 steps, through `python -m metrix_jax.main` (evaluate step off: it embeds the
+# whole demo test split; tests/test_cli.py covers it).
+# ----------------------------------------------------------------------------------------------------------------
+def test_two_step_demo_study_then_resume_skips(tmp_path):
+  config = tmp_path / 'study_demo.py'
+  config.write_text(
+      'import importlib.util\n'
+      f'spec = importlib.util.spec_from_file_location("s", {STUDY_CONFIG!r})\n'
+      'base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)\n'
+      'def get_config(arg=None):\n'
+      '  s = base.get_config("demo")\n'
+      '  s.rows = ("ms,feature",)\n'
+      '  s.seeds = (1,)\n'
+      '  s.overrides = ("train.num_steps=2", "train.batch_size=16", "dataset.classes_per_batch=4",\n'
+      '                 "dataset.eval_max_images=200", "dataset.eval_batch_size=100", "train.log_every_steps=1",\n'
+      '                 "model.embedding_dim=32")\n'
+      '  return s\n')
+  workdir = tmp_path / 'work'
+  proc = _cli([f'--config={config}', f'--workdir={workdir}', '--no-evaluate'], timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  run_dir = workdir / 'ms-feature' / 'seed1'
+  with open(run_dir / 'results.json') as f:
+    results = json.load(f)
+  assert (results['dataset'], results['loss'], results['mix'], results['steps']) == (
+      'demo', 'multi_similarity', 'feature', 2)
+  with open(run_dir / 'config.json') as f:
+    assert json.load(f)['model']['embedding_dim'] == 32
+  with open(workdir / 'study.json') as f:
+    summary = json.load(f)
+  assert summary['finished_runs'] == 1 and summary['rows'][0]['label'] == 'MS + Metrix'
+  np.testing.assert_allclose(summary['rows'][0]['recall']['1']['mean'], results['recall']['1'], rtol=1e-12)
+  assert (workdir / 'recall_at_k.png').exists() and (run_dir / 'study_run.json').exists()
+  again = _cli([f'--config={config}', f'--workdir={workdir}', '--no-evaluate'], timeout=300)
+  assert again.returncode == 0 and 'done, skipped' in again.stdout
