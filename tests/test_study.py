@@ -41,7 +41,7 @@ def test_dry_run_lists_every_run_seed_major(tmp_path):
   assert all('pending' in l for l in lines)
   first = lines[0]
   assert '-m metrix_jax.main' in first and 'configs/omniglot.py:ms,none' in first and '--config.seed=1' in first
-  assert '--config.dataset.image_size=32' in first and '--config.train.num_steps=' in first
+  assert '--config.dataset.image_size=16' in first and '--config.train.num_steps=' in first
   assert 'metrix_jax.evaluate' in proc.stdout and '--checkpoint=latest' in proc.stdout
   assert not os.listdir(tmp_path)  # a dry run writes nothing
 

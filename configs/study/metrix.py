@@ -11,14 +11,15 @@ script runs the paper's benchmarks with `configs/study/metrix.py:<dataset>` (cub
 each run is then the trainer config's official recipe (`configs/<dataset>.py:<loss>,<mix>`, ResNet-50 at 224 px,
 the README budgets) unchanged, with the ImageNet weights given by `--config.pretrained`.
 
-Omniglot sizing: a 2-core CPU shared with other jobs, where one ResNet-18 step of 100 images at 32 px takes seconds
-and the end-of-run evaluation of the 2,240 test images about as long as 15-20 steps; 24 runs in about an hour
-allow ~30 steps per run (about 1.2 epochs of the 2,600 training images). So: ResNet-18 from random init at 32 x 32
-pixels, 30 steps of 20 classes x 5 images, Adam lr 1e-3 with a cosine schedule (configs/omniglot.py otherwise).
-This is the very start of training: the study measures whether Metrix changes what is learned in that budget, not
-what it does at convergence. At 32 px the last ResNet stage is 1 x 1, so feature-level Metrix mixes the pooled
-512-d features before the head (GMP is the identity there); with images of >= 64 px the 2-D maps are mixed as in
-the paper. Results are not comparable with the paper's benchmarks (pretrained ResNet-50 at 224 px, 60+ epochs).
+Omniglot sizing: a 2-core CPU shared with ~5 other jobs (load average ~10; these runs niced), where one ResNet-18
+step of 100 images at 32 px took ~12 s and the end-of-run evaluation of the 2,240 test images minutes: 24 runs at
+32 px would take hours. So: ResNet-18 from random init at 16 x 16 pixels (the 105 px glyphs downsampled; about
+half the cost of 32 px), 30 steps of 20 classes x 5 images (about 1.2 epochs of the 2,600 training images), Adam
+lr 1e-3 with a cosine schedule (configs/omniglot.py otherwise). This is the very start of training: the study
+measures whether Metrix changes what is learned in that budget, not what it does at convergence. At 16 px the
+last two ResNet stages are 1 x 1, so feature-level Metrix mixes the pooled 512-d features before the head (GMP is
+the identity there); with images of >= 64 px the 2-D maps are mixed as in the paper. Results are not comparable
+with the paper's benchmarks (pretrained ResNet-50 at 224 px, 60+ epochs).
 """
 from ml_collections import config_dict
 
@@ -71,8 +72,8 @@ def get_config(arg=None):
   s.name = 'omniglot_cpu'
   s.trainer_config = 'configs/omniglot.py'
   s.overrides = (
-      'dataset.image_size=32',
-      'dataset.eval_resize=32',
+      'dataset.image_size=16',
+      'dataset.eval_resize=16',
       'dataset.num_workers=0',  # decoding 100 small PNGs per step is cheap; no worker processes on 2 cores
       'dataset.eval_batch_size=500',
       'train.num_steps=30',
