@@ -14,7 +14,9 @@ preprocessing and prints every metric of `metrix_jax.evaluation` (spec section 6
 
 Writes DIR/eval.json (every number, the checkpoint step and the options), DIR/eval_recall.png and
 DIR/eval_positivity.png (`--out_dir` to write elsewhere). Any config value can be overridden like in training,
-e.g. `--config.dataset.data_dir=/data/tfds --config.dataset.eval_batch_size=128`.
+e.g. `--config.dataset.data_dir=/data/tfds --config.dataset.eval_batch_size=128`. The run's
+`train.distributed` applies (multi-host evaluation on every host); a run trained on several hosts evaluates on
+one with `--config.train.distributed=False`.
 
 Library use (notebooks, tests): `run(workdir, ...)` returns the report dict; `load_trained_model(workdir)` gives
 (config, model, variables, step) for your own embedding code (`metrix_jax.embed` uses it).
@@ -366,6 +368,8 @@ def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:
             title=f"Positivity ({report.get('loss', '')}, test embeddings)")
         report['positivity'] = {**plots.positivity_record(pos['lambda'], pos['empirical'], pos['theoretical']),
                                 **{k: pos[k] for k in ('num_batches', 'batch_size', 'num_items', 'pair_sets')}}
+    elif os.path.exists(os.path.join(out_dir, POSITIVITY_PNG)):  # not from this evaluation: would mislead
+        os.remove(os.path.join(out_dir, POSITIVITY_PNG))
     report['files'] = dict(paths)
     paths['json'] = plots.write_json(os.path.join(out_dir, EVAL_JSON), report)
     return paths
@@ -444,6 +448,9 @@ def main() -> int:
         logging.getLogger('metrix_jax').setLevel(logging.INFO)
         logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax's per-step INFO lines
         FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+        from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
+        # Multi-host (--config.train.distributed=True or METRIX_DISTRIBUTED=1 on every host): before device queries.
+        sharding.maybe_initialize_distributed(FLAGS.config.train.distributed)
         try:
             config_lib.validate(FLAGS.config, check_files=False)
             run(FLAGS.workdir, checkpoint=FLAGS.checkpoint, config=FLAGS.config, out_dir=FLAGS.out_dir,

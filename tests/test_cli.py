@@ -161,7 +161,7 @@ def test_evaluate_errors_name_the_fix(tmp_path, workdir):
 
 
 @pytest.mark.parametrize('gallery', [False, True])
-def test_compute_metrics_both_protocols(gallery):
+def test_compute_metrics_both_protocols(gallery, tmp_path):
   config = trainer_fakes.tiny_config()
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(40, 8)).astype(np.float32), rng.integers(0, 6, 40)
@@ -179,6 +179,11 @@ def test_compute_metrics_both_protocols(gallery):
   assert got['alignment'] == pytest.approx(evaluation.alignment(x, y))
   assert got['uniformity'] == pytest.approx(evaluation.uniformity(x))
   assert 'Recall@2 (%)' in evaluate.format_table(got)
+  (tmp_path / 'eval_positivity.png').write_bytes(b'stale, from an earlier evaluation')
+  paths = evaluate.write_outputs(got, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['eval.json', 'eval_recall.png'] and set(paths) == {'json', 'recall_plot'}
+  with open(paths['json']) as f:
+    assert json.load(f)['recall'] == {str(k): v for k, v in want['recall'].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
