@@ -335,40 +335,40 @@ def test_bad_arguments_raise_clear_errors():
 # ----------------------------------------------------------------------------------------------------------
 # Degenerate batches.
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('kind', ['one_class', 'no_positives'])
-def test_degenerate_batches_finite_loss_and_grads(kind):
-  """A batch of one class / without any positive, every loss, all pair sets selected, sampled and all-pairs:
-  finite loss and gradients (embeddings and proxies); a pair set that is empty for every anchor gives a
-  mixed term of exactly 0 and the clean loss as the objective."""
-  emb, labels = make_batch(kind)
-  e, l = jnp.asarray(emb, jnp.float32), jnp.asarray(labels)
+def test_degenerate_batches_finite_loss_and_grads():
+  """A batch of one class and a batch without any positive (one jitted function, labels traced), every loss,
+  all pair sets selected, sampled and all-pairs: finite loss and gradients (embeddings and proxies); a pair set
+  that is empty for every anchor gives a mixed term of exactly 0 and the clean loss as the objective."""
   proxies = jnp.asarray(proxies_for(5), jnp.float32)
 
-  def mixed_terms(e, proxies, key, pair_sets):
+  def mixed_terms(e, proxies, l, key):
     out = []
     for name in losses.LOSS_NAMES:
       loss = losses.get(name)
       p = proxies if loss.uses_proxies else None
       for all_pairs in (False, True):
         pos, neg = mixup.pair_masks(loss, e, l, p)
-        kw = dict(pos_mask=pos, neg_mask=neg, pair_sets=pair_sets)
+        kw = dict(pos_mask=pos, neg_mask=neg, pair_sets=mixup.PAIR_SETS)
         plan = (mixup.all_pairs_plan(key, l, **kw) if all_pairs else mixup.make_plan(key, l, num_mixed=2, **kw))
         out.append(mixup.objective(loss, e, l, plan, proxies=p)[1]['mixed'])
     return jnp.stack(out)
 
-  fn = jax.jit(lambda e, p, k: (mixed_terms(e, p, k, mixup.PAIR_SETS), jax.grad(
-      lambda e, p: jnp.sum(mixed_terms(e, p, k, mixup.PAIR_SETS)), argnums=(0, 1))(e, p)))
-  mixed, (g_e, g_p) = fn(e, proxies, jax.random.key(0))
-  assert np.all(np.isfinite(mixed)) and np.all(np.isfinite(g_e)) and np.all(np.isfinite(g_p))
-  assert np.any(np.asarray(mixed) != 0.0)  # one_class: pos_pos items; no_positives: anc_neg / neg_neg items
-  empty_set = 'pos_neg' if kind == 'one_class' else 'pos_pos'  # empty for every anchor
-  for name in ('contrastive', 'multi_similarity', 'proxy_anchor', 'circle'):
-    loss = losses.get(name)
-    p = proxies if loss.uses_proxies else None
-    plan = mixup.make_plan(jax.random.key(1), l, pair_sets=(empty_set,), num_mixed=2)
-    assert not np.any(np.asarray(plan.valid))
-    total, parts = mixup.objective(loss, e, l, plan, proxies=p)
-    assert float(parts['mixed']) == 0.0 and float(total) == float(loss(e, l, p)), name
+  fn = jax.jit(lambda e, p, l, k: (mixed_terms(e, p, l, k), jax.grad(
+      lambda e, p: jnp.sum(mixed_terms(e, p, l, k)), argnums=(0, 1))(e, p)))
+  for kind in ('one_class', 'no_positives'):
+    emb, labels = make_batch(kind)
+    e, l = jnp.asarray(emb, jnp.float32), jnp.asarray(labels)
+    mixed, (g_e, g_p) = fn(e, proxies, l, jax.random.key(0))
+    assert np.all(np.isfinite(mixed)) and np.all(np.isfinite(g_e)) and np.all(np.isfinite(g_p)), kind
+    assert np.any(np.asarray(mixed) != 0.0)  # one_class: pos_pos items; no_positives: anc_neg / neg_neg items
+    empty_set = 'pos_neg' if kind == 'one_class' else 'pos_pos'  # empty for every anchor
+    for name in ('contrastive', 'multi_similarity', 'proxy_anchor', 'circle'):
+      loss = losses.get(name)
+      p = proxies if loss.uses_proxies else None
+      plan = mixup.make_plan(jax.random.key(1), l, pair_sets=(empty_set,), num_mixed=2)
+      assert not np.any(np.asarray(plan.valid))
+      total, parts = mixup.objective(loss, e, l, plan, proxies=p)
+      assert float(parts['mixed']) == 0.0 and float(total) == float(loss(e, l, p)), (kind, name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -408,13 +408,14 @@ def test_feature_mixing_equals_mixing_maps_one_by_one():
   assert feature_map.shape == (8, 4, 4, 8)
   plan = mixup.make_plan(jax.random.key(2), labels, pair_sets=('pos_neg', 'anc_neg'), num_mixed=2,
                          lambda_mode='item')
-  batched = net.apply(params, mixup.mix(feature_map, plan), method='head')
+  head = jax.jit(functools.partial(net.apply, method='head'))
+  batched = head(params, mixup.mix(feature_map, plan))
   maps = np.asarray(feature_map, np.float64)
   explicit = []
   for m in range(plan.first.shape[0]):
     lam = float(plan.lam[m])
     one = lam * maps[int(plan.first[m])] + (1 - lam) * maps[int(plan.second[m])]
-    explicit.append(net.apply(params, jnp.asarray(one[None], jnp.float32), method='head')[0])
+    explicit.append(head(params, jnp.asarray(one[None], jnp.float32))[0])
   np.testing.assert_allclose(batched, np.stack(explicit), atol=1e-6)
   pooled = jnp.mean(feature_map, axis=(1, 2)) + jnp.max(feature_map, axis=(1, 2))
   after_pooling = losses.l2_normalize(net.apply(params, mixup.mix(pooled, plan), method=lambda m, x: m.dense(x)))
