@@ -19,6 +19,7 @@ ACCELERATOR="${ACCELERATOR:-v4-32}"; VERSION="${VERSION:-tpu-ubuntu2204-base}"
 project_flag=(); [[ -n "${PROJECT:-}" ]] && project_flag=(--project="$PROJECT")
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 
+q() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }  # single-quoted for the remote shell
 run() { echo "+ $*"; if [[ "${DRY_RUN:-0}" != "1" ]]; then "$@"; fi; }
 ssh_all() { run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${project_flag[@]}" --worker=all \
               --command="$1"; }
@@ -38,10 +39,10 @@ python3 -m pip install -q -e '.[tpu]'"
 train() {  # the same command on every worker; METRIX_DISTRIBUTED=1: jax.distributed.initialize() (auto on TPU)
   : "${CONFIG:?set CONFIG}" "${WORKDIR:?set WORKDIR}"
   local extra="" a
-  for a in "$@"; do extra+=" $(printf '%q' "$a")"; done
-  [[ -n "${DATA_DIR:-}" ]] && extra+=" --config.dataset.data_dir=$(printf '%q' "$DATA_DIR")"
+  for a in "$@"; do extra+=" $(q "$a")"; done
+  if [[ -n "${DATA_DIR:-}" ]]; then extra+=" $(q "--config.dataset.data_dir=$DATA_DIR")"; fi
   ssh_all "cd ~/metrix_jax && METRIX_DISTRIBUTED=1 python3 -m metrix_jax.main \
---config=$(printf '%q' "$CONFIG") --workdir=$(printf '%q' "$WORKDIR")$extra 2>&1 | tee -a ~/train.log"
+$(q "--config=$CONFIG") $(q "--workdir=$WORKDIR")$extra 2>&1 | tee -a ~/train.log"
 }
 fetch() {  # results.json (written by process 0 = worker 0) and worker 0's log
   : "${WORKDIR:?set WORKDIR}"
