@@ -297,20 +297,18 @@ def compute_metrics(config, embedded: Mapping[str, tuple[np.ndarray, np.ndarray]
         report['num_train'] = len(embedded['train'][0])
     else:
         report['utilization'] = None
-    try:
-        report['alignment'] = evaluation.alignment(test, test_labels)
-    except ValueError as error:  # no class with two items
-        report['alignment'] = None
-        report['alignment_note'] = str(error)
-    report['uniformity'] = evaluation.uniformity(test, t=2.0)
+    report['alignment'], report['uniformity'] = evaluation.alignment_and_uniformity(test, test_labels, t=2.0)
+    if report['alignment'] is None:
+        report['alignment_note'] = 'alignment needs a positive pair: no test class has two items.'
     report['positivity'] = None
     if with_positivity:
         try:
             report['positivity'] = positivity(config, test, test_labels, proxies=proxies)
-        except (ImportError, AttributeError) as error:  # analysis module not available in this version
-            report['positivity_note'] = f'positivity analysis unavailable: {error}'
-        except ValueError as error:
+        except ValueError as error:  # e.g. too few classes with enough items
             report['positivity_note'] = f'positivity analysis skipped: {error}'
+        except Exception as error:  # pylint: disable=broad-except  # keep the metrics computed so far
+            log.exception('positivity analysis failed')
+            report['positivity_note'] = f'positivity analysis failed: {type(error).__name__}: {error}'
     return report
 
 

@@ -406,6 +406,33 @@ def _pair_statistics(embeddings, labels, *, t: float, query_chunk_size: int | No
                              query_chunk_size=query_chunk_size, mesh=mesh, t=float(t))
 
 
+def _alignment_from_rows(rows: dict[str, np.ndarray]) -> float:
+    num_pairs = int(np.sum(rows["num_pos"], dtype=np.int64))
+    if num_pairs == 0:
+        raise ValueError("alignment needs at least one positive pair: no class has two items.")
+    return float(np.sum(rows["pos_sq_dist_sum"], dtype=np.float64) / num_pairs)
+
+
+def _uniformity_from_rows(rows: dict[str, np.ndarray]) -> float:
+    num_pairs = int(np.sum(rows["num_other"], dtype=np.int64))
+    if num_pairs == 0:
+        raise ValueError("uniformity needs at least two embeddings.")
+    lse = rows["lse_neg_t_dist"].astype(np.float64)
+    top = lse.max()
+    return float(top + np.log(np.sum(np.exp(lse - top))) - np.log(num_pairs))
+
+
+def alignment_and_uniformity(embeddings, labels, *, t: float = 2.0, query_chunk_size: int | None = None,
+                             mesh: Mesh | None = None) -> tuple[float | None, float]:
+    """(`alignment(embeddings, labels)`, `uniformity(embeddings, t=t)`) from one blockwise pass (half the work
+    of calling both). Alignment is None when no class has two items."""
+    if not t > 0:
+        raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
+    rows = _pair_statistics(embeddings, labels, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
+    align = _alignment_from_rows(rows) if np.any(rows["num_pos"] > 0) else None
+    return align, _uniformity_from_rows(rows)
+
+
 def alignment(embeddings, labels, *, query_chunk_size: int | None = None,
               mesh: Mesh | None = None) -> float:
     """Alignment (Wang & Isola 2020, alpha = 2): E over positive pairs ||f(x) - f(x+)||^2, in [0, 4].
@@ -415,10 +442,7 @@ def alignment(embeddings, labels, *, query_chunk_size: int | None = None,
     ValueError if no class has two items.
     """
     rows = _pair_statistics(embeddings, labels, t=2.0, query_chunk_size=query_chunk_size, mesh=mesh)
-    num_pairs = int(np.sum(rows["num_pos"], dtype=np.int64))
-    if num_pairs == 0:
-        raise ValueError("alignment needs at least one positive pair: no class has two items.")
-    return float(np.sum(rows["pos_sq_dist_sum"], dtype=np.float64) / num_pairs)
+    return _alignment_from_rows(rows)
 
 
 def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = None,
@@ -432,15 +456,10 @@ def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = Non
     if not t > 0:
         raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
     rows = _pair_statistics(embeddings, None, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
-    num_pairs = int(np.sum(rows["num_other"], dtype=np.int64))
-    if num_pairs == 0:
-        raise ValueError("uniformity needs at least two embeddings.")
-    lse = rows["lse_neg_t_dist"].astype(np.float64)
-    top = lse.max()
-    return float(top + np.log(np.sum(np.exp(lse - top))) - np.log(num_pairs))
+    return _uniformity_from_rows(rows)
 
 
 __all__ = [
-    "alignment", "default_mesh", "default_query_chunk_size", "l2_normalize", "mean_average_precision_at_r", "r_precision",
+    "alignment", "alignment_and_uniformity", "default_mesh", "default_query_chunk_size", "l2_normalize", "mean_average_precision_at_r", "r_precision",
     "recall_at_k", "retrieval_metrics", "uniformity", "utilization",
 ]

@@ -87,6 +87,9 @@ def test_alignment_and_uniformity_match_reference(seed, n, dim, num_classes, chu
     for t in (2.0, 0.5, 60.0):  # large t: the sum is dominated by few pairs (log-sum-exp keeps it exact)
         assert evaluation.uniformity(x, t=t, query_chunk_size=chunk) == pytest.approx(
             evaluation_ref.uniformity(x, t=t), rel=1e-5, abs=1e-5)
+    both = evaluation.alignment_and_uniformity(x, y, t=0.5, query_chunk_size=chunk)  # one pass
+    assert both == pytest.approx((evaluation_ref.alignment(x, y), evaluation_ref.uniformity(x, t=0.5)), rel=1e-5)
+    assert evaluation.alignment_and_uniformity(x, np.arange(n))[0] is None  # no positive pair
 
 
 # ---------------------------------------------------------------------------------------------------------
