@@ -39,6 +39,7 @@ def fake_cub_archive(manual_dir, count):
   if os.path.exists(path):
     return
   rng = np.random.default_rng(0)
+  classes = max(1, min(100, count // 10))  # >= 5 images per class and split
   yy, xx = np.mgrid[0:375, 0:500] / 100.0
   with tarfile.open(path + '.tmp', 'w:gz') as tf:
     for i in range(count):
@@ -47,7 +48,7 @@ def fake_cub_archive(manual_dir, count):
       pixels = np.clip(128 + 80 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
       out = io.BytesIO()
       Image.fromarray(pixels).save(out, format='JPEG', quality=90)
-      cls = 1 + (i % 2) * 100 + (i // 2) % 100  # alternately a train (1-100) and a test (101-200) class
+      cls = 1 + (i % 2) * 100 + (i // 2) % classes  # alternately a train (1-...) and a test (101-...) class
       info = tarfile.TarInfo(f'CUB_200_2011/images/{cls:03d}.Class_{cls}/img_{i:05d}.jpg')
       info.size = out.tell()
       out.seek(0)
