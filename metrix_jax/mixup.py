@@ -30,6 +30,7 @@ Notebook: `mixup.metrix_loss(loss, embeddings, labels, key, ...)` (embedding lev
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -226,7 +227,23 @@ def make_plan(key: Array, labels: Array, *, pos_mask: Optional[Array] = None, ne
     lam: optional fixed lambda (scalar or [M]) instead of sampling (tests, limits).
   """
   _check_choice('mask_mode', mask_mode, MASK_MODES)
+  _check_choice('lambda_mode', lambda_mode, LAMBDA_MODES)
+  if not isinstance(num_mixed, int) or num_mixed < 1:
+    raise ValueError(f'num_mixed must be a positive int (static shape); got {num_mixed!r}.')
+  if alpha <= 0:
+    raise ValueError(f'alpha must be > 0 for Beta(alpha, alpha); got {alpha}.')
   labels, pos_mask, neg_mask = _check_masks(labels, pos_mask, neg_mask)
+  return _make_plan(key, labels, pos_mask, neg_mask, lam, pair_sets=_check_pair_sets(pair_sets),
+                    num_mixed=num_mixed, alpha=float(alpha), lambda_mode=lambda_mode, mask_mode=mask_mode,
+                    balance_sets=bool(balance_sets))
+
+
+@functools.partial(jax.jit, static_argnames=('pair_sets', 'num_mixed', 'alpha', 'lambda_mode', 'mask_mode',
+                                             'balance_sets'))
+def _make_plan(key, labels, pos_mask, neg_mask, lam, *, pair_sets, num_mixed, alpha, lambda_mode, mask_mode,
+               balance_sets) -> MixPlan:
+  """make_plan after validation; jitted (one compilation per configuration when called eagerly, inlined
+  inside an outer jit)."""
   b = labels.shape[0]
   k_pairs, k_lam = jax.random.split(key)
   first, second, valid = sample_pairs(k_pairs, pos_mask, neg_mask, pair_sets=pair_sets, num_mixed=num_mixed,
@@ -253,7 +270,19 @@ def all_pairs_plan(key: Optional[Array], labels: Array, *, pos_mask: Optional[Ar
   since the mixed embedding is). Use with `closed_form_similarity` (embedding level): B^3 masks, no B^3
   embeddings. key may be None when lam is given."""
   _check_choice('mask_mode', mask_mode, MASK_MODES)
+  _check_choice('lambda_mode', lambda_mode, LAMBDA_MODES)
+  if alpha <= 0:
+    raise ValueError(f'alpha must be > 0 for Beta(alpha, alpha); got {alpha}.')
   labels, pos_mask, neg_mask = _check_masks(labels, pos_mask, neg_mask)
+  if lam is None and key is None:
+    raise ValueError('all_pairs_plan needs a key to sample lambda, or a fixed lam.')
+  return _all_pairs_plan(key, labels, pos_mask, neg_mask, lam, pair_sets=_check_pair_sets(pair_sets),
+                         alpha=float(alpha), lambda_mode=lambda_mode, mask_mode=mask_mode)
+
+
+@functools.partial(jax.jit, static_argnames=('pair_sets', 'alpha', 'lambda_mode', 'mask_mode'))
+def _all_pairs_plan(key, labels, pos_mask, neg_mask, lam, *, pair_sets, alpha, lambda_mode, mask_mode) -> MixPlan:
+  """all_pairs_plan after validation; jitted."""
   b = labels.shape[0]
   m = b * b
   members = pair_set_tensor(pos_mask, neg_mask, pair_sets=pair_sets).reshape(b, m)
@@ -261,8 +290,6 @@ def all_pairs_plan(key: Optional[Array], labels: Array, *, pos_mask: Optional[Ar
   first = jnp.repeat(jnp.arange(b, dtype=jnp.int32), b)
   second = jnp.tile(jnp.arange(b, dtype=jnp.int32), b)
   if lam is None:
-    if key is None:
-      raise ValueError('all_pairs_plan needs a key to sample lambda, or a fixed lam.')
     lam = sample_lambda(key, (m,), alpha=alpha, lambda_mode=lambda_mode)
   lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (m,))
   targets = soft_targets(labels, labels, first, second, lam)
