@@ -134,53 +134,71 @@ def test_nan_loss_stops_with_step_window(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Every loss x mix mode: two jitted steps of the real train step at tiny size.
 # ----------------------------------------------------------------------------------------------------------------
-def _step_setup(loss, mode):
-  from metrix_jax import optim, sharding
-  config = trainer_fakes.tiny_config(loss, mode)
-  config.dataset.image_size = config.dataset.eval_resize = 16
-  config.model.bn_freeze = True  # BN on running statistics: the clean embeddings do not depend on the mix mode
+MIX_MODES = ('none', 'input', 'feature', 'embedding')
+
+
+@pytest.fixture(scope='module')
+def tiny_variables():
+  """The tiny model's variables at 16 px (shared by every loss)."""
+  config = trainer_fakes.tiny_config()
+  model = trainer_fakes.tiny_model_factory(config)
+  return model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
+
+
+@pytest.mark.parametrize('loss', sorted(train.losses.LOSS_NAMES))
+def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
+  """Two optimiser steps of `train.train_step` for each mix mode (one jit per loss holding the four modes):
+  finite, objective = clean + w * mixed, and the clean term equals the loss evaluated directly on a plain forward
+  of the same images (the step's plumbing of parameters, proxies and heads). BN runs on its running statistics
+  (bn_freeze) so that the clean embeddings do not depend on the mode."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from metrix_jax import optim  # pylint: disable=g-import-not-at-top
+  config = trainer_fakes.tiny_config(loss)
+  config.model.bn_freeze = True
   config.optim.warmup_epochs = 0
-  mesh = sharding.make_mesh()
+  config.mix.input_items_per_anchor = 2
   model, loss_fn = trainer_fakes.tiny_model_factory(config), train.create_loss(config)
-
-  def tx_factory(params):
-    return optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
-
-  state = train.init_state(config, model, loss_fn, tx_factory, 12, mesh)
-  step_fn = train.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
-  data = trainer_fakes.FakeTrainIterator(seed=0, batch_size=8, image_size=16, num_classes=12)
-  return config, mesh, model, loss_fn, state, step_fn, data
-
-
-@pytest.mark.parametrize('mode', ('none', 'input', 'feature', 'embedding'))
-@pytest.mark.parametrize('loss', ('contrastive',))
-def test_every_loss_and_mix_mode_runs_two_steps(loss, mode):
-  """Two steps of each (loss, mode): finite, the objective = clean + w * mixed, and the clean term equals the loss
-  evaluated directly on a plain forward of the same images (the step's plumbing of params, proxies and heads)."""
-  from metrix_jax import sharding
-  config, mesh, model, loss_fn, state, step_fn, data = _step_setup(loss, mode)
-  params0 = jax.device_get(state.params)
-  stats0 = jax.device_get(state.batch_stats)
-  local = next(data)
-  images = np.asarray(train.normalize_images(local['image'], np.float32))
-  embeddings, _ = model.apply({'params': {'backbone': params0['backbone'], 'head': params0['head']},
-                               'batch_stats': stats0}, images, train=False)
-  expected_clean = float(loss_fn(embeddings, local['label'], params0.get('proxies')))
-  state, m1 = step_fn(state, sharding.global_batch(local, mesh))
-  state, m2 = step_fn(state, sharding.global_batch(next(data), mesh))
-  m1, m2 = jax.device_get((m1, m2))
-  for m in (m1, m2):
-    assert all(np.isfinite(v) for v in m.values()), m
-    np.testing.assert_allclose(m['loss'], m['clean_loss'] + config.mix.weight * m['mix_loss'], rtol=1e-5,
-                               atol=1e-6)
-  np.testing.assert_allclose(m1['clean_loss'], expected_clean, rtol=1e-5, atol=1e-6)
-  if mode == 'none':
-    assert m1['mix_loss'] == 0.0
-  assert int(state.step) == 2
-  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), jax.device_get(state.params), params0)
-  assert moved['head']['kernel'] > 0 if 'kernel' in moved['head'] else max(jax.tree.leaves(moved['head'])) > 0
+  params = {'backbone': tiny_variables['params']['backbone'], 'head': tiny_variables['params']['head']}
   if loss_fn.uses_proxies:
-    assert moved['proxies'] > 0
+    params['proxies'] = train.losses.init_proxies(jax.random.key(1), 12, config.model.embedding_dim)
+  tx = optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
+  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=tiny_variables['batch_stats'],
+                           opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(2)))
+  steps = {}
+  for mode in MIX_MODES:
+    config.mix.mode = mode
+    steps[mode] = functools.partial(train.train_step, model=model, loss_fn=loss_fn, tx=tx,
+                                    mix=train._MixConfig.from_config(config.mix), train_bn=False,  # pylint: disable=protected-access
+                                    dtype=jnp.float32)
+
+  @jax.jit
+  def two_steps_per_mode(state, batch1, batch2):
+    out = {}
+    for mode, step in steps.items():
+      s, m1 = step(state, batch1)
+      s, m2 = step(s, batch2)
+      out[mode] = (s.step, s.params, m1, m2)
+    return out
+
+  data = trainer_fakes.FakeTrainIterator(seed=0, batch_size=8, image_size=16, num_classes=12)
+  batch1, batch2 = next(data), next(data)
+  images = np.asarray(train.normalize_images(batch1['image'], jnp.float32))
+  embeddings, _ = model.apply(tiny_variables, images, train=False)
+  expected_clean = float(loss_fn(embeddings, batch1['label'], params.get('proxies')))
+  results = jax.device_get(two_steps_per_mode(state, batch1, batch2))
+  for mode, (step, new_params, m1, m2) in results.items():
+    for m in (m1, m2):
+      assert all(np.isfinite(v) for v in m.values()), (mode, m)
+      np.testing.assert_allclose(m['loss'], m['clean_loss'] + config.mix.weight * m['mix_loss'], rtol=1e-5,
+                                 atol=1e-6, err_msg=mode)
+    np.testing.assert_allclose(m1['clean_loss'], expected_clean, rtol=1e-5, atol=1e-6, err_msg=mode)
+    assert (m1['mix_loss'] == 0.0) == (mode == 'none'), (mode, m1)
+    assert int(step) == 2
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - np.asarray(b)))), new_params, params)
+    assert max(jax.tree.leaves(moved['head'])) > 0, mode
+    if loss_fn.uses_proxies:
+      assert moved['proxies'] > 0, mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
