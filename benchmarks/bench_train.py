@@ -21,7 +21,9 @@ donated aliases; PyTorch: `torch.cuda.max_memory_allocated`); compile seconds; t
 (finite check). Then the eval embedding throughput (`train.make_embed_fn`) and the process's peak device memory
 (`device.memory_stats()`, where the backend reports it). --e2e_workers=N adds the MS + feature step fed by the
 project's grain pipeline (N worker processes) from a synthetic set of 256-px JPEGs (`bench_input_pipeline.py`'s
-photos), as the trainer's loop feeds it: end-to-end images/s vs the step alone. --json_out writes every row (rewritten after each row,
+photos), as the trainer's loop feeds it: end-to-end images/s vs the step alone. --max_batch_probe=256,512,...
+compiles (without running) the MS + feature step at those batch sizes and compares XLA's memory with the device's
+limit: the largest batch that fits. --json_out writes every row (rewritten after each row,
 so a run cut short still leaves its rows).
 """
 from __future__ import annotations
@@ -71,6 +73,11 @@ def parse_args(argv=None):
                            'this many worker processes (0: in-process; -1: all cores); default: skip')
   parser.add_argument('--e2e_photos', type=int, default=600, help='photos in the synthetic set (half train)')
   parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(), 'metrix_bench_data'))
+  parser.add_argument('--max_batch_probe', default='',
+                      help='e.g. 256,384,512,768: compile (not run) MS + feature at these batch sizes and report '
+                           "XLA's memory for each vs the device's limit (the largest batch that fits)")
+  parser.add_argument('--memory_limit_gib', type=float, default=None,
+                      help="device memory for --max_batch_probe (default: memory_stats()['bytes_limit'])")
   parser.add_argument('--json_out', default='')
   args = parser.parse_args(argv)
   if args.quick:
@@ -83,6 +90,7 @@ def parse_args(argv=None):
     parser.error(f'unknown mix level(s) {bad}; valid choices: {", ".join(MODES)}')
   args.torch = [] if args.torch.strip() in ('', 'none') else [t.strip() for t in args.torch.split(',')]
   args.extra_batch_sizes = [int(b) for b in args.extra_batch_sizes.split(',') if b.strip()]
+  args.max_batch_probe = [int(b) for b in args.max_batch_probe.split(',') if b.strip()]
   return args
 
 
@@ -196,6 +204,38 @@ def time_end_to_end(compiled, state, args, batch_size: int, mesh, workers: int) 
               loss_value=float(metrics['loss']))
 
 
+def probe_batch_memory(args, mesh) -> list[dict]:
+  """Compile-only: XLA memory of the MS + feature step per batch size (abstract batch, nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = (args.memory_limit_gib * 2 ** 30 if args.memory_limit_gib else stats.get('bytes_limit'))
+  out, state = [], None
+  for batch_size in args.max_batch_probe:
+    config = make_config('multi_similarity', 'feature', args, batch_size)
+    model, loss_fn = train.create_model(config), train.create_loss(config)
+
+    def tx_factory(params, config=config):
+      return optim.make_optimizer(config.optim, params=params, steps_per_epoch=1000, total_steps=10 ** 6,
+                                  freeze_bn_affine=True)
+
+    if state is None:  # the state does not depend on the batch size
+      state = train.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
+    tx = tx_factory(state.params)
+    step_fn = train.make_train_step(config, model, loss_fn, tx, mesh)
+    batch = {'image': jax.ShapeDtypeStruct((batch_size, args.image_size, args.image_size, 3), np.uint8,
+                                           sharding=sharding.batch_sharding(mesh)),
+             'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding.batch_sharding(mesh))}
+    start = time.perf_counter()
+    memory = _xla_bytes(step_fn.lower(state, batch).compile())
+    fits = None if (memory is None or limit is None) else memory <= limit
+    out.append(dict(batch_size=batch_size, memory_bytes=memory, limit_bytes=limit, fits=fits,
+                    compile_s=time.perf_counter() - start))
+    print(f'  probe batch {batch_size}: {_mib(memory)} of {_mib(limit)} -> fits: {fits}', file=sys.stderr,
+          flush=True)
+  return out
+
+
 def time_embed(state, model, config, args, mesh) -> dict:
   """Eval embedding throughput (`train.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -288,6 +328,9 @@ def print_table(rows: list[dict], env: dict, args) -> None:
       print(f"end to end (grain pipeline, {r['mix']}) / step alone: {r['e2e_vs_step']:.2f}x")
   if train_rows and embed:
     print(f"\neval embedding throughput / clean train step: {embed[0]['images_per_s'] / train_rows[0]['images_per_s']:.2f}x")
+  for p in env.get('max_batch_probe') or []:
+    print(f"MS + feature at batch {p['batch_size']}: XLA memory {_mib(p['memory_bytes'])} of "
+          f"{_mib(p['limit_bytes'])} -> fits: {p['fits']} (compile {p['compile_s']:.0f} s)")
   if env.get('peak_device_bytes') is not None:
     print(f"process peak device memory (all variants, device.memory_stats): {_mib(env['peak_device_bytes'])}")
 
@@ -333,6 +376,8 @@ def main(argv=None) -> list[dict]:
         if kept is not None:
           emit(time_embed(*kept, args, mesh))
           del kept
+  probes = probe_batch_memory(args, mesh) if args.max_batch_probe else []
+  env['max_batch_probe'] = probes
   stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], 'memory_stats') else None
   env['peak_device_bytes'] = (stats or {}).get('peak_bytes_in_use')
   add_ratios(rows)
