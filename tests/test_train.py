@@ -3,6 +3,7 @@
 Tiny stand-ins (tests/trainer_fakes.py: a 2-conv EmbeddingNet-shaped model, deterministic class-pattern data with a
 checkpointable iterator) keep every run to seconds; `test_demo_config_end_to_end` runs the real demo config.
 """
+import functools
 import json
 import os
 import signal
@@ -37,6 +38,11 @@ def _final_params(workdir):
   state = ckpt.restore_raw(step)
   ckpt.close()
   return step, state
+
+
+def _logged_steps(workdir):
+  """Steps with a train log line in metrics.jsonl (appended by every run in the workdir)."""
+  return [l['step'] for l in map(json.loads, open(os.path.join(str(workdir), 'metrics.jsonl'))) if 'loss' in l]
 
 
 def _subprocess(args, *, devices=1, env_extra=None, timeout=300, **popen):
@@ -85,6 +91,7 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
   assert stopped == {'stopped_at': STEPS // 2}
   resumed = _run(tmp_path)
   assert resumed['steps'] == STEPS and resumed['train_loss'] == ref['train_loss']
+  assert _logged_steps(tmp_path) == list(range(1, STEPS + 1))  # steps 3-4 only: resumed, not restarted
   assert resumed['recall'] == ref['recall']
   (step_a, a), (step_b, b) = _final_params(ref_dir), _final_params(tmp_path)
   assert step_a == step_b == STEPS
@@ -93,7 +100,7 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
 
 def test_resume_after_sigkill(straight_run, tmp_path):
   """Killed (SIGKILL) while stuck after the step-2 checkpoint; the rerun resumes and matches the straight run."""
-  _, ref = straight_run
+  ref_dir, ref = straight_run
   proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
                      env_extra={'METRIX_FAKE_DATA_HANG_AT': '3'})
   committed = tmp_path / 'checkpoints' / '2' / 'commit_success.txt'
@@ -106,10 +113,12 @@ def test_resume_after_sigkill(straight_run, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
   assert proc.returncode == -signal.SIGKILL
-  resumed, out = _results_of(_subprocess([tmp_path, '--steps', STEPS]))
-  assert 'Resumed from' in out
+  resumed = _run(tmp_path)  # in this process (no second interpreter start): the same command's continuation
   assert resumed['steps'] == STEPS
+  assert _logged_steps(tmp_path) == list(range(1, STEPS + 1))  # steps 3-4 only: resumed, not restarted
   np.testing.assert_allclose(resumed['train_loss'], ref['train_loss'], rtol=1e-6)
+  (_, a), (_, b) = _final_params(ref_dir), _final_params(tmp_path)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)
 
 
 def test_four_devices_match_one(straight_run, tmp_path):
