@@ -130,14 +130,23 @@ def test_four_devices_match_one(straight_run, tmp_path):
     assert abs(four['recall'][k] - v) < 1e-6
 
 
-def test_nan_loss_stops_with_step_window(tmp_path):
-  config = trainer_fakes.tiny_config(steps=STEPS)
+def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(tmp_path):
+  """lr = 1e30 blows the loss up within a few steps: a clear error naming the step and the last checkpoint whose
+  steps all had finite losses; that checkpoint is on disk and finite, and no later one was written."""
+  config = trainer_fakes.tiny_config(steps=6)
   config.optim.lr = 1e30
   config.optim.schedule = 'constant'
   config.optim.warmup_epochs = 0
-  with pytest.raises(train.NonFiniteLossError, match=r'at step \d+ \(checked window: steps'):
+  config.train.checkpoint_every_steps = 1
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d+ \(checked window: steps') as info:
     train.train_and_evaluate(config, str(tmp_path), data_factory=trainer_fakes.fake_data_factory(),
                              model_factory=trainer_fakes.tiny_model_factory)
+  message = str(info.value)
+  bad_step = int(message.split(' at step ')[1].split()[0])
+  assert 'Lower --config.optim.lr' in message
+  last_good, state = _final_params(tmp_path)
+  assert last_good == bad_step - 1 and f'checkpoints/{last_good}' in message, message
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state['params']))
 
 
 # ----------------------------------------------------------------------------------------------------------------
