@@ -492,7 +492,7 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
                + f' | {_num(r["train_wall_s"]["mean"] if r["train_wall_s"]["n"] else None, 0)}'
                + f' | {_num(r["images_per_second"]["mean"] if r["images_per_second"]["n"] else None, 1)} |')
   out += ['', '### Metrix vs baseline (paired by seed; differences in points of %)', '',
-          '| comparison | K | Δ mean | per-seed Δ | seed std (base / Metrix) | abs(Δ) > seed std? | paired t p | verdict |',
+          '| comparison | K | Δ mean | per-seed Δ | seed std over those seeds (base / Metrix) | abs(Δ) > both stds? | paired t p | verdict |',
           '|---|---|---|---|---|---|---|---|']
   for c in summary['comparisons']:
     for k, cmp in c['by_k'].items():
