@@ -20,6 +20,7 @@ Porting: conv OIHW -> HWIO; BN weight/bias -> params scale/bias, running_mean/va
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -236,14 +237,14 @@ def init_embedding_variables(model, key, *, pretrained: str | None, image_size: 
     """
     import jax
     import jax.numpy as jnp
-    from absl import logging
 
+    logger = logging.getLogger(__name__)
     if pretrained is not None and not os.path.exists(pretrained):
         raise FileNotFoundError(f'Pretrained weights {pretrained!r} (ResNet-{model.depth}) not found. '
                                 f'{how_to_produce(pretrained, model.depth)}')
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     if pretrained is None:
-        logging.warning('!!! ResNet-%d backbone RANDOMLY INITIALISED (pretrained=None): results are NOT '
+        logger.warning('!!! ResNet-%d backbone RANDOMLY INITIALISED (pretrained=None): results are NOT '
                         'comparable with the paper, which starts from torchvision ImageNet-1k V1 weights. !!!',
                         model.depth)
         return jax.jit(model.init)(key, images)
@@ -254,7 +255,7 @@ def init_embedding_variables(model, key, *, pretrained: str | None, image_size: 
     head = jax.jit(lambda k, f: model.init(k, f, method='head'))(key, feature_map)['params']['head']
     variables = with_backbone(shapes, backbone)
     variables['params']['head'] = head
-    logging.info('Loaded ResNet-%d backbone from %s.', model.depth, pretrained)
+    logger.info('Loaded ResNet-%d backbone from %s.', model.depth, pretrained)
     return variables
 
 
