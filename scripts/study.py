@@ -234,11 +234,12 @@ def code_version() -> dict[str, Any]:
   """git commit of the repository and its uncommitted changes under metrix_jax/ and configs/ (what the runs ran)."""
   def git(*args):
     try:
-      return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+      return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip('\n')
     except (OSError, subprocess.SubprocessError):
       return None
-  return {'commit': git('rev-parse', 'HEAD'), 'uncommitted': (git('status', '--porcelain', '--', 'metrix_jax',
-                                                                   'configs') or '').splitlines(),
+  return {'commit': git('rev-parse', 'HEAD'),
+          'uncommitted': [line[3:] for line in (git('status', '--porcelain', '--', 'metrix_jax', 'configs')
+                                                or '').splitlines() if len(line) > 3],
           'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
 
 
@@ -366,6 +367,30 @@ def paired_comparison(baseline: dict[int, float], treated: dict[int, float]) -> 
   return out
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm-Bonferroni adjusted p-values (same order as the input): family-wise error control over all tests."""
+  p = np.asarray(p_values, np.float64)
+  order = np.argsort(p, kind='stable')
+  adjusted = np.empty_like(p)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (len(p) - rank) * p[i]))
+    adjusted[i] = running
+  return adjusted.tolist()
+
+
+def holm_adjust(comparisons: list[dict[str, Any]]) -> None:
+  """Adds 'p_holm' (over every comparison of the study: rows x K) to each comparison and bases the verdict on
+  it: with 15 tests at 0.05, one raw p < 0.05 is expected by chance alone."""
+  tested = [c for c in comparisons if c.get('p_two_sided') is not None]
+  for c, adjusted in zip(tested, holm([c['p_two_sided'] for c in tested])):
+    c['p_holm'] = adjusted
+    direction = 'helped' if c['mean_diff'] > 0 else 'hurt'
+    c['verdict'] = (f'{direction} (Holm-adjusted p < 0.05)' if adjusted < 0.05 else
+                    'no significant difference (Holm-adjusted p >= 0.05'
+                    + (f'; raw p {c["p_two_sided"]:.3f} < 0.05' if c['p_two_sided'] < 0.05 else '') + ')')
+
+
 def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[str, Any]:
   """Per-row mean +- std of every Recall@K, Metrix-vs-baseline comparisons, positivity mean curves."""
   rows = []
@@ -407,6 +432,7 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
       entry['by_k'][int(k)] = paired_comparison(b, m)
     comparisons.append(entry)
 
+  holm_adjust([cmp for c in comparisons for cmp in c['by_k'].values() if cmp is not None])
   finished = {(r['row'], r['seed']) for r in records}
   missing = [run.name for run in planned if (run.row.id, run.seed) not in finished]
   walls = [r['process_wall_s'] for r in records if r['process_wall_s']]
@@ -461,8 +487,9 @@ def _recipe_lines(study, records) -> list[str]:
       f'{m.get("pretrained") or "no (random init)"}, BN {"frozen" if m.get("bn_freeze") else "trained"}.',
       f'- Optimiser: {o.get("name")}, lr {o.get("lr")}, schedule {o.get("schedule")}, weight decay '
       f'{o.get("weight_decay")}, warm-up epochs {o.get("warmup_epochs")}, proxy lr x{o.get("proxy_lr_mult")}.',
-      f'- Training: batch {t.get("batch_size")}, steps {t.get("num_steps") or "-"} (epochs {t.get("num_epochs")} '
-      f'when steps is 0); model reported = last step (no selection on the test set).',
+      f'- Training: batch {t.get("batch_size")}, '
+      + (f'{t["num_steps"]} steps' if t.get('num_steps') else f'{t.get("num_epochs")} epochs')
+      + '; model reported = last step (no selection on the test set).',
       f'- Metrix: pairs {mx.get("pairs")}, alpha {mx.get("alpha")}, weight {mx.get("weight")}, lambda '
       f'{mx.get("lambda_mode")}, feature items/anchor {mx.get("items_per_anchor")}, input items/anchor '
       f'{mx.get("input_items_per_anchor")}, embedding all pairs {mx.get("all_pairs")}.',
@@ -492,8 +519,9 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
                + f' | {_num(r["train_wall_s"]["mean"] if r["train_wall_s"]["n"] else None, 0)}'
                + f' | {_num(r["images_per_second"]["mean"] if r["images_per_second"]["n"] else None, 1)} |')
   out += ['', '### Metrix vs baseline (paired by seed; differences in points of %)', '',
-          '| comparison | K | Δ mean | per-seed Δ | seed std over those seeds (base / Metrix) | abs(Δ) > both stds? | paired t p | verdict |',
-          '|---|---|---|---|---|---|---|---|']
+          '| comparison | K | Δ mean | per-seed Δ | seed std over those seeds (base / Metrix) | abs(Δ) > both stds? '
+          '| paired t p | p, Holm over all rows x K | verdict |',
+          '|---|---|---|---|---|---|---|---|---|']
   for c in summary['comparisons']:
     for k, cmp in c['by_k'].items():
       if cmp is None:
@@ -502,7 +530,8 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
       exceeds = {None: '-', True: 'yes', False: 'no'}[cmp['exceeds_seed_spread']]
       out.append(f'| {c["label"]} vs {c["baseline_label"]} | {k} | {100 * cmp["mean_diff"]:+.2f} | '
                  + ', '.join(f'{100 * d:+.2f}' for d in cmp['diffs'])
-                 + f' | {stds} | {exceeds} | {_num(cmp["p_two_sided"], 3)} | {cmp["verdict"]} |')
+                 + f' | {stds} | {exceeds} | {_num(cmp["p_two_sided"], 3)} | {_num(cmp.get("p_holm"), 3)}'
+                 + f' | {cmp["verdict"]} |')
   out += ['', 'In words (Recall@1):', '']
   for c in summary['comparisons']:
     cmp = c['by_k'].get(1) or c['by_k'].get(ks[0])
@@ -547,7 +576,7 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
           f'evaluate processes: {_num((walls["evaluate_processes"] or 0) / 60, 1)} min.']
   for v in summary.get('code_versions', []):
     out.append(f'- Code: started {v["utc"]} at commit {(v["commit"] or "?")[:10]}'
-               + (f' with uncommitted changes in {", ".join(l[3:] for l in v["uncommitted"])}'
+               + (f' with uncommitted changes in {", ".join(v["uncommitted"])}'
                   if v['uncommitted'] else '') + '.')
   out.append('')
   if plots:

@@ -100,6 +100,18 @@ def test_paired_comparison_matches_scipy():
   assert study.paired_comparison({1: 0.5}, {2: 0.6}) is None
 
 
+def test_holm_adjustment_by_hand():
+  # p sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.2 (x1 = 0.2); monotone running max.
+  np.testing.assert_allclose(study.holm([0.03, 0.01, 0.2, 0.02]), [0.06, 0.04, 0.2, 0.06], rtol=1e-12)
+  np.testing.assert_allclose(study.holm([0.5, 0.4]), [0.8, 0.8], rtol=1e-12)  # capped by the running max
+  cmps = [{'p_two_sided': 0.01, 'mean_diff': -0.1}, {'p_two_sided': 0.04, 'mean_diff': 0.1},
+          {'p_two_sided': None, 'mean_diff': 0.1}]
+  study.holm_adjust(cmps)
+  np.testing.assert_allclose([cmps[0]['p_holm'], cmps[1]['p_holm']], [0.02, 0.04], rtol=1e-12)
+  assert cmps[0]['verdict'].startswith('hurt') and cmps[1]['verdict'].startswith('helped')
+  assert 'p_holm' not in cmps[2]
+
+
 def test_mean_std_is_sample_std():
   s = study.mean_std([0.1, 0.2, 0.6])
   assert s['n'] == 3 and s['min'] == 0.1 and s['max'] == 0.6
