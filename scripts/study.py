@@ -518,6 +518,17 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
     out.append(f'| {r["label"]} | {len(r["seeds"])} | ' + ' | '.join(_pct(r['recall'].get(k)) for k in ks)
                + f' | {_num(r["train_wall_s"]["mean"] if r["train_wall_s"]["n"] else None, 0)}'
                + f' | {_num(r["images_per_second"]["mean"] if r["images_per_second"]["n"] else None, 1)} |')
+  if any(r.get('utilization') for r in summary['rows']):
+    def _ms(stat, digits=3):
+      if not stat:
+        return '-'
+      return f'{stat["mean"]:.{digits}f}' + ('' if stat['std'] is None else f' ± {stat["std"]:.{digits}f}')
+    out += ['', '### Embedding space of the test set (mean ± std over seeds; `python -m metrix_jax.evaluate`)', '',
+            '| row | evaluated seeds | utilization | alignment | uniformity |', '|---|---|---|---|---|']
+    for r in summary['rows']:
+      n = (r.get('uniformity') or {}).get('n', 0)
+      out.append(f'| {r["label"]} | {n} | {_ms(r.get("utilization"))} | {_ms(r.get("alignment"))} | '
+                 f'{_ms(r.get("uniformity"))} |')
   out += ['', '### Metrix vs baseline (paired by seed; differences in points of %)', '',
           '| comparison | K | Δ mean | per-seed Δ | seed std over those seeds (base / Metrix) | abs(Δ) > both stds? '
           '| paired t p | p, Holm over all rows x K | verdict |',
