@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, config.json and results.json.')
+flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax and other absl-logging libraries.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py or configs/cub200.py:ms,feature.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -43,6 +44,8 @@ def main(argv):
     return 2
 
   logging.getLogger('metrix_jax').setLevel(logging.INFO)
+  if not FLAGS.verbose_libraries:  # Orbax / tfds INFO lines (dozens per checkpoint) bury the progress log
+    logging.getLogger('absl').setLevel(logging.WARNING)
   logging.getLogger('metrix_jax').info('process %d/%d, local devices: %s', jax.process_index(),
                                        jax.process_count(), jax.local_devices())
   # only process 0 logs progress

@@ -67,7 +67,9 @@ class MetricWriter:
     if self._tb is not None:
       for name, value in scalars.items():
         if isinstance(value, (int, float)):
-          self._tb.add_scalar(name, value, int(step))
+          # TensorBoard names allow [A-Za-z0-9_./-]: 'eval/recall@1' -> 'eval/recall_1' (tensorboardX would
+          # rename it too, logging a line per name and step).
+          self._tb.add_scalar(name.replace('@', '_'), value, int(step))
 
   def write_config(self, config) -> None:
     self.write_json('config.json', config.to_dict() if hasattr(config, 'to_dict') else dict(config))
