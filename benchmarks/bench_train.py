@@ -3,6 +3,7 @@ r"""Train-step benchmark (issue 8): the project's REAL train step vs a PyTorch r
     python benchmarks/bench_train.py                       # GPU: ResNet-50, 224 px, batch 180, bf16, every variant
     python benchmarks/bench_train.py --quick               # CPU smoke test: ResNet-18, 32 px, batch 16, 2 steps
     python benchmarks/bench_train.py --losses=ms --modes=none,feature --extra_batch_sizes=100 --json_out=r.json
+    python benchmarks/bench_train.py --compile_only --dtype=float32   # any machine: XLA FLOPs + memory per variant
 
 JAX rows: `metrix_jax.train.make_train_step` (the trainer's jitted step: uint8 batch -> normalise -> EmbeddingNet
 -> loss (+ Metrix at the configured level) -> clip + Adam with coupled L2), built from a config exactly as
@@ -17,7 +18,9 @@ itself): torchvision ResNet-50 (random weights) + the same head + MS loss (spec 
 
 Columns: images/s; ms/step; Metrix overhead = step time vs the clean step of the same loss (-1); ratios vs the
 PyTorch rows; the step's device memory from XLA's compiled memory analysis (arguments + outputs + temporaries -
-donated aliases; PyTorch: `torch.cuda.max_memory_allocated`); compile seconds; the loss after the last step
+donated aliases; PyTorch: `torch.cuda.max_memory_allocated`); GFLOP/step and FLOP overhead from XLA's cost model
+of the compiled step (deterministic: the work Metrix adds, free of timing noise; --compile_only gives these columns
+alone, without running a step); compile seconds; the loss after the last step
 (finite check). Then the eval embedding throughput (`train.make_embed_fn`) and the process's peak device memory
 (`device.memory_stats()`, where the backend reports it). --e2e_workers=N adds the MS + feature step fed by the
 project's grain pipeline (N worker processes) from a synthetic set of 256-px JPEGs (`bench_input_pipeline.py`'s
@@ -78,6 +81,9 @@ def parse_args(argv=None):
                            "XLA's memory for each vs the device's limit (the largest batch that fits)")
   parser.add_argument('--memory_limit_gib', type=float, default=None,
                       help="device memory for --max_batch_probe (default: memory_stats()['bytes_limit'])")
+  parser.add_argument('--compile_only', action='store_true',
+                      help="compile every JAX variant and report XLA's memory and FLOPs without running a step "
+                           '(predicts the Metrix FLOP overhead at full size on any machine; no PyTorch rows)')
   parser.add_argument('--json_out', default='')
   args = parser.parse_args(argv)
   if args.quick:
@@ -89,6 +95,8 @@ def parse_args(argv=None):
   if bad:
     parser.error(f'unknown mix level(s) {bad}; valid choices: {", ".join(MODES)}')
   args.torch = [] if args.torch.strip() in ('', 'none') else [t.strip() for t in args.torch.split(',')]
+  if args.compile_only:
+    args.torch = []
   args.extra_batch_sizes = [int(b) for b in args.extra_batch_sizes.split(',') if b.strip()]
   args.max_batch_probe = [int(b) for b in args.max_batch_probe.split(',') if b.strip()]
   return args
@@ -156,6 +164,10 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
+  if args.compile_only:
+    return dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype, images_per_s=None,
+                ms_per_step=None, memory_bytes=_xla_bytes(compiled), flops=_xla_flops(compiled),
+                compile_s=compile_s, loss_value=None), None
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
@@ -166,7 +178,7 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
   seconds = (time.perf_counter() - start) / args.steps
   row = dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype,
              images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, memory_bytes=_xla_bytes(compiled),
-             compile_s=compile_s, loss_value=float(metrics['loss']))
+             flops=_xla_flops(compiled), compile_s=compile_s, loss_value=float(metrics['loss']))
   if e2e is not None:
     row['e2e'] = time_end_to_end(compiled, state, args, batch_size, mesh, e2e)
     state = row['e2e'].pop('state')
@@ -257,7 +269,7 @@ def time_embed(state, model, config, args, mesh) -> dict:
   seconds = (time.perf_counter() - start) / args.steps
   return dict(framework='jax', loss='-', mix='eval embed', batch_size=args.eval_batch_size, dtype=args.dtype,
               images_per_s=args.eval_batch_size / seconds, ms_per_step=1000 * seconds,
-              memory_bytes=_xla_bytes(compiled), compile_s=compile_s,
+              memory_bytes=_xla_bytes(compiled), flops=_xla_flops(compiled), compile_s=compile_s,
               loss_value=float(np.abs(np.asarray(out, np.float32)).sum()))
 
 
@@ -269,7 +281,7 @@ def time_torch(variant: str, args, images, labels) -> dict:
   return dict(framework='torch', loss='multi_similarity', mix=f'none ({variant})', batch_size=len(labels),
               dtype='float32' if variant == 'fp32' else 'bf16 autocast, channels_last',
               images_per_s=r['images_per_s'], ms_per_step=r['ms_per_step'], memory_bytes=r['peak_bytes'],
-              compile_s=None, loss_value=r['loss'], torch_variant=variant, resnet_source=r['source'])
+              flops=None, compile_s=None, loss_value=r['loss'], torch_variant=variant, resnet_source=r['source'])
 
 
 def environment(args) -> dict:
@@ -284,6 +296,19 @@ def environment(args) -> dict:
     import torch_reference  # pylint: disable=g-import-not-at-top
     env['torch'] = torch_reference.describe_device()
   return env
+
+
+def _xla_flops(compiled) -> float | None:
+  """XLA's count of floating-point operations of one call (its cost model; a deterministic work measure that
+  predicts the Metrix overhead independently of timing noise)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
 
 
 def _mib(n):
@@ -301,11 +326,14 @@ def add_ratios(rows: list[dict]) -> None:
       continue
     clean = [c for c in rows if c['framework'] == 'jax' and c['loss'] == r['loss'] and c['mix'] == 'none'
              and c['batch_size'] == r['batch_size']]
-    if clean and r['mix'] != 'none':
+    if clean and r['mix'] != 'none' and r['ms_per_step'] and clean[0]['ms_per_step']:
       r['overhead_pct'] = 100 * (r['ms_per_step'] / clean[0]['ms_per_step'] - 1)
+    if clean and r['mix'] != 'none':
+      if r.get('flops') and clean[0].get('flops'):
+        r['flop_overhead_pct'] = 100 * (r['flops'] / clean[0]['flops'] - 1)
     for variant in ('bf16_cl', 'fp32'):
       ref = [t for t in rows if t.get('torch_variant') == variant and t['batch_size'] == r['batch_size']]
-      if ref:
+      if ref and r['images_per_s']:
         r[f'vs_torch_{variant}'] = r['images_per_s'] / ref[0]['images_per_s']
 
 
@@ -314,19 +342,21 @@ def print_table(rows: list[dict], env: dict, args) -> None:
   print(f'ResNet-{args.depth}, {args.image_size} px, JAX compute {args.dtype}, {args.steps} timed steps after '
         f'{args.warmup} warm-up; {env["date_utc"]} UTC; command: {env["command"]}\n')
   print('| framework | loss | mix | batch | images/s | ms/step | Metrix overhead | vs PyTorch bf16+CL | '
-        'vs PyTorch fp32 | memory | compile s | loss |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+        'vs PyTorch fp32 | memory | GFLOP/step (XLA) | FLOP overhead | compile s | loss |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['framework']} | {r['loss']} | {r['mix']} | {r['batch_size']} | {r['images_per_s']:,.1f} | "
-          f"{r['ms_per_step']:,.1f} | {_fmt(r.get('overhead_pct'), '+.1f', '%')} | "
+    print(f"| {r['framework']} | {r['loss']} | {r['mix']} | {r['batch_size']} | {_fmt(r['images_per_s'], ',.1f')} | "
+          f"{_fmt(r['ms_per_step'], ',.1f')} | {_fmt(r.get('overhead_pct'), '+.1f', '%')} | "
           f"{_fmt(r.get('vs_torch_bf16_cl'), '.2f', 'x')} | {_fmt(r.get('vs_torch_fp32'), '.2f', 'x')} | "
-          f"{_mib(r['memory_bytes'])} | {_fmt(r['compile_s'], '.1f')} | {r['loss_value']:.4g} |", flush=True)
+          f"{_mib(r['memory_bytes'])} | {_fmt(r.get('flops') and r['flops'] / 1e9, ',.1f')} | "
+          f"{_fmt(r.get('flop_overhead_pct'), '+.1f', '%')} | {_fmt(r['compile_s'], '.1f')} | "
+          f"{_fmt(r['loss_value'], '.4g')} |", flush=True)
   train_rows = [r for r in rows if r['framework'] == 'jax' and r['mix'] == 'none']
   embed = [r for r in rows if r['mix'] == 'eval embed']
   for r in rows:
     if 'e2e_vs_step' in r:
       print(f"end to end (grain pipeline, {r['mix']}) / step alone: {r['e2e_vs_step']:.2f}x")
-  if train_rows and embed:
+  if train_rows and embed and embed[0]['images_per_s'] and train_rows[0]['images_per_s']:
     print(f"\neval embedding throughput / clean train step: {embed[0]['images_per_s'] / train_rows[0]['images_per_s']:.2f}x")
   for p in env.get('max_batch_probe') or []:
     print(f"MS + feature at batch {p['batch_size']}: XLA memory {_mib(p['memory_bytes'])} of "
@@ -348,7 +378,8 @@ def main(argv=None) -> list[dict]:
   def emit(row):
     rows.append(row)
     print(f"  {row['framework']} {row['loss']} {row['mix']} batch {row['batch_size']}: "
-          f"{row['images_per_s']:,.1f} images/s, {row['ms_per_step']:,.1f} ms/step", file=sys.stderr, flush=True)
+          f"{_fmt(row['images_per_s'], ',.1f')} images/s, {_fmt(row['ms_per_step'], ',.1f')} ms/step, "
+          f"{_fmt(row.get('flops') and row['flops'] / 1e9, ',.1f')} GFLOP", file=sys.stderr, flush=True)
     if args.json_out:
       with open(args.json_out + '.tmp', 'w') as f:
         json.dump({'environment': env, 'rows': rows}, f, indent=1)
@@ -370,7 +401,7 @@ def main(argv=None) -> list[dict]:
         e2e_row = row.pop('e2e', None)
         emit(row)
         if e2e_row is not None:
-          emit(dict(row, mix=f"feature, end to end ({e2e_row['workers']} workers)", memory_bytes=None,
+          emit(dict(row, mix=f"feature, end to end ({e2e_row['workers']} workers)", memory_bytes=None, flops=None,
                     compile_s=None, images_per_s=e2e_row['images_per_s'], ms_per_step=e2e_row['ms_per_step'],
                     loss_value=e2e_row['loss_value'], e2e_vs_step=e2e_row['images_per_s'] / row['images_per_s']))
         if kept is not None:

@@ -5,7 +5,8 @@ One jitted `train_step(state, batch)` over a mesh of all devices (`metrix_jax.sh
 the device count. Mixing modes (`config.mix.mode`, spec section 2.3):
 
 * 'none': loss on the clean embeddings;
-* 'input': mixed images embedded in the same backbone forward as the clean ones (one pass over clean + mixed);
+* 'input': the clean forward, then the mixed images in a second forward (MS mines its pair sets on the clean
+  embeddings of the first, so no extra pass: the cost is the extra images only);
 * 'feature' (the paper's Metrix): ONE backbone forward; the last feature maps are mixed before pooling and the head
   runs on clean and mixed maps together;
 * 'embedding': the clean embeddings are mixed.
@@ -185,16 +186,14 @@ def compute_loss(params, batch_stats, images, labels, key, *, model, loss_fn, mi
       plan = make_plan(key, labels, None, None, mix, level='feature')  # pair sets from the labels
       both = model.apply(variables, jnp.concatenate([feature_map, mixup.mix(feature_map, plan)]), method='head')
       embeddings, mixed_embeddings = both[:batch], both[batch:]
-  elif mix.mode == 'input':  # mixed (normalised) images through the same forward as the clean ones
-    if mixup.plan_needs_embeddings(loss_fn):  # MS mining needs the clean embeddings: one more forward
-      (embeddings, _), _ = _apply(model, variables, images, train_bn=train_bn)
-      pos, neg = mixup.pair_masks(loss_fn, embeddings, labels, proxies)
-    else:
-      pos, neg = None, None
+  elif mix.mode == 'input':  # the clean forward, then the mixed images (built from the plan) in a second one
+    (embeddings, _), new_stats = _apply(model, variables, images, train_bn=train_bn)
+    pos, neg = mixup.pair_masks(loss_fn, embeddings, labels, proxies) if mixup.plan_needs_embeddings(loss_fn) else (
+        None, None)  # MS mines its pair sets on the clean embeddings of this very forward
     plan = make_plan(key, labels, pos, neg, mix, level='input')
-    (both, _), new_stats = _apply(model, variables, jnp.concatenate([images, mixup.mix(images, plan)]),
-                                  train_bn=train_bn)
-    embeddings, mixed_embeddings = both[:batch], both[batch:]
+    # Trainable BN: the mixed images are normalised by their own batch statistics and the running statistics
+    # follow the clean images only (the eval-time statistics never see mixed images).
+    (mixed_embeddings, _), _ = _apply(model, variables, mixup.mix(images, plan), train_bn=train_bn)
   else:
     raise ValueError(f'Unknown mix mode {mix.mode!r}; choose one of {config_lib.MIX_MODES}.')
   loss, parts = mixup.objective(loss_fn, embeddings, labels, plan, mixed_embeddings=mixed_embeddings,

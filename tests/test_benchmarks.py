@@ -72,7 +72,20 @@ def test_bench_train_quick_prints_a_finite_table(capsys, tmp_path):
     assert math.isfinite(r['images_per_s']) and r['images_per_s'] > 0 and math.isfinite(r['loss_value'])
   feature = [r for r in rows if r['mix'] == 'feature'][0]
   assert math.isfinite(feature['overhead_pct']) and feature['vs_torch_fp32'] > 0
+  clean = [r for r in rows if r['framework'] == 'jax' and r['mix'] == 'none'][0]
+  assert clean['flops'] > 1e8 and feature['flops'] > clean['flops']  # XLA's cost model: Metrix adds work
+  assert 0 < feature['flop_overhead_pct'] < 50 and '| GFLOP/step (XLA) |' in printed
   assert json.loads(out.read_text())['rows'][0]['framework'] == 'torch'
+
+
+def test_bench_train_compile_only_reports_flops_without_running(capsys):
+  import bench_train  # pylint: disable=g-import-not-at-top
+  rows = bench_train.main(['--quick', '--compile_only', '--losses=contrastive', '--modes=none,embedding',
+                           '--dtype=float32'])
+  assert [(r['framework'], r['mix']) for r in rows] == [('jax', 'none'), ('jax', 'embedding')]
+  assert all(r['images_per_s'] is None and r['loss_value'] is None and r['flops'] > 1e8 for r in rows)
+  assert 0 <= rows[1]['flop_overhead_pct'] < 5  # embedding-level Metrix: no extra backbone work
+  assert 'overhead_pct' not in rows[1] and '| jax | contrastive | embedding | 16 | - | - |' in capsys.readouterr().out
 
 
 def test_bench_train_rejects_unknown_levels():

@@ -218,6 +218,50 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
       assert moved['proxies'] > 0, mode
 
 
+@pytest.mark.parametrize('loss,train_bn', [('multi_similarity', False), ('multi_similarity', True),
+                                           ('contrastive', True)])
+def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_variables):
+  """Input-level Metrix in the step == the objective on (clean forward, forward of the mixed images built by hand
+  in float64 from the plan), with MS mined on the clean embeddings of that same forward (no third pass). With
+  trainable BN the mixed images use their own batch statistics and the running statistics follow the clean
+  images only."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from metrix_jax import mixup  # pylint: disable=g-import-not-at-top
+  config = trainer_fakes.tiny_config(loss, 'input')
+  config.mix.input_items_per_anchor = 2
+  model, loss_fn = trainer_fakes.tiny_model_factory(config), train.create_loss(config)
+  mix = train._MixConfig.from_config(config.mix)  # pylint: disable=protected-access
+  batch = next(trainer_fakes.FakeTrainIterator(seed=3, batch_size=8, image_size=16, num_classes=12))
+  images, labels, key = train.normalize_images(batch['image'], jnp.float32), batch['label'], jax.random.key(7)
+  params = dict(tiny_variables['params'])
+  loss_value, (new_stats, parts) = jax.jit(functools.partial(
+      train.compute_loss, model=model, loss_fn=loss_fn, mix=mix, train_bn=train_bn))(
+          params, tiny_variables['batch_stats'], images, labels, key)
+
+  def forward(x):
+    if train_bn:
+      (emb, _), updates = model.apply(tiny_variables, x, train=True, mutable=['batch_stats'])
+      return emb, updates['batch_stats']
+    emb, _ = model.apply(tiny_variables, x, train=False)
+    return emb, tiny_variables['batch_stats']
+
+  clean, clean_stats = forward(images)
+  pos, neg = mixup.pair_masks(loss_fn, clean, labels) if loss == 'multi_similarity' else (None, None)
+  plan = train.make_plan(key, labels, pos, neg, mix, level='input')
+  assert plan.first.shape == (8 * 2,)
+  x, lam = np.asarray(images, np.float64), np.asarray(plan.lam, np.float64)
+  mixed_images = np.stack([lam[m] * x[int(plan.first[m])] + (1 - lam[m]) * x[int(plan.second[m])]
+                           for m in range(lam.shape[0])])
+  mixed, _ = forward(jnp.asarray(mixed_images, jnp.float32))
+  expected, expected_parts = mixup.objective(loss_fn, clean, labels, plan, mixed_embeddings=mixed,
+                                             weight=config.mix.weight)
+  np.testing.assert_allclose(parts['clean_loss'], expected_parts['clean'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(parts['mix_loss'], expected_parts['mixed'], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(loss_value, expected, rtol=1e-4, atol=1e-6)
+  assert float(parts['mix_loss']) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_stats, clean_stats)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The real entry point on the real demo data (few steps, a slice of the test split).
 # ----------------------------------------------------------------------------------------------------------------
