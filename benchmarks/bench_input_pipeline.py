@@ -89,8 +89,8 @@ def main():
   }
   print(f'{cores} CPU cores, load average {os.getloadavg()[0]:.1f}; batch {args.batch_size}; '
         f'{args.batches} timed batches')
-  print(f'| data set | image size | workers | start-up s | images/s |')
-  print(f'|---|---|---|---|---|')
+  print('| data set | image size | workers | start-up s | images/s |')
+  print('|---|---|---|---|---|')
   for key in args.datasets.split(','):
     if key == 'omniglot' and not os.path.isdir(OMNIGLOT_SMALL):
       print(f'| omniglot | - | - | - | skipped: {OMNIGLOT_SMALL} absent |')

@@ -126,7 +126,6 @@ def run(workdir: str, images: str, out: str, *, checkpoint: str | int = 'best', 
 def main() -> int:
     """Command line; see the module docstring."""
     from absl import app, flags  # pylint: disable=g-import-not-at-top
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
     from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
 
     flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
@@ -134,15 +133,8 @@ def main() -> int:
     flags.DEFINE_string('out', None, 'Output .npz (paths, embeddings).', required=True)
     flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
     flags.DEFINE_integer('batch_size', None, 'Images per step (default: config.dataset.eval_batch_size).')
-    workdir = evaluate._workdir_from_argv(sys.argv[1:])  # pylint: disable=protected-access
-    if workdir is not None:
-        try:
-            config = evaluate.load_config(workdir)
-        except evaluate.EvaluationError as error:
-            print(f'error: {error}', file=sys.stderr)
-            return 2
-        config_flags.DEFINE_config_dict('config', config, "The run's config; override values with "
-                                        '--config.KEY=VALUE (e.g. --config.dataset.image_size=256).')
+    if not evaluate.define_run_config_flag(sys.argv[1:], example='--config.dataset.image_size=256'):
+        return 2
 
     def _main(argv):
         if len(argv) > 1:

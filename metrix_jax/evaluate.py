@@ -420,25 +420,34 @@ def _workdir_from_argv(argv: Sequence[str]) -> str | None:
     return None
 
 
+def define_run_config_flag(argv: Sequence[str], *, example: str) -> bool:
+    """Defines `--config` as the run's saved config (WORKDIR/config.json) when argv names a workdir, so that
+    `--config.KEY=VALUE` overrides parse against it. False (after printing why) when that config is unreadable."""
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    workdir = _workdir_from_argv(argv)
+    if workdir is None:
+        return True  # absl reports the missing --workdir
+    try:
+        config = load_config(workdir)
+    except EvaluationError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return False
+    config_flags.DEFINE_config_dict('config', config, f"The run's config; override values with "
+                                    f'--config.KEY=VALUE (e.g. {example}).')
+    return True
+
+
 def main() -> int:
     """`python -m metrix_jax.evaluate --workdir=DIR [--checkpoint=best|latest|STEP] [--config.KEY=VALUE ...]`."""
     from absl import app, flags  # pylint: disable=g-import-not-at-top
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
     flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
     flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
     flags.DEFINE_string('out_dir', None, 'Where eval.json and the plots go (default: the workdir).')
     flags.DEFINE_bool('utilization', True, 'Embed the train split (eval preprocessing) for utilization.')
     flags.DEFINE_bool('positivity', True, 'Run the positivity analysis on test embeddings.')
-    workdir = _workdir_from_argv(sys.argv[1:])
-    if workdir is not None:
-        try:
-            config = load_config(workdir)
-        except EvaluationError as error:
-            print(f'error: {error}', file=sys.stderr)
-            return 2
-        config_flags.DEFINE_config_dict('config', config, "The run's config; override values with "
-                                        '--config.KEY=VALUE (e.g. --config.dataset.data_dir=/data).')
+    if not define_run_config_flag(sys.argv[1:], example='--config.dataset.data_dir=/data'):
+        return 2
 
     def _main(argv):
         if len(argv) > 1:

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import flax
 import jax

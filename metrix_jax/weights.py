@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 

@@ -156,8 +156,9 @@ def test_evaluate_errors_name_the_fix(tmp_path, workdir):
     evaluate.load_trained_model(str(tmp_path))
   with pytest.raises(evaluate.EvaluationError, match='No checkpoint at step 7'):
     evaluate.load_trained_model(workdir, checkpoint=7)
-  proc = _cli('evaluate', f'--workdir={tmp_path / "missing"}')
-  assert proc.returncode == 2 and 'does not exist' in proc.stderr
+  for command, extra in (('evaluate', ()), ('embed', (f'--images={tmp_path}', f'--out={tmp_path / "e.npz"}'))):
+    proc = _cli(command, f'--workdir={tmp_path / "missing"}', *extra)
+    assert proc.returncode == 2 and 'does not exist' in proc.stderr and 'Traceback' not in proc.stderr, command
 
 
 @pytest.mark.parametrize('gallery', [False, True])

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import config_dict
 
 from metrix_jax import config_lib
 from metrix_jax import optim

@@ -33,7 +33,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import io
-import json
 import logging
 import multiprocessing
 import os
