@@ -174,20 +174,23 @@ def test_infer_depth():
 
 
 @pytest.mark.skipif(not os.environ.get('METRIX_TORCHVISION_PARITY'), reason='needs torchvision; opt-in')
-def test_parity_with_torchvision_itself(tmp_path):
-    """Opt-in (METRIX_TORCHVISION_PARITY=1, torchvision installed): torchvision.models.resnet50() itself."""
+@pytest.mark.parametrize('depth,size', [(50, 224), (50, 193), (18, 224)])
+def test_parity_with_torchvision_itself(depth, size, tmp_path):
+    """Opt-in (METRIX_TORCHVISION_PARITY=1, torchvision installed): torchvision.models.resnet{depth}() itself,
+    random weights and random BN statistics, last feature map to 1e-4 relative."""
     torchvision = pytest.importorskip('torchvision')
-    model_t = torchvision.models.resnet50()
+    model_t = getattr(torchvision.models, f'resnet{depth}')()
     torch_resnet.randomize_batchnorm(model_t, torch.Generator().manual_seed(0))
     model_t.eval()
-    path = str(tmp_path / 'tv50.pth')
+    path = str(tmp_path / f'tv{depth}.pth')
     torch.save(model_t.state_dict(), path)
-    x = np.random.RandomState(0).randn(2, 3, 224, 224).astype(np.float32)
+    x = np.random.RandomState(0).randn(2, 3, size, size).astype(np.float32)
     with torch.no_grad():
         body = torch.nn.Sequential(*list(model_t.children())[:-2])
         expected = body(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
     with jax.default_matmul_precision('highest'):
-        actual = models.ResNet(50).apply(weights.load_torchvision(path), jnp.asarray(x.transpose(0, 2, 3, 1)))
+        actual = models.ResNet(depth).apply(weights.load_torchvision(path, depth=depth), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert actual.shape == expected.shape
     err = np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max()
-    print(f'torchvision resnet50 parity: max rel err {err:.2e}')
+    print(f'torchvision {torchvision.__version__} resnet{depth} at {size} px: max rel err {err:.2e}')
     assert err < 1e-4
