@@ -1,4 +1,5 @@
-"""The trainer end to end at tiny size: results.json, exact resume (also after SIGKILL), 1 vs 4 devices, multi-host.
+"""The trainer end to end at tiny size: results.json, exact resume (also after SIGKILL and SIGTERM), 1 vs 4 devices,
+multi-host.
 
 Tiny stand-ins (tests/trainer_fakes.py: a 2-conv EmbeddingNet-shaped model, deterministic class-pattern data with a
 checkpointable iterator) keep every run to seconds; `test_demo_config_end_to_end` runs the real demo config.
@@ -116,6 +117,33 @@ def test_resume_after_sigkill(straight_run, tmp_path):
   resumed = _run(tmp_path)  # in this process (no second interpreter start): the same command's continuation
   assert resumed['steps'] == STEPS
   assert _logged_steps(tmp_path) == list(range(1, STEPS + 1))  # steps 3-4 only: resumed, not restarted
+  np.testing.assert_allclose(resumed['train_loss'], ref['train_loss'], rtol=1e-6)
+  (_, a), (_, b) = _final_params(ref_dir), _final_params(tmp_path)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)
+
+
+def test_sigterm_checkpoints_stops_cleanly_and_resumes(straight_run, tmp_path):
+  """SIGTERM (a pre-emption notice) after the step-2 checkpoint: the run finishes the step in flight, saves a
+  checkpoint there, exits 0 with the resume hint; the rerun continues to the straight run's parameters."""
+  ref_dir, ref = straight_run
+  proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
+                     env_extra={'METRIX_FAKE_DATA_DELAY_S': '1.5'})
+  committed = tmp_path / 'checkpoints' / '2' / 'commit_success.txt'
+  deadline = time.time() + 240
+  while not committed.exists():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, 'no checkpoint within 240 s'
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'SIGTERM: saving a checkpoint' in out and 'rerun the same command to resume' in out, out[-3000:]
+  stopped_at = json.loads([l for l in out.splitlines() if l.startswith('RESULTS ')][-1][len('RESULTS '):])
+  assert stopped_at['stopped_at'] in (2, 3), stopped_at  # the step in flight when the signal came
+  assert _final_params(tmp_path)[0] == stopped_at['stopped_at']
+  resumed = _run(tmp_path)
+  assert resumed['steps'] == STEPS
+  assert _logged_steps(tmp_path) == list(range(1, STEPS + 1))
   np.testing.assert_allclose(resumed['train_loss'], ref['train_loss'], rtol=1e-6)
   (_, a), (_, b) = _final_params(ref_dir), _final_params(tmp_path)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)

@@ -29,6 +29,9 @@ class FakeTrainIterator:
     hang_at = os.environ.get('METRIX_FAKE_DATA_HANG_AT')  # simulates a stuck input pipeline (SIGKILL test)
     if hang_at and self.position + 1 >= int(hang_at):
       time.sleep(3600)
+    delay = os.environ.get('METRIX_FAKE_DATA_DELAY_S')  # a slow input pipeline (SIGTERM test)
+    if delay:
+      time.sleep(float(delay))
     images, labels = self._global(self.position)
     self.position += 1
     lo = self.process_index * self.batch_size
