@@ -47,13 +47,13 @@ def test_dry_run_lists_every_run_seed_major(tmp_path):
 
 
 def test_longer_budget_addendum_config():
-  """omniglot_300 = the omniglot recipe with 300 steps (no duplicate overrides), 4 rows x 3 seeds."""
+  """omniglot_300 = the omniglot recipe with 300 steps (no duplicate overrides), 6 rows x 3 seeds."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('study_config', os.path.join(ROOT, STUDY_CONFIG))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   base, long = module.get_config('omniglot'), module.get_config('omniglot_300')
-  assert long.rows == ('ms,none', 'ms,feature', 'contrastive,none', 'contrastive,feature')
+  assert long.rows == ('ms,none', 'ms,feature', 'ms,input', 'ms,embedding', 'contrastive,none', 'contrastive,feature')
   assert [o for o in long.overrides if o.startswith('train.num_steps=')] == ['train.num_steps=300']
   assert set(long.overrides) - set(base.overrides) == {'train.num_steps=300', 'train.log_every_steps=50'}
   assert tuple(long.seeds) == (1, 2, 3) and long.trainer_config == base.trainer_config

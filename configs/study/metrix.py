@@ -22,7 +22,8 @@ the identity there); with images of >= 64 px the 2-D maps are mixed as in the pa
 with the paper's benchmarks (pretrained ResNet-50 at 224 px, 60+ epochs).
 
 `configs/study/metrix.py:omniglot_300` is the longer-budget addendum: the same recipe for 300 steps (about 11.5
-epochs), MS and contrastive, baseline vs feature-level Metrix, 3 seeds (12 runs, ~5 min each on 2 cores).
+epochs), MS and contrastive, baseline vs feature-level Metrix, and MS at input and embedding level, 3 seeds
+(18 runs, ~3-8 min each on 2 cores).
 """
 from ml_collections import config_dict
 
@@ -66,7 +67,7 @@ def get_config(arg=None):
   if dataset == 'omniglot_300':  # the longer-budget addendum (RESULTS.md): 10x the steps, the two main losses
     s = get_config('omniglot')
     s.name = 'omniglot_cpu_300'
-    s.rows = ('ms,none', 'ms,feature', 'contrastive,none', 'contrastive,feature')
+    s.rows = ('ms,none', 'ms,feature', 'ms,input', 'ms,embedding', 'contrastive,none', 'contrastive,feature')
     s.overrides = tuple(o for o in s.overrides if not o.startswith(('train.num_steps=', 'train.log_every_steps=')))
     s.overrides += ('train.num_steps=300', 'train.log_every_steps=50')
     return s
