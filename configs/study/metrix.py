@@ -64,7 +64,7 @@ REPORT_KS = {'omniglot': (1, 2, 4), 'demo': (1, 2, 4), 'cub200': (1, 2, 4), 'car
 
 def get_config(arg=None):
   dataset = (arg or 'omniglot').strip()
-  if dataset == 'omniglot_300':  # the longer-budget addendum (RESULTS.md): 10x the steps, the two main losses
+  if dataset == 'omniglot_300':  # the longer-budget addendum (RESULTS.md): 10x the steps, MS (all levels), contrastive
     s = get_config('omniglot')
     s.name = 'omniglot_cpu_300'
     s.rows = ('ms,none', 'ms,feature', 'ms,input', 'ms,embedding', 'contrastive,none', 'contrastive,feature')
