@@ -29,136 +29,136 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 
 
 def list_images(folder: str) -> list[str]:
-    """Paths (relative to `folder`, '/'-separated, sorted) of the image files under `folder`, recursively."""
-    folder = os.path.abspath(os.path.expanduser(folder))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f'Image folder {folder} does not exist (or is not a folder).')
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith('.')]
-        for name in files:
-            if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/'))
-    if not found:
-        raise ValueError(f'No image files under {folder} (looked recursively for '
-                         f'{", ".join(IMAGE_EXTENSIONS)}). Point --images at the folder that holds them.')
-    return sorted(found)
+  """Paths (relative to `folder`, '/'-separated, sorted) of the image files under `folder`, recursively."""
+  folder = os.path.abspath(os.path.expanduser(folder))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'Image folder {folder} does not exist (or is not a folder).')
+  found = []
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    for name in files:
+      if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
+        found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/'))
+  if not found:
+    raise ValueError(f'No image files under {folder} (looked recursively for '
+                     f'{", ".join(IMAGE_EXTENSIONS)}). Point --images at the folder that holds them.')
+  return sorted(found)
 
 
 def _load(folder: str, relative: str, image_size: int, resize_size: int | None) -> np.ndarray | str:
-    """uint8 [S, S, 3] with the eval preprocessing, or the error message if the file cannot be read."""
-    from metrix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    try:
-        with open(os.path.join(folder, relative), 'rb') as f:
-            data = f.read()
-        return pipeline.eval_transform(data, image_size, resize_size)
-    except Exception as error:  # pylint: disable=broad-except  # PIL raises many kinds on bad files
-        return f'{type(error).__name__}: {error}'
+  """uint8 [S, S, 3] with the eval preprocessing, or the error message if the file cannot be read."""
+  from metrix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(folder, relative), 'rb') as f:
+      data = f.read()
+    return pipeline.eval_transform(data, image_size, resize_size)
+  except Exception as error:  # pylint: disable=broad-except  # PIL raises many kinds on bad files
+    return f'{type(error).__name__}: {error}'
 
 
 def embed_images(model, variables, config, folder: str, paths: Sequence[str], *, batch_size: int | None = None,
                  num_threads: int | None = None) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
-    """Embeds `paths` (relative to `folder`) -> (kept paths, embeddings float32 [N, D], [(skipped path, why)]).
+  """Embeds `paths` (relative to `folder`) -> (kept paths, embeddings float32 [N, D], [(skipped path, why)]).
 
-    `batch_size`: global images per step (default `config.dataset.eval_batch_size`), rounded up to a multiple of
-    the device count; the last batch is zero-padded and the padding dropped.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-    from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
-    if jax.process_count() > 1:
-        raise ValueError('metrix_jax.embed runs on one host (all its local devices); run it without '
-                         '--config.train.distributed / METRIX_DISTRIBUTED.')
-    mesh = sharding.make_mesh()
-    batch_size = int(batch_size or config.dataset.eval_batch_size)
-    batch_size = -(-batch_size // mesh.size) * mesh.size
-    image_size = int(config.dataset.image_size)
-    resize_size = int(config.dataset.eval_resize or 0) or None  # 0/None: the pipeline's default
-    embed_fn = train.make_embed_fn(model, config, mesh)
-    variables = sharding.replicate(variables, mesh)  # on device once, not per batch
-    kept, chunks, skipped = [], [], []
-    folder = os.path.abspath(os.path.expanduser(folder))
-    with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(paths), batch_size):
-            names = list(paths[start:start + batch_size])
-            loaded = list(pool.map(lambda p: _load(folder, p, image_size, resize_size), names))
-            images = []
-            for name, item in zip(names, loaded):
-                if isinstance(item, str):
-                    log.warning('skipping %s: %s', name, item)
-                    skipped.append((name, item))
-                else:
-                    kept.append(name)
-                    images.append(item)
-            if not images:
-                continue
-            count = len(images)
-            batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-            batch[:count] = np.stack(images)
-            embeddings = embed_fn(variables, sharding.global_batch({'image': batch}, mesh)['image'])
-            chunks.append(np.asarray(embeddings, np.float32)[:count])
-            log.info('embedded %d/%d images', min(start + batch_size, len(paths)), len(paths))
-    if not kept:
-        raise ValueError(f'None of the {len(paths)} image files under {folder} could be read '
-                         f'(first error: {skipped[0][0]}: {skipped[0][1]}).')
-    return kept, np.concatenate(chunks), skipped
+  `batch_size`: global images per step (default `config.dataset.eval_batch_size`), rounded up to a multiple of
+  the device count; the last batch is zero-padded and the padding dropped.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise ValueError('metrix_jax.embed runs on one host (all its local devices); run it without '
+                     '--config.train.distributed / METRIX_DISTRIBUTED.')
+  mesh = sharding.make_mesh()
+  batch_size = int(batch_size or config.dataset.eval_batch_size)
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  image_size = int(config.dataset.image_size)
+  resize_size = int(config.dataset.eval_resize or 0) or None  # 0/None: the pipeline's default
+  embed_fn = train.make_embed_fn(model, config, mesh)
+  variables = sharding.replicate(variables, mesh)  # on device once, not per batch
+  kept, chunks, skipped = [], [], []
+  folder = os.path.abspath(os.path.expanduser(folder))
+  with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
+    for start in range(0, len(paths), batch_size):
+      names = list(paths[start:start + batch_size])
+      loaded = list(pool.map(lambda p: _load(folder, p, image_size, resize_size), names))
+      images = []
+      for name, item in zip(names, loaded):
+        if isinstance(item, str):
+          log.warning('skipping %s: %s', name, item)
+          skipped.append((name, item))
+        else:
+          kept.append(name)
+          images.append(item)
+      if not images:
+        continue
+      count = len(images)
+      batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+      batch[:count] = np.stack(images)
+      embeddings = embed_fn(variables, sharding.global_batch({'image': batch}, mesh)['image'])
+      chunks.append(np.asarray(embeddings, np.float32)[:count])
+      log.info('embedded %d/%d images', min(start + batch_size, len(paths)), len(paths))
+  if not kept:
+    raise ValueError(f'None of the {len(paths)} image files under {folder} could be read '
+                     f'(first error: {skipped[0][0]}: {skipped[0][1]}).')
+  return kept, np.concatenate(chunks), skipped
 
 
 def run(workdir: str, images: str, out: str, *, checkpoint: str | int = 'best', config=None,
         batch_size: int | None = None, model_factory: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Embeds every image under `images` with the run in `workdir`; writes `out` (.npz); returns a summary dict."""
-    from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
-    paths = list_images(images)  # fail fast, before restoring the model
-    out = os.path.abspath(os.path.expanduser(out))
-    if not out.endswith('.npz'):
-        raise ValueError(f'--out must be a .npz file path; got {out}.')
-    trained = evaluate.load_trained_model(workdir, checkpoint=checkpoint, config=config,
-                                          model_factory=model_factory)
-    kept, embeddings, skipped = embed_images(trained.model, trained.variables, trained.config, images, paths,
-                                             batch_size=batch_size)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out[:-4] + f'.tmp{os.getpid()}.npz'
-    np.savez(tmp, paths=np.asarray(kept, dtype=str), embeddings=embeddings, step=np.int64(trained.step))
-    os.replace(tmp, out)
-    return {'out': out, 'num_embedded': len(kept), 'dim': int(embeddings.shape[1]), 'skipped': skipped,
-            'step': trained.step}
+  """Embeds every image under `images` with the run in `workdir`; writes `out` (.npz); returns a summary dict."""
+  from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
+  paths = list_images(images)  # fail fast, before restoring the model
+  out = os.path.abspath(os.path.expanduser(out))
+  if not out.endswith('.npz'):
+    raise ValueError(f'--out must be a .npz file path; got {out}.')
+  trained = evaluate.load_trained_model(workdir, checkpoint=checkpoint, config=config,
+                                        model_factory=model_factory)
+  kept, embeddings, skipped = embed_images(trained.model, trained.variables, trained.config, images, paths,
+                                           batch_size=batch_size)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = out[:-4] + f'.tmp{os.getpid()}.npz'
+  np.savez(tmp, paths=np.asarray(kept, dtype=str), embeddings=embeddings, step=np.int64(trained.step))
+  os.replace(tmp, out)
+  return {'out': out, 'num_embedded': len(kept), 'dim': int(embeddings.shape[1]), 'skipped': skipped,
+          'step': trained.step}
 
 
 def main() -> int:
-    """Command line; see the module docstring."""
-    from absl import app, flags  # pylint: disable=g-import-not-at-top
-    from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
+  """Command line; see the module docstring."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
 
-    flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
-    flags.DEFINE_string('images', None, 'Folder of images (searched recursively).', required=True)
-    flags.DEFINE_string('out', None, 'Output .npz (paths, embeddings).', required=True)
-    flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
-    flags.DEFINE_integer('batch_size', None, 'Images per step (default: config.dataset.eval_batch_size).')
-    if not evaluate.define_run_config_flag(sys.argv[1:], example='--config.dataset.image_size=256'):
-        return 2
+  flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
+  flags.DEFINE_string('images', None, 'Folder of images (searched recursively).', required=True)
+  flags.DEFINE_string('out', None, 'Output .npz (paths, embeddings).', required=True)
+  flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
+  flags.DEFINE_integer('batch_size', None, 'Images per step (default: config.dataset.eval_batch_size).')
+  if not evaluate.define_run_config_flag(sys.argv[1:], example='--config.dataset.image_size=256'):
+    return 2
 
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-        logging.getLogger('metrix_jax').setLevel(logging.INFO)
-        logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax's per-step INFO lines
-        FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-        try:
-            summary = run(FLAGS.workdir, FLAGS.images, FLAGS.out, checkpoint=FLAGS.checkpoint, config=FLAGS.config,
-                          batch_size=FLAGS.batch_size)
-        except (evaluate.EvaluationError, ValueError, FileNotFoundError) as error:
-            print(f'error: {error}', file=sys.stderr)
-            return 2
-        print(f"wrote {summary['out']}: {summary['num_embedded']} embeddings of dim {summary['dim']} "
-              f"(checkpoint step {summary['step']})")
-        if summary['skipped']:
-            print(f"skipped {len(summary['skipped'])} unreadable file(s):")
-            for name, why in summary['skipped']:
-                print(f'  {name}: {why}')
-        return 0
-
-    app.run(_main)
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    logging.getLogger('metrix_jax').setLevel(logging.INFO)
+    logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax's per-step INFO lines
+    FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+    try:
+      summary = run(FLAGS.workdir, FLAGS.images, FLAGS.out, checkpoint=FLAGS.checkpoint, config=FLAGS.config,
+                    batch_size=FLAGS.batch_size)
+    except (evaluate.EvaluationError, ValueError, FileNotFoundError) as error:
+      print(f'error: {error}', file=sys.stderr)
+      return 2
+    print(f"wrote {summary['out']}: {summary['num_embedded']} embeddings of dim {summary['dim']} "
+          f"(checkpoint step {summary['step']})")
+    if summary['skipped']:
+      print(f"skipped {len(summary['skipped'])} unreadable file(s):")
+      for name, why in summary['skipped']:
+        print(f'  {name}: {why}')
     return 0
+
+  app.run(_main)
+  return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+  sys.exit(main())

@@ -56,38 +56,38 @@ _MAX_GALLERY = 2**24  # per-row counts are float32 sums
 # Small pure pieces.
 # ----------------------------------------------------------------------------------------------------------
 def l2_normalize(x: jax.Array, *, eps: float = _NORM_EPS) -> jax.Array:
-    """Rows of `x` [n, d] divided by max(||row||_2, eps), in float32 (zero rows stay zero)."""
-    x = jnp.asarray(x, jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+  """Rows of `x` [n, d] divided by max(||row||_2, eps), in float32 (zero rows stay zero)."""
+  x = jnp.asarray(x, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
 
 
 def _similarities(queries: jax.Array, gallery_normalized: jax.Array) -> jax.Array:
-    """Cosine similarities [c, n] float32 of raw query rows [c, d] and normalised gallery rows [n, d]."""
-    return jnp.dot(l2_normalize(queries), gallery_normalized.T, precision=_HIGHEST,
-                   preferred_element_type=jnp.float32)
+  """Cosine similarities [c, n] float32 of raw query rows [c, d] and normalised gallery rows [n, d]."""
+  return jnp.dot(l2_normalize(queries), gallery_normalized.T, precision=_HIGHEST,
+                 preferred_element_type=jnp.float32)
 
 
 def _squared_distances(queries: jax.Array, gallery_normalized: jax.Array) -> jax.Array:
-    """Squared Euclidean distances [c, n] between normalised query and gallery rows, clamped at 0."""
-    q = l2_normalize(queries)
-    sim = jnp.dot(q, gallery_normalized.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
-    qq = jnp.sum(q * q, axis=-1)[:, None]
-    gg = jnp.sum(gallery_normalized * gallery_normalized, axis=-1)[None, :]
-    return jnp.maximum(qq + gg - 2.0 * sim, 0.0)
+  """Squared Euclidean distances [c, n] between normalised query and gallery rows, clamped at 0."""
+  q = l2_normalize(queries)
+  sim = jnp.dot(q, gallery_normalized.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
+  qq = jnp.sum(q * q, axis=-1)[:, None]
+  gg = jnp.sum(gallery_normalized * gallery_normalized, axis=-1)[None, :]
+  return jnp.maximum(qq + gg - 2.0 * sim, 0.0)
 
 
 def _count(mask: jax.Array) -> jax.Array:
-    """Number of True per row of a bool [c, n] mask, int32 [c].
+  """Number of True per row of a bool [c, n] mask, int32 [c].
 
-    Summed in float32 (3x faster than an int32 sum on XLA:CPU) and exact while n < 2**24 (checked at entry).
-    """
-    return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=1).astype(jnp.int32)
+  Summed in float32 (3x faster than an int32 sum on XLA:CPU) and exact while n < 2**24 (checked at entry).
+  """
+  return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=1).astype(jnp.int32)
 
 
 def _self_mask(query_index: jax.Array, num_gallery: int) -> jax.Array:
-    """bool [c, n]: True at (i, query_index[i]); query_index -1 (gallery protocol) masks nothing."""
-    return query_index[:, None] == jnp.arange(num_gallery, dtype=jnp.int32)[None, :]
+  """bool [c, n]: True at (i, query_index[i]); query_index -1 (gallery protocol) masks nothing."""
+  return query_index[:, None] == jnp.arange(num_gallery, dtype=jnp.int32)[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,207 +96,207 @@ def _self_mask(query_index: jax.Array, num_gallery: int) -> jax.Array:
 # returns a dict of per-query-row arrays [c].
 # ----------------------------------------------------------------------------------------------------------
 def _retrieval_kernel(queries, query_labels, query_index, gallery, gallery_labels, *, max_r: int):
-    """Per query: #positives R, #negatives strictly above the best positive, and (max_r > 0) AP@R, R-Prec."""
-    num_gallery = gallery.shape[0]
-    sim = _similarities(queries, gallery)
-    same = query_labels[:, None] == gallery_labels[None, :]
-    pos = same & ~_self_mask(query_index, num_gallery)
-    neg = ~same
-    num_pos = _count(pos)
-    best_pos = jnp.max(jnp.where(pos, sim, -jnp.inf), axis=1)
-    neg_above_best = _count(neg & (sim > best_pos[:, None]))
-    out = {"num_pos": num_pos, "neg_above_best": neg_above_best}
-    if max_r > 0:
-        out.update(_average_precision_at_r(sim, pos, neg, num_pos, max_r=max_r))
-    return out
+  """Per query: #positives R, #negatives strictly above the best positive, and (max_r > 0) AP@R, R-Prec."""
+  num_gallery = gallery.shape[0]
+  sim = _similarities(queries, gallery)
+  same = query_labels[:, None] == gallery_labels[None, :]
+  pos = same & ~_self_mask(query_index, num_gallery)
+  neg = ~same
+  num_pos = _count(pos)
+  best_pos = jnp.max(jnp.where(pos, sim, -jnp.inf), axis=1)
+  neg_above_best = _count(neg & (sim > best_pos[:, None]))
+  out = {"num_pos": num_pos, "neg_above_best": neg_above_best}
+  if max_r > 0:
+    out.update(_average_precision_at_r(sim, pos, neg, num_pos, max_r=max_r))
+  return out
 
 
 def _average_precision_at_r(sim, pos, neg, num_pos, *, max_r: int):
-    """AP@R and R-Precision per query row (float32 [c]) under the positives-first tie rule.
+  """AP@R and R-Precision per query row (float32 [c]) under the positives-first tie rule.
 
-    The j-th best positive (j = 1..R) sits at rank p_j = j + #(negatives with similarity > its own); it counts
-    iff p_j <= R and then contributes precision j / p_j. Only negatives among the top max_r can matter
-    (p_j <= R <= max_r), so an exact top-max_r of each side suffices: the count is capped at max_r.
-    """
-    pos_top = jax.lax.top_k(jnp.where(pos, sim, -jnp.inf), max_r)[0]  # [c, max_r], descending
-    neg_top = jax.lax.top_k(jnp.where(neg, sim, -jnp.inf), max_r)[0]
-    # #(neg_top > s_j) = #(-neg_top < -s_j): a left search in the ascending -neg_top.
-    neg_ahead = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))(-neg_top, -pos_top)
-    j = jnp.arange(1, max_r + 1, dtype=jnp.int32)[None, :]
-    rank = j + neg_ahead.astype(jnp.int32)
-    r = num_pos[:, None]
-    counted = (j <= r) & (rank <= r)
-    denom = jnp.maximum(num_pos, 1).astype(jnp.float32)
-    ap = jnp.sum(jnp.where(counted, j / rank, 0.0), axis=1) / denom
-    r_prec = jnp.sum(counted, axis=1).astype(jnp.float32) / denom
-    return {"ap_at_r": ap, "r_precision": r_prec}
+  The j-th best positive (j = 1..R) sits at rank p_j = j + #(negatives with similarity > its own); it counts
+  iff p_j <= R and then contributes precision j / p_j. Only negatives among the top max_r can matter
+  (p_j <= R <= max_r), so an exact top-max_r of each side suffices: the count is capped at max_r.
+  """
+  pos_top = jax.lax.top_k(jnp.where(pos, sim, -jnp.inf), max_r)[0]  # [c, max_r], descending
+  neg_top = jax.lax.top_k(jnp.where(neg, sim, -jnp.inf), max_r)[0]
+  # #(neg_top > s_j) = #(-neg_top < -s_j): a left search in the ascending -neg_top.
+  neg_ahead = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))(-neg_top, -pos_top)
+  j = jnp.arange(1, max_r + 1, dtype=jnp.int32)[None, :]
+  rank = j + neg_ahead.astype(jnp.int32)
+  r = num_pos[:, None]
+  counted = (j <= r) & (rank <= r)
+  denom = jnp.maximum(num_pos, 1).astype(jnp.float32)
+  ap = jnp.sum(jnp.where(counted, j / rank, 0.0), axis=1) / denom
+  r_prec = jnp.sum(counted, axis=1).astype(jnp.float32) / denom
+  return {"ap_at_r": ap, "r_precision": r_prec}
 
 
 def _min_distance_kernel(queries, query_labels, query_index, gallery, gallery_labels):
-    """Per query: min squared distance to the gallery (float32 [c])."""
-    del query_labels, query_index, gallery_labels
-    return {"min_sq_dist": jnp.min(_squared_distances(queries, gallery), axis=1)}
+  """Per query: min squared distance to the gallery (float32 [c])."""
+  del query_labels, query_index, gallery_labels
+  return {"min_sq_dist": jnp.min(_squared_distances(queries, gallery), axis=1)}
 
 
 def _pair_kernel(queries, query_labels, query_index, gallery, gallery_labels, *, t: float):
-    """Per query over j != self: sum and count of positive-pair squared distances; logsumexp(-t d)."""
-    d = _squared_distances(queries, gallery)
-    other = ~_self_mask(query_index, gallery.shape[0])
-    pos = other & (query_labels[:, None] == gallery_labels[None, :])
-    return {
-        "pos_sq_dist_sum": jnp.sum(jnp.where(pos, d, 0.0), axis=1),
-        "num_pos": _count(pos),
-        "lse_neg_t_dist": jax.nn.logsumexp(jnp.where(other, -t * d, -jnp.inf), axis=1),
-        "num_other": _count(other),
-    }
+  """Per query over j != self: sum and count of positive-pair squared distances; logsumexp(-t d)."""
+  d = _squared_distances(queries, gallery)
+  other = ~_self_mask(query_index, gallery.shape[0])
+  pos = other & (query_labels[:, None] == gallery_labels[None, :])
+  return {
+      "pos_sq_dist_sum": jnp.sum(jnp.where(pos, d, 0.0), axis=1),
+      "num_pos": _count(pos),
+      "lse_neg_t_dist": jax.nn.logsumexp(jnp.where(other, -t * d, -jnp.inf), axis=1),
+      "num_other": _count(other),
+  }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Driver: pad, shard, loop over steps, gather per-row results.
 # ----------------------------------------------------------------------------------------------------------
 def default_mesh() -> Mesh:
-    """A 1-D mesh ('queries',) over all devices (all processes)."""
-    return jax.make_mesh((jax.device_count(),), ("queries",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+  """A 1-D mesh ('queries',) over all devices (all processes)."""
+  return jax.make_mesh((jax.device_count(),), ("queries",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def default_query_chunk_size(num_gallery: int, *, mesh: Mesh | None = None) -> int:
-    """Query rows per device per step when none is given.
+  """Query rows per device per step when none is given.
 
-    CPU: 256 (cache-friendly; measured ~2x faster than 1024 at 10k x 512). GPU/TPU: the largest power of two
-    whose [rows, num_gallery] float32 similarity block fits in 1 GiB, within [16, 4096] (4096 for SOP).
-    """
-    mesh = default_mesh() if mesh is None else mesh
-    if mesh.devices.flat[0].platform == "cpu":
-        return _CPU_QUERY_CHUNK_SIZE
-    rows = _ACCELERATOR_BLOCK_BYTES // (4 * max(num_gallery, 1))
-    return int(min(4096, max(16, 2 ** int(math.floor(math.log2(max(rows, 1)))))))
+  CPU: 256 (cache-friendly; measured ~2x faster than 1024 at 10k x 512). GPU/TPU: the largest power of two
+  whose [rows, num_gallery] float32 similarity block fits in 1 GiB, within [16, 4096] (4096 for SOP).
+  """
+  mesh = default_mesh() if mesh is None else mesh
+  if mesh.devices.flat[0].platform == "cpu":
+    return _CPU_QUERY_CHUNK_SIZE
+  rows = _ACCELERATOR_BLOCK_BYTES // (4 * max(num_gallery, 1))
+  return int(min(4096, max(16, 2 ** int(math.floor(math.log2(max(rows, 1)))))))
 
 
 @functools.lru_cache(maxsize=64)
 def _chunk_program(kernel: Callable, mesh: Mesh, static: tuple) -> Callable:
-    """jit(shard_map(kernel)): query args sharded over all mesh axes, gallery replicated, rows gathered."""
-    rows = P(tuple(mesh.axis_names))
-    mapped = jax.shard_map(functools.partial(kernel, **dict(static)), mesh=mesh,
-                           in_specs=(rows, rows, rows, P(), P()), out_specs=rows)
-    return jax.jit(mapped, out_shardings=NamedSharding(mesh, P()))
+  """jit(shard_map(kernel)): query args sharded over all mesh axes, gallery replicated, rows gathered."""
+  rows = P(tuple(mesh.axis_names))
+  mapped = jax.shard_map(functools.partial(kernel, **dict(static)), mesh=mesh,
+                         in_specs=(rows, rows, rows, P(), P()), out_specs=rows)
+  return jax.jit(mapped, out_shardings=NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=16)
 def _normalize_program(mesh: Mesh) -> Callable:
-    """jit(l2_normalize) with a replicated result on `mesh`."""
-    return jax.jit(l2_normalize, out_shardings=NamedSharding(mesh, P()))
+  """jit(l2_normalize) with a replicated result on `mesh`."""
+  return jax.jit(l2_normalize, out_shardings=NamedSharding(mesh, P()))
 
 
 def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host value that every process holds in full."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  """A global array from a host value that every process holds in full."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _map_query_chunks(kernel: Callable, queries: np.ndarray, query_labels: np.ndarray,
                       gallery: np.ndarray, gallery_labels: np.ndarray, *, leave_one_out: bool,
                       query_chunk_size: int | None, mesh: Mesh | None, **static: Any) -> dict[str, np.ndarray]:
-    """Runs `kernel` over query chunks; returns its per-row outputs as numpy arrays [num_queries]."""
-    if gallery.shape[0] >= _MAX_GALLERY:
-        raise ValueError(f"The reference set has {gallery.shape[0]:,} items; at most {_MAX_GALLERY - 1:,} are "
-                         "supported (float32 counts). Evaluate on a subset or shard the gallery yourself.")
-    mesh = default_mesh() if mesh is None else mesh
-    query_chunk_size = (default_query_chunk_size(gallery.shape[0], mesh=mesh) if query_chunk_size is None
-                        else _check_chunk_size(query_chunk_size))
-    num_queries = queries.shape[0]
-    step_rows = mesh.size * query_chunk_size
-    num_steps = -(-num_queries // step_rows)
-    pad = num_steps * step_rows - num_queries
-    index = (np.arange(num_queries, dtype=np.int32) if leave_one_out
-             else np.full(num_queries, -1, np.int32))
-    queries = np.pad(queries, ((0, pad), (0, 0)))
-    query_labels = np.pad(query_labels, (0, pad), constant_values=-1)
-    index = np.pad(index, (0, pad), constant_values=-1)
+  """Runs `kernel` over query chunks; returns its per-row outputs as numpy arrays [num_queries]."""
+  if gallery.shape[0] >= _MAX_GALLERY:
+    raise ValueError(f"The reference set has {gallery.shape[0]:,} items; at most {_MAX_GALLERY - 1:,} are "
+                     "supported (float32 counts). Evaluate on a subset or shard the gallery yourself.")
+  mesh = default_mesh() if mesh is None else mesh
+  query_chunk_size = (default_query_chunk_size(gallery.shape[0], mesh=mesh) if query_chunk_size is None
+                      else _check_chunk_size(query_chunk_size))
+  num_queries = queries.shape[0]
+  step_rows = mesh.size * query_chunk_size
+  num_steps = -(-num_queries // step_rows)
+  pad = num_steps * step_rows - num_queries
+  index = (np.arange(num_queries, dtype=np.int32) if leave_one_out
+           else np.full(num_queries, -1, np.int32))
+  queries = np.pad(queries, ((0, pad), (0, 0)))
+  query_labels = np.pad(query_labels, (0, pad), constant_values=-1)
+  index = np.pad(index, (0, pad), constant_values=-1)
 
-    replicated = NamedSharding(mesh, P())
-    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    gallery_normalized = _normalize_program(mesh)(_global_array(gallery, replicated))
-    gallery_labels = _global_array(gallery_labels, replicated)
-    program = _chunk_program(kernel, mesh, tuple(sorted(static.items())))
-    outputs = []
-    for start in range(0, num_steps * step_rows, step_rows):
-        step = slice(start, start + step_rows)
-        outputs.append(program(_global_array(queries[step], rows),
-                               _global_array(query_labels[step], rows),
-                               _global_array(index[step], rows), gallery_normalized, gallery_labels))
-    return {name: np.concatenate([np.asarray(out[name]) for out in outputs])[:num_queries]
-            for name in outputs[0]}
+  replicated = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+  gallery_normalized = _normalize_program(mesh)(_global_array(gallery, replicated))
+  gallery_labels = _global_array(gallery_labels, replicated)
+  program = _chunk_program(kernel, mesh, tuple(sorted(static.items())))
+  outputs = []
+  for start in range(0, num_steps * step_rows, step_rows):
+    step = slice(start, start + step_rows)
+    outputs.append(program(_global_array(queries[step], rows),
+                           _global_array(query_labels[step], rows),
+                           _global_array(index[step], rows), gallery_normalized, gallery_labels))
+  return {name: np.concatenate([np.asarray(out[name]) for out in outputs])[:num_queries]
+          for name in outputs[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Input checks.
 # ----------------------------------------------------------------------------------------------------------
 def _check_embeddings(x: Any, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array [num_items, dim]; got shape {x.shape}.")
-    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):  # bf16 included
-        raise ValueError(f"{name} must be numeric; got dtype {x.dtype}.")
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or inf ({int(np.sum(~np.isfinite(x)))} entries); "
-                         "check the model output before evaluating.")
-    return x
+  x = np.asarray(x)
+  if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+    raise ValueError(f"{name} must be a non-empty 2-D array [num_items, dim]; got shape {x.shape}.")
+  if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):  # bf16 included
+    raise ValueError(f"{name} must be numeric; got dtype {x.dtype}.")
+  x = x.astype(np.float32)
+  if not np.all(np.isfinite(x)):
+    raise ValueError(f"{name} contains NaN or inf ({int(np.sum(~np.isfinite(x)))} entries); "
+                     "check the model output before evaluating.")
+  return x
 
 
 def _check_labels(labels: Any, num_items: int, name: str, embeddings_name: str) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.shape[0] != num_items:
-        raise ValueError(f"{name} must be 1-D with one label per row of {embeddings_name} ({num_items}); "
-                         f"got shape {labels.shape}.")
-    return labels
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.shape[0] != num_items:
+    raise ValueError(f"{name} must be 1-D with one label per row of {embeddings_name} ({num_items}); "
+                     f"got shape {labels.shape}.")
+  return labels
 
 
 def _check_chunk_size(query_chunk_size: int) -> int:
-    if not isinstance(query_chunk_size, (int, np.integer)) or query_chunk_size < 1:
-        raise ValueError(f"query_chunk_size must be a positive int; got {query_chunk_size!r}.")
-    return int(query_chunk_size)
+  if not isinstance(query_chunk_size, (int, np.integer)) or query_chunk_size < 1:
+    raise ValueError(f"query_chunk_size must be a positive int; got {query_chunk_size!r}.")
+  return int(query_chunk_size)
 
 
 def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
-    ks = tuple(ks) if not isinstance(ks, (int, np.integer)) else (ks,)
-    if not ks or not all(isinstance(k, (int, np.integer)) and k >= 1 for k in ks):
-        raise ValueError(f"ks must be a non-empty sequence of positive ints; got {ks!r}.")
-    return tuple(dict.fromkeys(int(k) for k in ks))
+  ks = tuple(ks) if not isinstance(ks, (int, np.integer)) else (ks,)
+  if not ks or not all(isinstance(k, (int, np.integer)) and k >= 1 for k in ks):
+    raise ValueError(f"ks must be a non-empty sequence of positive ints; got {ks!r}.")
+  return tuple(dict.fromkeys(int(k) for k in ks))
 
 
 def _prepare(embeddings, labels, gallery_embeddings, gallery_labels):
-    """Checked float32 queries/gallery and int32 class ids (shared coding); leave_one_out flag."""
-    queries = _check_embeddings(embeddings, "embeddings")
-    query_labels = _check_labels(labels, queries.shape[0], "labels", "embeddings")
-    if (gallery_embeddings is None) != (gallery_labels is None):
-        raise ValueError("Pass both gallery_embeddings and gallery_labels (query -> gallery protocol) "
-                         "or neither (leave-one-out over `embeddings`).")
-    if gallery_embeddings is None:
-        _, codes = np.unique(query_labels, return_inverse=True)
-        codes = codes.reshape(-1).astype(np.int32)
-        return queries, codes, queries, codes, True
-    gallery = _check_embeddings(gallery_embeddings, "gallery_embeddings")
-    gallery_labels = _check_labels(gallery_labels, gallery.shape[0], "gallery_labels", "gallery_embeddings")
-    if gallery.shape[1] != queries.shape[1]:
-        raise ValueError(f"embeddings have dim {queries.shape[1]} but gallery_embeddings have dim "
-                         f"{gallery.shape[1]}; both must come from the same model.")
-    _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
+  """Checked float32 queries/gallery and int32 class ids (shared coding); leave_one_out flag."""
+  queries = _check_embeddings(embeddings, "embeddings")
+  query_labels = _check_labels(labels, queries.shape[0], "labels", "embeddings")
+  if (gallery_embeddings is None) != (gallery_labels is None):
+    raise ValueError("Pass both gallery_embeddings and gallery_labels (query -> gallery protocol) "
+                     "or neither (leave-one-out over `embeddings`).")
+  if gallery_embeddings is None:
+    _, codes = np.unique(query_labels, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int32)
-    return queries, codes[: queries.shape[0]], gallery, codes[queries.shape[0]:], False
+    return queries, codes, queries, codes, True
+  gallery = _check_embeddings(gallery_embeddings, "gallery_embeddings")
+  gallery_labels = _check_labels(gallery_labels, gallery.shape[0], "gallery_labels", "gallery_embeddings")
+  if gallery.shape[1] != queries.shape[1]:
+    raise ValueError(f"embeddings have dim {queries.shape[1]} but gallery_embeddings have dim "
+                     f"{gallery.shape[1]}; both must come from the same model.")
+  _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
+  codes = codes.reshape(-1).astype(np.int32)
+  return queries, codes[: queries.shape[0]], gallery, codes[queries.shape[0]:], False
 
 
 def _max_r(query_codes: np.ndarray, gallery_codes: np.ndarray, leave_one_out: bool) -> int:
-    """Largest number R of same-class reference items of any query (the query itself excluded)."""
-    counts = np.bincount(gallery_codes, minlength=int(max(query_codes.max(), gallery_codes.max())) + 1)
-    r = counts[query_codes] - (1 if leave_one_out else 0)
-    return int(r.max())
+  """Largest number R of same-class reference items of any query (the query itself excluded)."""
+  counts = np.bincount(gallery_codes, minlength=int(max(query_codes.max(), gallery_codes.max())) + 1)
+  r = counts[query_codes] - (1 if leave_one_out else 0)
+  return int(r.max())
 
 
 def _recall_from_rows(rows: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[int, float]:
-    """Recall@K from per-query #positives and #negatives above the best positive (lone queries: misses)."""
-    has_pos = rows["num_pos"] > 0
-    return {k: float(np.mean(has_pos & (rows["neg_above_best"] < k))) for k in ks}
+  """Recall@K from per-query #positives and #negatives above the best positive (lone queries: misses)."""
+  has_pos = rows["num_pos"] > 0
+  return {k: float(np.mean(has_pos & (rows["neg_above_best"] < k))) for k in ks}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,158 +305,158 @@ def _recall_from_rows(rows: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[
 def retrieval_metrics(embeddings, labels, ks: Iterable[int] = (1,), *, gallery_embeddings=None,
                       gallery_labels=None, query_chunk_size: int | None = None,
                       mesh: Mesh | None = None) -> dict[str, Any]:
-    """Recall@K, MAP@R, R-Precision and precision@1 in one blockwise pass.
+  """Recall@K, MAP@R, R-Precision and precision@1 in one blockwise pass.
 
-    Args:
-      embeddings: queries [n_q, d], any float dtype (cast to float32, L2-normalised here).
-      labels: class of each query [n_q], ints (or any values `np.unique` can sort).
-      ks: the K of Recall@K (positive ints).
-      gallery_embeddings, gallery_labels: reference set [n_g, d], [n_g] (query -> gallery protocol, In-Shop);
-        omit both for leave-one-out over `embeddings` (CUB, Cars, SOP).
-      query_chunk_size: query rows per device per step; memory ~ query_chunk_size x n_g floats per device.
-        Default: `default_query_chunk_size(n_g)` (256 on CPU; a 1 GiB block on GPU/TPU).
-      mesh: devices to shard the queries over (all axes); default: all devices.
+  Args:
+    embeddings: queries [n_q, d], any float dtype (cast to float32, L2-normalised here).
+    labels: class of each query [n_q], ints (or any values `np.unique` can sort).
+    ks: the K of Recall@K (positive ints).
+    gallery_embeddings, gallery_labels: reference set [n_g, d], [n_g] (query -> gallery protocol, In-Shop);
+      omit both for leave-one-out over `embeddings` (CUB, Cars, SOP).
+    query_chunk_size: query rows per device per step; memory ~ query_chunk_size x n_g floats per device.
+      Default: `default_query_chunk_size(n_g)` (256 on CPU; a 1 GiB block on GPU/TPU).
+    mesh: devices to shard the queries over (all axes); default: all devices.
 
-    Returns:
-      {'recall': {k: float}, 'map_at_r': float, 'r_precision': float, 'precision_at_1': float,
-       'num_queries': int, 'num_lone_queries': int}. Recall counts lone queries (no same-class reference
-      item) as misses; the other three average over non-lone queries only (PML `AccuracyCalculator`), NaN if
-      there are none. Ties: positives first (module docstring).
-    """
-    ks = _check_ks(ks)
-    queries, q_codes, gallery, g_codes, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
-    rows = _map_query_chunks(_retrieval_kernel, queries, q_codes, gallery, g_codes, leave_one_out=loo,
-                             query_chunk_size=query_chunk_size, mesh=mesh,
-                             max_r=_max_r(q_codes, g_codes, loo))
-    has_pos = rows["num_pos"] > 0
-    neg_above = rows["neg_above_best"]
-    result: dict[str, Any] = {"recall": _recall_from_rows(rows, ks), "num_queries": int(queries.shape[0]),
-                              "num_lone_queries": int(np.sum(~has_pos))}
-    for name, values in (("map_at_r", rows.get("ap_at_r")), ("r_precision", rows.get("r_precision")),
-                         ("precision_at_1", (neg_above == 0).astype(np.float64))):
-        result[name] = (float(np.mean(values[has_pos], dtype=np.float64))
-                        if values is not None and np.any(has_pos) else math.nan)
-    return result
+  Returns:
+    {'recall': {k: float}, 'map_at_r': float, 'r_precision': float, 'precision_at_1': float,
+     'num_queries': int, 'num_lone_queries': int}. Recall counts lone queries (no same-class reference
+    item) as misses; the other three average over non-lone queries only (PML `AccuracyCalculator`), NaN if
+    there are none. Ties: positives first (module docstring).
+  """
+  ks = _check_ks(ks)
+  queries, q_codes, gallery, g_codes, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
+  rows = _map_query_chunks(_retrieval_kernel, queries, q_codes, gallery, g_codes, leave_one_out=loo,
+                           query_chunk_size=query_chunk_size, mesh=mesh,
+                           max_r=_max_r(q_codes, g_codes, loo))
+  has_pos = rows["num_pos"] > 0
+  neg_above = rows["neg_above_best"]
+  result: dict[str, Any] = {"recall": _recall_from_rows(rows, ks), "num_queries": int(queries.shape[0]),
+                            "num_lone_queries": int(np.sum(~has_pos))}
+  for name, values in (("map_at_r", rows.get("ap_at_r")), ("r_precision", rows.get("r_precision")),
+                       ("precision_at_1", (neg_above == 0).astype(np.float64))):
+    result[name] = (float(np.mean(values[has_pos], dtype=np.float64))
+                    if values is not None and np.any(has_pos) else math.nan)
+  return result
 
 
 def recall_at_k(embeddings, labels, ks: Iterable[int], *, gallery_embeddings=None, gallery_labels=None,
                 query_chunk_size: int | None = None, mesh: Mesh | None = None) -> dict[int, float]:
-    """Recall@K {k: fraction of queries in [0, 1]} of cosine retrieval (spec section 6).
+  """Recall@K {k: fraction of queries in [0, 1]} of cosine retrieval (spec section 6).
 
-    A query is a hit at K iff it has a same-class reference item and fewer than K different-class items
-    score strictly higher than its best same-class item (= a same-class item among the K nearest, ties
-    resolved in favour of the positive). No gallery: leave-one-out over `embeddings` [n, d] with `labels`
-    [n] (own row masked; a class of one is a miss). With `gallery_embeddings` [n_g, d] and `gallery_labels`
-    [n_g]: query -> gallery. Blockwise and sharded: see `retrieval_metrics` for the options.
-    """
-    ks = _check_ks(ks)
-    queries, q_codes, gallery, g_codes, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
-    rows = _map_query_chunks(_retrieval_kernel, queries, q_codes, gallery, g_codes, leave_one_out=loo,
-                             query_chunk_size=query_chunk_size, mesh=mesh, max_r=0)
-    return _recall_from_rows(rows, ks)
+  A query is a hit at K iff it has a same-class reference item and fewer than K different-class items
+  score strictly higher than its best same-class item (= a same-class item among the K nearest, ties
+  resolved in favour of the positive). No gallery: leave-one-out over `embeddings` [n, d] with `labels`
+  [n] (own row masked; a class of one is a miss). With `gallery_embeddings` [n_g, d] and `gallery_labels`
+  [n_g]: query -> gallery. Blockwise and sharded: see `retrieval_metrics` for the options.
+  """
+  ks = _check_ks(ks)
+  queries, q_codes, gallery, g_codes, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
+  rows = _map_query_chunks(_retrieval_kernel, queries, q_codes, gallery, g_codes, leave_one_out=loo,
+                           query_chunk_size=query_chunk_size, mesh=mesh, max_r=0)
+  return _recall_from_rows(rows, ks)
 
 
 def mean_average_precision_at_r(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
                                 query_chunk_size: int | None = None,
                                 mesh: Mesh | None = None) -> float:
-    """MAP@R (Musgrave et al. 2020; PML `mean_average_precision_at_r`), float in [0, 1].
+  """MAP@R (Musgrave et al. 2020; PML `mean_average_precision_at_r`), float in [0, 1].
 
-    Per query, R = #same-class reference items (own row excluded) and AP@R = (1/R) sum_{i<=R} P(i) rel(i)
-    over the R nearest; averaged over queries with R >= 1. Arguments as in `retrieval_metrics`.
-    """
-    return retrieval_metrics(embeddings, labels, (1,), gallery_embeddings=gallery_embeddings,
-                             gallery_labels=gallery_labels, query_chunk_size=query_chunk_size,
-                             mesh=mesh)["map_at_r"]
+  Per query, R = #same-class reference items (own row excluded) and AP@R = (1/R) sum_{i<=R} P(i) rel(i)
+  over the R nearest; averaged over queries with R >= 1. Arguments as in `retrieval_metrics`.
+  """
+  return retrieval_metrics(embeddings, labels, (1,), gallery_embeddings=gallery_embeddings,
+                           gallery_labels=gallery_labels, query_chunk_size=query_chunk_size,
+                           mesh=mesh)["map_at_r"]
 
 
 def r_precision(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
                 query_chunk_size: int | None = None, mesh: Mesh | None = None) -> float:
-    """R-Precision (PML `r_precision`): mean over queries with R >= 1 of (#same-class among the R nearest) / R."""
-    return retrieval_metrics(embeddings, labels, (1,), gallery_embeddings=gallery_embeddings,
-                             gallery_labels=gallery_labels, query_chunk_size=query_chunk_size,
-                             mesh=mesh)["r_precision"]
+  """R-Precision (PML `r_precision`): mean over queries with R >= 1 of (#same-class among the R nearest) / R."""
+  return retrieval_metrics(embeddings, labels, (1,), gallery_embeddings=gallery_embeddings,
+                           gallery_labels=gallery_labels, query_chunk_size=query_chunk_size,
+                           mesh=mesh)["r_precision"]
 
 
 def utilization(test_embeddings, train_embeddings, *, query_chunk_size: int | None = None,
                 mesh: Mesh | None = None) -> float:
-    """Utilization u(Q, X) = (1/|Q|) sum_{q in Q} min_{x in X} ||f(q) - f(x)||^2 (spec section 6, poster).
+  """Utilization u(Q, X) = (1/|Q|) sum_{q in Q} min_{x in X} ||f(q) - f(x)||^2 (spec section 6, poster).
 
-    Q = `test_embeddings` [n_q, d], X = `train_embeddings` [n_x, d] (clean training set), both L2-normalised
-    here, so u is in [0, 4] (squared chordal distance; lower = training examples closer to test examples).
-    """
-    queries = _check_embeddings(test_embeddings, "test_embeddings")
-    gallery = _check_embeddings(train_embeddings, "train_embeddings")
-    if gallery.shape[1] != queries.shape[1]:
-        raise ValueError(f"test_embeddings have dim {queries.shape[1]} but train_embeddings have dim "
-                         f"{gallery.shape[1]}; both must come from the same model.")
-    rows = _map_query_chunks(_min_distance_kernel, queries, np.zeros(len(queries), np.int32), gallery,
-                             np.zeros(len(gallery), np.int32), leave_one_out=False,
-                             query_chunk_size=query_chunk_size, mesh=mesh)
-    return float(np.mean(rows["min_sq_dist"], dtype=np.float64))
+  Q = `test_embeddings` [n_q, d], X = `train_embeddings` [n_x, d] (clean training set), both L2-normalised
+  here, so u is in [0, 4] (squared chordal distance; lower = training examples closer to test examples).
+  """
+  queries = _check_embeddings(test_embeddings, "test_embeddings")
+  gallery = _check_embeddings(train_embeddings, "train_embeddings")
+  if gallery.shape[1] != queries.shape[1]:
+    raise ValueError(f"test_embeddings have dim {queries.shape[1]} but train_embeddings have dim "
+                     f"{gallery.shape[1]}; both must come from the same model.")
+  rows = _map_query_chunks(_min_distance_kernel, queries, np.zeros(len(queries), np.int32), gallery,
+                           np.zeros(len(gallery), np.int32), leave_one_out=False,
+                           query_chunk_size=query_chunk_size, mesh=mesh)
+  return float(np.mean(rows["min_sq_dist"], dtype=np.float64))
 
 
 def _pair_statistics(embeddings, labels, *, t: float, query_chunk_size: int | None, mesh: Mesh | None):
-    queries = _check_embeddings(embeddings, "embeddings")
-    if labels is None:
-        codes = np.zeros(len(queries), np.int32)
-    else:
-        labels = _check_labels(labels, len(queries), "labels", "embeddings")
-        codes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int32)
-    return _map_query_chunks(_pair_kernel, queries, codes, queries, codes, leave_one_out=True,
-                             query_chunk_size=query_chunk_size, mesh=mesh, t=float(t))
+  queries = _check_embeddings(embeddings, "embeddings")
+  if labels is None:
+    codes = np.zeros(len(queries), np.int32)
+  else:
+    labels = _check_labels(labels, len(queries), "labels", "embeddings")
+    codes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int32)
+  return _map_query_chunks(_pair_kernel, queries, codes, queries, codes, leave_one_out=True,
+                           query_chunk_size=query_chunk_size, mesh=mesh, t=float(t))
 
 
 def _alignment_from_rows(rows: dict[str, np.ndarray]) -> float:
-    num_pairs = int(np.sum(rows["num_pos"], dtype=np.int64))
-    if num_pairs == 0:
-        raise ValueError("alignment needs at least one positive pair: no class has two items.")
-    return float(np.sum(rows["pos_sq_dist_sum"], dtype=np.float64) / num_pairs)
+  num_pairs = int(np.sum(rows["num_pos"], dtype=np.int64))
+  if num_pairs == 0:
+    raise ValueError("alignment needs at least one positive pair: no class has two items.")
+  return float(np.sum(rows["pos_sq_dist_sum"], dtype=np.float64) / num_pairs)
 
 
 def _uniformity_from_rows(rows: dict[str, np.ndarray]) -> float:
-    num_pairs = int(np.sum(rows["num_other"], dtype=np.int64))
-    if num_pairs == 0:
-        raise ValueError("uniformity needs at least two embeddings.")
-    lse = rows["lse_neg_t_dist"].astype(np.float64)
-    top = lse.max()
-    return float(top + np.log(np.sum(np.exp(lse - top))) - np.log(num_pairs))
+  num_pairs = int(np.sum(rows["num_other"], dtype=np.int64))
+  if num_pairs == 0:
+    raise ValueError("uniformity needs at least two embeddings.")
+  lse = rows["lse_neg_t_dist"].astype(np.float64)
+  top = lse.max()
+  return float(top + np.log(np.sum(np.exp(lse - top))) - np.log(num_pairs))
 
 
 def alignment_and_uniformity(embeddings, labels, *, t: float = 2.0, query_chunk_size: int | None = None,
                              mesh: Mesh | None = None) -> tuple[float | None, float]:
-    """(`alignment(embeddings, labels)`, `uniformity(embeddings, t=t)`) from one blockwise pass (half the work
-    of calling both). Alignment is None when no class has two items."""
-    if not t > 0:
-        raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
-    rows = _pair_statistics(embeddings, labels, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
-    align = _alignment_from_rows(rows) if np.any(rows["num_pos"] > 0) else None
-    return align, _uniformity_from_rows(rows)
+  """(`alignment(embeddings, labels)`, `uniformity(embeddings, t=t)`) from one blockwise pass (half the work
+  of calling both). Alignment is None when no class has two items."""
+  if not t > 0:
+    raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
+  rows = _pair_statistics(embeddings, labels, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
+  align = _alignment_from_rows(rows) if np.any(rows["num_pos"] > 0) else None
+  return align, _uniformity_from_rows(rows)
 
 
 def alignment(embeddings, labels, *, query_chunk_size: int | None = None,
               mesh: Mesh | None = None) -> float:
-    """Alignment (Wang & Isola 2020, alpha = 2): E over positive pairs ||f(x) - f(x+)||^2, in [0, 4].
+  """Alignment (Wang & Isola 2020, alpha = 2): E over positive pairs ||f(x) - f(x+)||^2, in [0, 4].
 
-    Positive pairs: distinct items i != j of `embeddings` [n, d] with equal `labels` [n] (each unordered pair
-    once; the mean over ordered pairs is the same). L2-normalised here. Lower = classes tighter. Raises
-    ValueError if no class has two items.
-    """
-    rows = _pair_statistics(embeddings, labels, t=2.0, query_chunk_size=query_chunk_size, mesh=mesh)
-    return _alignment_from_rows(rows)
+  Positive pairs: distinct items i != j of `embeddings` [n, d] with equal `labels` [n] (each unordered pair
+  once; the mean over ordered pairs is the same). L2-normalised here. Lower = classes tighter. Raises
+  ValueError if no class has two items.
+  """
+  rows = _pair_statistics(embeddings, labels, t=2.0, query_chunk_size=query_chunk_size, mesh=mesh)
+  return _alignment_from_rows(rows)
 
 
 def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = None,
                mesh: Mesh | None = None) -> float:
-    """Uniformity (Wang & Isola 2020): log E over distinct pairs exp(-t ||f(x) - f(y)||^2), in [-4t, 0].
+  """Uniformity (Wang & Isola 2020): log E over distinct pairs exp(-t ||f(x) - f(y)||^2), in [-4t, 0].
 
-    Pairs: all i != j of `embeddings` [n, d] (n >= 2), L2-normalised here. Accumulated as per-row float32
-    log-sum-exp on device and a float64 log-sum-exp over rows on the host (numerically stable for any t > 0).
-    Lower = more uniform on the sphere.
-    """
-    if not t > 0:
-        raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
-    rows = _pair_statistics(embeddings, None, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
-    return _uniformity_from_rows(rows)
+  Pairs: all i != j of `embeddings` [n, d] (n >= 2), L2-normalised here. Accumulated as per-row float32
+  log-sum-exp on device and a float64 log-sum-exp over rows on the host (numerically stable for any t > 0).
+  Lower = more uniform on the sphere.
+  """
+  if not t > 0:
+    raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
+  rows = _pair_statistics(embeddings, None, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
+  return _uniformity_from_rows(rows)
 
 
 __all__ = [

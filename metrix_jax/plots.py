@@ -25,163 +25,163 @@ import numpy as np
 # JSON.
 # ----------------------------------------------------------------------------------------------------------
 def to_jsonable(value: Any) -> Any:
-    """`value` with numpy/jax scalars and arrays turned into Python numbers and lists, mapping keys into
-    strings, tuples into lists, and non-finite floats into None (strict JSON has no NaN/inf)."""
-    if isinstance(value, Mapping):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
-    if isinstance(value, (str, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(item) for item in value]
-    if hasattr(value, "__array__") and not isinstance(value, (int, float)):
-        array = np.asarray(value)
-        return to_jsonable(array.tolist()) if array.ndim else to_jsonable(array.item())
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
+  """`value` with numpy/jax scalars and arrays turned into Python numbers and lists, mapping keys into
+  strings, tuples into lists, and non-finite floats into None (strict JSON has no NaN/inf)."""
+  if isinstance(value, Mapping):
+    return {str(key): to_jsonable(item) for key, item in value.items()}
+  if isinstance(value, (str, bool)) or value is None:
+    return value
+  if isinstance(value, (list, tuple)):
+    return [to_jsonable(item) for item in value]
+  if hasattr(value, "__array__") and not isinstance(value, (int, float)):
+    array = np.asarray(value)
+    return to_jsonable(array.tolist()) if array.ndim else to_jsonable(array.item())
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
 
 
 def write_json(path: str | os.PathLike, data: Any) -> str:
-    """Writes `data` (see `to_jsonable`) as indented strict JSON, atomically; creates parent folders.
+  """Writes `data` (see `to_jsonable`) as indented strict JSON, atomically; creates parent folders.
 
-    Returns the path as a string.
-    """
-    text = json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n"
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+  Returns the path as a string.
+  """
+  text = json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n"
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Positivity record.
 # ----------------------------------------------------------------------------------------------------------
 def _as_curve(values: Any, name: str, length: int | None = None) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array (one value per lambda bin); got shape "
-                         f"{array.shape}.")
-    if length is not None and array.size != length:
-        raise ValueError(f"{name} has {array.size} values but lambdas has {length}: pass one value per "
-                         "lambda bin.")
-    return array
+  array = np.asarray(values, dtype=np.float64)
+  if array.ndim != 1 or array.size == 0:
+    raise ValueError(f"{name} must be a non-empty 1-D array (one value per lambda bin); got shape "
+                     f"{array.shape}.")
+  if length is not None and array.size != length:
+    raise ValueError(f"{name} has {array.size} values but lambdas has {length}: pass one value per "
+                     "lambda bin.")
+  return array
 
 
 def positivity_record(lambdas: Any, empirical: Any, theoretical: Any = None) -> dict[str, Any]:
-    """JSON-ready positivity curve.
+  """JSON-ready positivity curve.
 
-    Args:
-      lambdas: lambda bin centres [B], in [0, 1] (the mixing weight of the first item).
-      empirical: fraction of mixed items that are positives for their anchor in each bin [B], in [0, 1]
-        (NaN for an empty bin).
-      theoretical: the paper's P(Pos) at the same lambdas [B], or None.
+  Args:
+    lambdas: lambda bin centres [B], in [0, 1] (the mixing weight of the first item).
+    empirical: fraction of mixed items that are positives for their anchor in each bin [B], in [0, 1]
+      (NaN for an empty bin).
+    theoretical: the paper's P(Pos) at the same lambdas [B], or None.
 
-    Returns:
-      {"lambda": [B floats], "empirical": [B floats or None], "theoretical": [B floats or None] or None}.
-    """
-    lambdas = _as_curve(lambdas, "lambdas")
-    record = {"lambda": lambdas, "empirical": _as_curve(empirical, "empirical", lambdas.size),
-              "theoretical": None if theoretical is None
-              else _as_curve(theoretical, "theoretical", lambdas.size)}
-    return to_jsonable(record)
+  Returns:
+    {"lambda": [B floats], "empirical": [B floats or None], "theoretical": [B floats or None] or None}.
+  """
+  lambdas = _as_curve(lambdas, "lambdas")
+  record = {"lambda": lambdas, "empirical": _as_curve(empirical, "empirical", lambdas.size),
+            "theoretical": None if theoretical is None
+            else _as_curve(theoretical, "theoretical", lambdas.size)}
+  return to_jsonable(record)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Plots.
 # ----------------------------------------------------------------------------------------------------------
 def _new_figure(width: float = 5.0, height: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
+  figure = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(figure)
+  return figure
 
 
 def _save(figure, path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  figure.tight_layout()
+  figure.savefig(path, format="png")
+  return path
 
 
 def _recall_series(recalls: Mapping) -> dict[str, tuple[list[int], list[float]]]:
-    """{name: (ks, recalls)} from {k: recall} or {name: {k: recall}}, ks sorted."""
-    if not recalls:
-        raise ValueError("recalls is empty: pass {k: recall} or {name: {k: recall}}.")
-    nested = all(isinstance(value, Mapping) for value in recalls.values())
-    series = recalls if nested else {"": recalls}
-    out = {}
-    for name, curve in series.items():
-        if not curve:
-            raise ValueError(f"recalls[{name!r}] is empty.")
-        try:
-            pairs = sorted((int(k), float(v)) for k, v in curve.items())
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"recalls must map positive int K to a recall in [0, 1]; got {dict(curve)!r}."
-                             ) from error
-        if pairs[0][0] < 1:
-            raise ValueError(f"Recall@K needs K >= 1; got K={pairs[0][0]}.")
-        out[str(name)] = ([k for k, _ in pairs], [v for _, v in pairs])
-    return out
+  """{name: (ks, recalls)} from {k: recall} or {name: {k: recall}}, ks sorted."""
+  if not recalls:
+    raise ValueError("recalls is empty: pass {k: recall} or {name: {k: recall}}.")
+  nested = all(isinstance(value, Mapping) for value in recalls.values())
+  series = recalls if nested else {"": recalls}
+  out = {}
+  for name, curve in series.items():
+    if not curve:
+      raise ValueError(f"recalls[{name!r}] is empty.")
+    try:
+      pairs = sorted((int(k), float(v)) for k, v in curve.items())
+    except (TypeError, ValueError) as error:
+      raise ValueError(f"recalls must map positive int K to a recall in [0, 1]; got {dict(curve)!r}."
+                       ) from error
+    if pairs[0][0] < 1:
+      raise ValueError(f"Recall@K needs K >= 1; got K={pairs[0][0]}.")
+    out[str(name)] = ([k for k, _ in pairs], [v for _, v in pairs])
+  return out
 
 
 def plot_recall_at_k(recalls: Mapping, path: str | os.PathLike, *, title: str = "Recall@K") -> str:
-    """Recall@K (in %) against K on a log axis, one line per series; writes a PNG and returns its path.
+  """Recall@K (in %) against K on a log axis, one line per series; writes a PNG and returns its path.
 
-    Args:
-      recalls: {k: recall in [0, 1]} (e.g. `evaluation.recall_at_k`'s result) or {name: {k: recall}} to
-        compare runs or test splits.
-      path: output .png path (parent folders are created).
-    """
-    series = _recall_series(recalls)
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    all_ks: set[int] = set()
-    for name, (ks, values) in series.items():
-        axes.plot(ks, [100.0 * v for v in values], marker="o", label=name or None)
-        all_ks.update(ks)
-    axes.set_xscale("log")
-    axes.set_xticks(sorted(all_ks))
-    axes.set_xticklabels([str(k) for k in sorted(all_ks)])
-    axes.minorticks_off()
-    axes.set_xlabel("K")
-    axes.set_ylabel("Recall@K (%)")
-    axes.set_ylim(0, 100)
-    axes.grid(True, alpha=0.3)
-    axes.set_title(title)
-    if any(series):
-        axes.legend()
-    return _save(figure, path)
+  Args:
+    recalls: {k: recall in [0, 1]} (e.g. `evaluation.recall_at_k`'s result) or {name: {k: recall}} to
+      compare runs or test splits.
+    path: output .png path (parent folders are created).
+  """
+  series = _recall_series(recalls)
+  figure = _new_figure()
+  axes = figure.add_subplot()
+  all_ks: set[int] = set()
+  for name, (ks, values) in series.items():
+    axes.plot(ks, [100.0 * v for v in values], marker="o", label=name or None)
+    all_ks.update(ks)
+  axes.set_xscale("log")
+  axes.set_xticks(sorted(all_ks))
+  axes.set_xticklabels([str(k) for k in sorted(all_ks)])
+  axes.minorticks_off()
+  axes.set_xlabel("K")
+  axes.set_ylabel("Recall@K (%)")
+  axes.set_ylim(0, 100)
+  axes.grid(True, alpha=0.3)
+  axes.set_title(title)
+  if any(series):
+    axes.legend()
+  return _save(figure, path)
 
 
 def plot_positivity(lambdas: Any, empirical: Any, theoretical: Any, path: str | os.PathLike, *,
                     title: str = "Positivity of mixed embeddings") -> str:
-    """Fraction of mixed items that act as positives vs lambda, empirical and theoretical; writes a PNG.
+  """Fraction of mixed items that act as positives vs lambda, empirical and theoretical; writes a PNG.
 
-    Args: as `positivity_record` (`theoretical` may be None); path: output .png path. Returns the path.
-    """
-    record = positivity_record(lambdas, empirical, theoretical)
-    nan = lambda values: [math.nan if v is None else v for v in values]  # noqa: E731
-    figure = _new_figure()
-    axes = figure.add_subplot()
-    axes.plot(record["lambda"], nan(record["empirical"]), marker="o", linestyle="-", label="empirical")
-    if record["theoretical"] is not None:
-        axes.plot(record["lambda"], nan(record["theoretical"]), linestyle="--", label="theoretical")
-    axes.set_xlabel("lambda")
-    axes.set_ylabel("P(positive)")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(-0.02, 1.02)
-    axes.grid(True, alpha=0.3)
-    axes.set_title(title)
-    axes.legend()
-    return _save(figure, path)
+  Args: as `positivity_record` (`theoretical` may be None); path: output .png path. Returns the path.
+  """
+  record = positivity_record(lambdas, empirical, theoretical)
+  nan = lambda values: [math.nan if v is None else v for v in values]  # noqa: E731
+  figure = _new_figure()
+  axes = figure.add_subplot()
+  axes.plot(record["lambda"], nan(record["empirical"]), marker="o", linestyle="-", label="empirical")
+  if record["theoretical"] is not None:
+    axes.plot(record["lambda"], nan(record["theoretical"]), linestyle="--", label="theoretical")
+  axes.set_xlabel("lambda")
+  axes.set_ylabel("P(positive)")
+  axes.set_xlim(0, 1)
+  axes.set_ylim(-0.02, 1.02)
+  axes.grid(True, alpha=0.3)
+  axes.set_title(title)
+  axes.legend()
+  return _save(figure, path)
 
 
 __all__ = ["plot_positivity", "plot_recall_at_k", "positivity_record", "to_jsonable",

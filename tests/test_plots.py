@@ -17,59 +17,59 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _assert_png(path):
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_SIGNATURE
-    import matplotlib.image
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_SIGNATURE
+  import matplotlib.image
 
-    image = matplotlib.image.imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    assert np.ptp(image[..., :3]) > 0  # something was drawn
+  image = matplotlib.image.imread(path)
+  assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+  assert np.ptp(image[..., :3]) > 0  # something was drawn
 
 
 def test_plot_recall_at_k_single_and_named_series(tmp_path):
-    single = {1: 0.61, 2: 0.72, 4: 0.81, 8: 0.88}
-    _assert_png(plots.plot_recall_at_k(single, tmp_path / "recall.png"))
-    named = {"SOP": {1: 0.8, 10: 0.9, 100: 0.95, 1000: 0.98}, "baseline": {"1": 0.7, "10": 0.85}}
-    _assert_png(plots.plot_recall_at_k(named, tmp_path / "sub" / "recall_named.png"))
+  single = {1: 0.61, 2: 0.72, 4: 0.81, 8: 0.88}
+  _assert_png(plots.plot_recall_at_k(single, tmp_path / "recall.png"))
+  named = {"SOP": {1: 0.8, 10: 0.9, 100: 0.95, 1000: 0.98}, "baseline": {"1": 0.7, "10": 0.85}}
+  _assert_png(plots.plot_recall_at_k(named, tmp_path / "sub" / "recall_named.png"))
 
 
 def test_plot_positivity(tmp_path):
-    lambdas = np.linspace(0.05, 0.95, 10)
-    theoretical = 1 / (1 + np.exp(-12 * (lambdas - 0.5)))
-    empirical = theoretical + 0.03
-    empirical[0] = np.nan  # an empty bin
-    _assert_png(plots.plot_positivity(lambdas, empirical, theoretical, tmp_path / "positivity.png"))
-    _assert_png(plots.plot_positivity(lambdas, empirical, None, tmp_path / "positivity_empirical.png"))
+  lambdas = np.linspace(0.05, 0.95, 10)
+  theoretical = 1 / (1 + np.exp(-12 * (lambdas - 0.5)))
+  empirical = theoretical + 0.03
+  empirical[0] = np.nan  # an empty bin
+  _assert_png(plots.plot_positivity(lambdas, empirical, theoretical, tmp_path / "positivity.png"))
+  _assert_png(plots.plot_positivity(lambdas, empirical, None, tmp_path / "positivity_empirical.png"))
 
 
 def test_positivity_record_and_write_json(tmp_path):
-    lambdas = np.array([0.1, 0.5, 0.9], np.float32)
-    record = plots.positivity_record(lambdas, [np.nan, 0.5, 1.0], np.array([0.0, 0.5, 1.0]))
-    path = plots.write_json(tmp_path / "a" / "positivity.json", record)
-    with open(path) as f:
-        loaded = json.load(f)
-    assert loaded["lambda"] == pytest.approx([0.1, 0.5, 0.9])
-    assert loaded["empirical"] == [None, 0.5, 1.0]
-    assert loaded["theoretical"] == [0.0, 0.5, 1.0]
-    assert plots.positivity_record([0.5], [1.0])["theoretical"] is None
+  lambdas = np.array([0.1, 0.5, 0.9], np.float32)
+  record = plots.positivity_record(lambdas, [np.nan, 0.5, 1.0], np.array([0.0, 0.5, 1.0]))
+  path = plots.write_json(tmp_path / "a" / "positivity.json", record)
+  with open(path) as f:
+    loaded = json.load(f)
+  assert loaded["lambda"] == pytest.approx([0.1, 0.5, 0.9])
+  assert loaded["empirical"] == [None, 0.5, 1.0]
+  assert loaded["theoretical"] == [0.0, 0.5, 1.0]
+  assert plots.positivity_record([0.5], [1.0])["theoretical"] is None
 
 
 def test_write_json_numbers_and_keys(tmp_path):
-    import jax.numpy as jnp
+  import jax.numpy as jnp
 
-    data = {"recall": {1: np.float32(0.25), 10: 0.5}, "count": np.int64(7), "ok": np.bool_(True),
-            "curve": np.arange(3), "jax": jnp.asarray([1.5, 2.5]), "missing": float("nan"),
-            "inf": np.inf, "nested": ({"a": (1, 2)},), "name": "sop"}
-    path = plots.write_json(tmp_path / "eval.json", data)
-    with open(path) as f:
-        text = f.read()
-    assert "NaN" not in text and "Infinity" not in text
-    loaded = json.loads(text)
-    assert loaded == {"recall": {"1": 0.25, "10": 0.5}, "count": 7, "ok": True, "curve": [0, 1, 2],
-                      "jax": [1.5, 2.5], "missing": None, "inf": None, "nested": [{"a": [1, 2]}],
-                      "name": "sop"}
-    assert isinstance(loaded["count"], int) and isinstance(loaded["recall"]["1"], float)
-    assert not any(name.endswith(".tmp" + str(os.getpid())) for name in os.listdir(tmp_path))
+  data = {"recall": {1: np.float32(0.25), 10: 0.5}, "count": np.int64(7), "ok": np.bool_(True),
+          "curve": np.arange(3), "jax": jnp.asarray([1.5, 2.5]), "missing": float("nan"),
+          "inf": np.inf, "nested": ({"a": (1, 2)},), "name": "sop"}
+  path = plots.write_json(tmp_path / "eval.json", data)
+  with open(path) as f:
+    text = f.read()
+  assert "NaN" not in text and "Infinity" not in text
+  loaded = json.loads(text)
+  assert loaded == {"recall": {"1": 0.25, "10": 0.5}, "count": 7, "ok": True, "curve": [0, 1, 2],
+                    "jax": [1.5, 2.5], "missing": None, "inf": None, "nested": [{"a": [1, 2]}],
+                    "name": "sop"}
+  assert isinstance(loaded["count"], int) and isinstance(loaded["recall"]["1"], float)
+  assert not any(name.endswith(".tmp" + str(os.getpid())) for name in os.listdir(tmp_path))
 
 
 @pytest.mark.parametrize("call,message", [
@@ -81,18 +81,18 @@ def test_write_json_numbers_and_keys(tmp_path):
     (lambda p: plots.positivity_record([0.1, 0.2], [0.1, 0.2], [0.3]), "theoretical"),
 ])
 def test_bad_inputs_raise(tmp_path, call, message):
-    with pytest.raises(ValueError, match=message):
-        call(tmp_path / "bad.png")
-    assert not (tmp_path / "bad.png").exists()
+  with pytest.raises(ValueError, match=message):
+    call(tmp_path / "bad.png")
+  assert not (tmp_path / "bad.png").exists()
 
 
 def test_write_json_rejects_unknown_objects(tmp_path):
-    with pytest.raises(TypeError, match="JSON"):
-        plots.write_json(tmp_path / "bad.json", {"x": object()})
-    assert os.listdir(tmp_path) == []
+  with pytest.raises(TypeError, match="JSON"):
+    plots.write_json(tmp_path / "bad.json", {"x": object()})
+  assert os.listdir(tmp_path) == []
 
 
 def test_import_does_not_load_matplotlib():
-    code = "import sys, metrix_jax.plots; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "False"
+  code = "import sys, metrix_jax.plots; print('matplotlib' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+  assert out.stdout.strip() == "False"
