@@ -164,10 +164,11 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
+  row = dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype, images_per_s=None,
+             ms_per_step=None, memory_bytes=_xla_bytes(compiled), flops=_xla_flops(compiled), compile_s=compile_s,
+             loss_value=None)
   if args.compile_only:
-    return dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype, images_per_s=None,
-                ms_per_step=None, memory_bytes=_xla_bytes(compiled), flops=_xla_flops(compiled),
-                compile_s=compile_s, loss_value=None), None
+    return row, None
   for _ in range(args.warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
@@ -176,9 +177,7 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / args.steps
-  row = dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype,
-             images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, memory_bytes=_xla_bytes(compiled),
-             flops=_xla_flops(compiled), compile_s=compile_s, loss_value=float(metrics['loss']))
+  row.update(images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, loss_value=float(metrics['loss']))
   if e2e is not None:
     row['e2e'] = time_end_to_end(compiled, state, args, batch_size, mesh, e2e)
     state = row['e2e'].pop('state')
@@ -326,9 +325,9 @@ def add_ratios(rows: list[dict]) -> None:
       continue
     clean = [c for c in rows if c['framework'] == 'jax' and c['loss'] == r['loss'] and c['mix'] == 'none'
              and c['batch_size'] == r['batch_size']]
-    if clean and r['mix'] != 'none' and r['ms_per_step'] and clean[0]['ms_per_step']:
-      r['overhead_pct'] = 100 * (r['ms_per_step'] / clean[0]['ms_per_step'] - 1)
     if clean and r['mix'] != 'none':
+      if r['ms_per_step'] and clean[0]['ms_per_step']:
+        r['overhead_pct'] = 100 * (r['ms_per_step'] / clean[0]['ms_per_step'] - 1)
       if r.get('flops') and clean[0].get('flops'):
         r['flop_overhead_pct'] = 100 * (r['flops'] / clean[0]['flops'] - 1)
     for variant in ('bf16_cl', 'fp32'):

@@ -72,6 +72,17 @@ def _check_choice(name: str, value, choices) -> None:
     raise ValueError(f'{name}={value!r} is not one of {choices}.')
 
 
+def _check_lambda(alpha: float, lambda_mode: str) -> None:
+  _check_choice('lambda_mode', lambda_mode, LAMBDA_MODES)
+  if alpha <= 0:
+    raise ValueError(f'alpha must be > 0 for Beta(alpha, alpha); got {alpha}.')
+
+
+def _check_num_mixed(num_mixed) -> None:
+  if not isinstance(num_mixed, int) or num_mixed < 1:
+    raise ValueError(f'num_mixed must be a positive int (static shape); got {num_mixed!r}.')
+
+
 def _check_pair_sets(pair_sets: Sequence[str]) -> tuple:
   if isinstance(pair_sets, str):
     pair_sets = (pair_sets,)
@@ -159,8 +170,7 @@ def sample_pairs(key: Array, pos_mask: Array, neg_mask: Array, *, pair_sets: Seq
     first [B, K] int32, second [B, K] int32, valid [B, K] bool (False where M(a) is empty).
   """
   pair_sets = _check_pair_sets(pair_sets)
-  if not isinstance(num_mixed, int) or num_mixed < 1:
-    raise ValueError(f'num_mixed must be a positive int (static shape); got {num_mixed!r}.')
+  _check_num_mixed(num_mixed)
   b, num_sets = pos_mask.shape[0], len(pair_sets)
   firsts, seconds, distinct = jax.vmap(lambda a, p, n: _anchor_sets(a, p, n, pair_sets))(
       jnp.arange(b), pos_mask, neg_mask)  # [B, S, B], [B, S, B], [B, S]
@@ -185,9 +195,7 @@ def sample_pairs(key: Array, pos_mask: Array, neg_mask: Array, *, pair_sets: Seq
 def sample_lambda(key: Array, shape: tuple, *, alpha: float = 2.0, lambda_mode: str = 'batch') -> Array:
   """lam ~ Beta(alpha, alpha) float32: one per batch broadcast to `shape` ('batch', the official code's
   choice) or one per mixed item ('item')."""
-  _check_choice('lambda_mode', lambda_mode, LAMBDA_MODES)
-  if alpha <= 0:
-    raise ValueError(f'alpha must be > 0 for Beta(alpha, alpha); got {alpha}.')
+  _check_lambda(alpha, lambda_mode)
   draw_shape = () if lambda_mode == 'batch' else tuple(shape)
   return jnp.broadcast_to(_beta_symmetric(key, alpha, draw_shape), shape)
 
@@ -227,11 +235,8 @@ def make_plan(key: Array, labels: Array, *, pos_mask: Optional[Array] = None, ne
     lam: optional fixed lambda (scalar or [M]) instead of sampling (tests, limits).
   """
   _check_choice('mask_mode', mask_mode, MASK_MODES)
-  _check_choice('lambda_mode', lambda_mode, LAMBDA_MODES)
-  if not isinstance(num_mixed, int) or num_mixed < 1:
-    raise ValueError(f'num_mixed must be a positive int (static shape); got {num_mixed!r}.')
-  if alpha <= 0:
-    raise ValueError(f'alpha must be > 0 for Beta(alpha, alpha); got {alpha}.')
+  _check_lambda(alpha, lambda_mode)
+  _check_num_mixed(num_mixed)
   labels, pos_mask, neg_mask = _check_masks(labels, pos_mask, neg_mask)
   return _make_plan(key, labels, pos_mask, neg_mask, lam, pair_sets=_check_pair_sets(pair_sets),
                     num_mixed=num_mixed, alpha=float(alpha), lambda_mode=lambda_mode, mask_mode=mask_mode,
@@ -270,9 +275,7 @@ def all_pairs_plan(key: Optional[Array], labels: Array, *, pos_mask: Optional[Ar
   since the mixed embedding is). Use with `closed_form_similarity` (embedding level): B^3 masks, no B^3
   embeddings. key may be None when lam is given."""
   _check_choice('mask_mode', mask_mode, MASK_MODES)
-  _check_choice('lambda_mode', lambda_mode, LAMBDA_MODES)
-  if alpha <= 0:
-    raise ValueError(f'alpha must be > 0 for Beta(alpha, alpha); got {alpha}.')
+  _check_lambda(alpha, lambda_mode)
   labels, pos_mask, neg_mask = _check_masks(labels, pos_mask, neg_mask)
   if lam is None and key is None:
     raise ValueError('all_pairs_plan needs a key to sample lambda, or a fixed lam.')

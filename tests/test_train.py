@@ -53,6 +53,16 @@ def _subprocess(args, *, devices=1, env_extra=None, timeout=300, **popen):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
 
 
+def _wait_for_checkpoint(proc, workdir, *, step, poll_s, timeout_s=240):
+  """Blocks until checkpoint `step` of the subprocess run in `workdir` is committed (fails if the run exits)."""
+  committed = workdir / 'checkpoints' / str(step) / 'commit_success.txt'
+  deadline = time.time() + timeout_s
+  while not committed.exists():
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, f'no checkpoint within {timeout_s} s'
+    time.sleep(poll_s)
+
+
 def _results_of(proc, timeout=300):
   out, _ = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, out[-4000:]
@@ -104,12 +114,7 @@ def test_resume_after_sigkill(straight_run, tmp_path):
   ref_dir, ref = straight_run
   proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
                      env_extra={'METRIX_FAKE_DATA_HANG_AT': '3'})
-  committed = tmp_path / 'checkpoints' / '2' / 'commit_success.txt'
-  deadline = time.time() + 240
-  while not committed.exists():
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    assert time.time() < deadline, 'no checkpoint within 240 s'
-    time.sleep(0.5)
+  _wait_for_checkpoint(proc, tmp_path, step=2, poll_s=0.5)
   time.sleep(0.5)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
@@ -128,12 +133,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(straight_run, tmp_path):
   ref_dir, ref = straight_run
   proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
                      env_extra={'METRIX_FAKE_DATA_DELAY_S': '1.5'})
-  committed = tmp_path / 'checkpoints' / '2' / 'commit_success.txt'
-  deadline = time.time() + 240
-  while not committed.exists():
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    assert time.time() < deadline, 'no checkpoint within 240 s'
-    time.sleep(0.2)
+  _wait_for_checkpoint(proc, tmp_path, step=2, poll_s=0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-3000:]
