@@ -234,9 +234,9 @@ def positivity(config, embeddings: np.ndarray, labels: np.ndarray, *, proxies: n
   hyperparameters and mining, on `pair_sets` (default positive-negative, the paper's analysis, so that runs with
   and without Metrix are comparable): the fraction of mixed items with d(mixed loss)/d s(a, v) < 0 at each
   lambda (items whose gradient is exactly 0 neither pull nor push and are not counted; see
-  `metrix_jax.analysis.positivity_curve`). Both curves are averaged over batches weighted by the number of (anchor, item) pairs counted. Returns
-  {'lambda' [L], 'empirical' [L], 'theoretical' [L] or None (Multi-Similarity only), 'num_batches',
-  'batch_size', 'num_items'}; NaN where no item was counted.
+  `metrix_jax.analysis.positivity_curve`). Both curves are averaged over batches weighted by the number of
+  (anchor, item) pairs counted. Returns {'lambda' [L], 'empirical' [L], 'theoretical' [L] or None
+  (Multi-Similarity only), 'num_batches', 'batch_size', 'num_items'}; NaN where no item was counted.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import analysis, train  # pylint: disable=g-import-not-at-top

@@ -411,10 +411,11 @@ def train_and_evaluate(config, workdir: str, *, data_factory: Callable[..., Data
       if not np.all(np.isfinite(v)):
         first = pending[0][0]
         ckpt.wait()
+        good = 'none' if last_good is None else f'{workdir}/checkpoints/{last_good}'
         raise NonFiniteLossError(
-            f'Loss became {float(v[0])} (gradient norm {float(v[1])}) at step {s} (checked window: steps {first}-{pending[-1][0]}; last finite '
-            f'checkpoint: {"none" if last_good is None else f"{workdir}/checkpoints/{last_good}"}). Lower '
-            f'--config.optim.lr or check the data; rerunning resumes from that checkpoint.')
+            f'Loss became {float(v[0])} (gradient norm {float(v[1])}) at step {s} (checked window: steps '
+            f'{first}-{pending[-1][0]}; last finite checkpoint: {good}). Lower --config.optim.lr or check the '
+            'data; rerunning resumes from that checkpoint.')
     history['train_loss'] = float(values[-1][0])
     pending = []
 

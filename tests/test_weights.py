@@ -189,7 +189,8 @@ def test_parity_with_torchvision_itself(depth, size, tmp_path):
     body = torch.nn.Sequential(*list(model_t.children())[:-2])
     expected = body(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
   with jax.default_matmul_precision('highest'):
-    actual = models.ResNet(depth).apply(weights.load_torchvision(path, depth=depth), jnp.asarray(x.transpose(0, 2, 3, 1)))
+    variables = weights.load_torchvision(path, depth=depth)
+    actual = models.ResNet(depth).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert actual.shape == expected.shape
   err = np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max()
   print(f'torchvision {torchvision.__version__} resnet{depth} at {size} px: max rel err {err:.2e}')
