@@ -381,7 +381,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 def holm_adjust(comparisons: list[dict[str, Any]]) -> None:
   """Adds 'p_holm' (over every comparison of the study: rows x K) to each comparison and bases the verdict on
-  it: with 15 tests at 0.05, one raw p < 0.05 is expected by chance alone."""
+  it: with, say, 15 tests at 0.05, about one raw p < 0.05 is expected by chance alone."""
   tested = [c for c in comparisons if c.get('p_two_sided') is not None]
   for c, adjusted in zip(tested, holm([c['p_two_sided'] for c in tested])):
     c['p_holm'] = adjusted
