@@ -1,0 +1,78 @@
+"""What every entry point shares: logging levels, process-0 logging, and user mistakes as one line + exit 2.
+
+Entry points (`metrix_jax.main`, `evaluate`, `embed`, `weights`, `data.builders`, `scripts/study.py`) wrap their
+work in `run_user_command(fn)`: a `UserError` (or one of `USER_ERRORS`, the exceptions our validators raise with
+a message that names the fix) becomes `error: <message>` on stderr and exit status 2; anything else is a bug of
+ours and keeps its traceback.
+
+    from metrix_jax import cli
+    def _main(argv):
+      cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
+      return cli.run_user_command(lambda: work(FLAGS.workdir))
+
+Exit statuses: 0 done, 2 a user mistake (the message says how to fix it), 3 training stopped on a non-finite loss.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_NON_FINITE = 3
+
+# Loggers of libraries whose INFO lines bury the progress log (Orbax logs through absl; tfds and grain have
+# their own). `configure_logging(verbose_libraries=True)` keeps them.
+LIBRARY_LOGGERS = ('absl', 'orbax', 'tensorflow_datasets', 'grain', 'jax._src.xla_bridge', 'jax._src.distributed')
+
+
+class UserError(Exception):
+  """A problem the user can fix (missing workdir, bad checkpoint choice, ...); the message says how."""
+
+
+# Raised by our validators with a message written for the user (config_lib.validate, data builders, ...).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def configure_logging(*, verbose_libraries: bool = False, process_index: int | None = None) -> None:
+  """metrix_jax logs INFO on process 0 (WARNING on the others); library loggers WARNING unless verbose.
+
+  `process_index`: this process's index (default: `jax.process_index()`, which needs the backend: call this
+  after `jax.distributed.initialize()` on multi-host runs).
+  """
+  if process_index is None:
+    import jax  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of jax
+    process_index = jax.process_index()
+  package = logging.getLogger('metrix_jax')
+  package.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
+  if not logging.getLogger().handlers and not package.handlers:  # not under absl.app / pytest: print INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(levelname).1s %(asctime)s %(name)s] %(message)s', '%H:%M:%S'))
+    package.addHandler(handler)
+  for name in LIBRARY_LOGGERS:
+    logging.getLogger(name).setLevel(logging.INFO if verbose_libraries else logging.WARNING)
+
+
+def error_line(error: BaseException) -> str:
+  """`error: <message>` on one line of stderr (a message with several lines keeps them, indented)."""
+  text = str(error).strip() or type(error).__name__
+  if isinstance(error, KeyError) and text.startswith(("'", '"')):  # KeyError quotes its message
+    text = text[1:-1]
+  return 'error: ' + text.replace('\n', '\n  ')
+
+
+def report(error: BaseException) -> int:
+  """Prints `error_line(error)` to stderr; returns EXIT_USER_ERROR."""
+  print(error_line(error), file=sys.stderr, flush=True)
+  return EXIT_USER_ERROR
+
+
+def run_user_command(fn: Callable[[], int | None], *, user_errors: tuple[type[BaseException], ...] = USER_ERRORS
+                     ) -> int:
+  """`fn()`'s exit status (None -> 0); a user mistake -> one line on stderr and EXIT_USER_ERROR."""
+  try:
+    status = fn()
+  except user_errors as error:
+    return report(error)
+  return EXIT_OK if status is None else int(status)
