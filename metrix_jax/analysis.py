@@ -122,19 +122,15 @@ def positivity_curve(loss: losses_lib.Loss | str, embeddings: Array, labels: Arr
   grid = np.asarray(lambdas, np.float64).reshape(-1)
   if grid.size == 0 or np.any(grid < 0) or np.any(grid > 1):
     raise ValueError(f'lambdas must be a non-empty sequence of values in [0, 1]; got {lambdas!r}.')
-  b = labels.shape[0]
-  pos, neg = mixup.pair_masks(loss, embeddings, labels, proxies)
-  kwargs = dict(pos_mask=pos, neg_mask=neg, pair_sets=pair_sets, mask_mode=mask_mode, lam=0.5)
-  if num_mixed is None:
-    if b > MAX_ALL_PAIRS_BATCH:
-      raise ValueError(f'num_mixed=None (all pairs) needs B <= {MAX_ALL_PAIRS_BATCH} (B^3 masks); got B = {b}. '
-                       'Pass num_mixed=K to sample K pairs per anchor, or a smaller batch.')
-    plan = mixup.all_pairs_plan(None, labels, **kwargs)
-  else:
-    if key is None:
-      raise ValueError('positivity_curve needs a PRNG key to sample num_mixed pairs per anchor '
-                       '(e.g. jax.random.key(0)), or num_mixed=None for all pairs.')
-    plan = mixup.make_plan(key, labels, num_mixed=num_mixed, **kwargs)
+  if num_mixed is None and labels.shape[0] > MAX_ALL_PAIRS_BATCH:
+    raise ValueError(f'num_mixed=None (all pairs) needs B <= {MAX_ALL_PAIRS_BATCH} (B^3 masks); got '
+                     f'B = {labels.shape[0]}. Pass num_mixed=K to sample K pairs per anchor, or a smaller batch.')
+  if num_mixed is not None and key is None:
+    raise ValueError('positivity_curve needs a PRNG key to sample num_mixed pairs per anchor '
+                     '(e.g. jax.random.key(0)), or num_mixed=None for all pairs.')
+  settings = mixup.MixSettings(level='embedding', pair_sets=tuple(pair_sets), num_mixed=num_mixed or 1,
+                               all_pairs=num_mixed is None, mask_mode=mask_mode, renormalize=renormalize)
+  plan = mixup.plan_for(key, loss, labels, settings, embeddings=embeddings, proxies=proxies, lam=0.5)
   dtype = losses_lib.compute_dtype(embeddings)
   empirical, theoretical, count = _curve_fn(loss, renormalize)(
       embeddings, labels, plan, None if proxies is None else jnp.asarray(proxies),

@@ -146,18 +146,15 @@ class Checkpointer:
       data_iterator.set_state(_decode_iterator_state(entry))
     return restored['state'], restored['meta']
 
-  def restore_state(self, step: int, abstract_state: Any) -> Any:
-    """Only the model/optimiser state (evaluation, embedding export)."""
-    self._manager.wait_until_finished()
-    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored['state']
-
   def restore_raw(self, step: int) -> Any:
     """The saved state as nested dicts of numpy/jax arrays, without a target (inspection, tests)."""
     self._manager.wait_until_finished()
     return self._manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+
+  def restore_params(self, step: int) -> tuple[dict[str, Any], Any]:
+    """(params {'backbone', 'head'[, 'proxies']}, batch_stats) at `step`, without the optimiser (evaluation)."""
+    state = self.restore_raw(step)
+    return state['params'], state['batch_stats']
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

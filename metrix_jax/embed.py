@@ -21,7 +21,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import jax
 import numpy as np
+from absl import app
+from absl import flags
+
+from metrix_jax import cli
+from metrix_jax import embedding
+from metrix_jax import progress
+from metrix_jax import rundir
+from metrix_jax import sharding
+from metrix_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,6 @@ def list_images(folder: str) -> list[str]:
 
 def _load(folder: str, relative: str, image_size: int, resize_size: int | None) -> np.ndarray | str:
   """uint8 [S, S, 3] with the eval preprocessing, or the error message if the file cannot be read."""
-  from metrix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     with open(os.path.join(folder, relative), 'rb') as f:
       data = f.read()
@@ -63,8 +72,6 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
   `batch_size`: global images per step (default `config.dataset.eval_batch_size`), rounded up to a multiple of
   the device count; the last batch is zero-padded and the padding dropped.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     raise ValueError('metrix_jax.embed runs on one host (all its local devices); run it without '
                      '--config.train.distributed / METRIX_DISTRIBUTED.')
@@ -73,9 +80,10 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
   batch_size = -(-batch_size // mesh.size) * mesh.size
   image_size = int(config.dataset.image_size)
   resize_size = int(config.dataset.eval_resize or 0) or None  # 0/None: the pipeline's default
-  embed_fn = train.make_embed_fn(model, config, mesh)
+  embed_fn = embedding.make_embed_fn(model, config, mesh)
   variables = sharding.replicate(variables, mesh)  # on device once, not per batch
   kept, chunks, skipped = [], [], []
+  meter = progress.LoopProgress('embedding', len(paths), logger=log)
   folder = os.path.abspath(os.path.expanduser(folder))
   with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
     for start in range(0, len(paths), batch_size):
@@ -96,7 +104,7 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
       batch[:count] = np.stack(images)
       embeddings = embed_fn(variables, sharding.global_batch({'image': batch}, mesh)['image'])
       chunks.append(np.asarray(embeddings, np.float32)[:count])
-      log.info('embedded %d/%d images', min(start + batch_size, len(paths)), len(paths))
+      meter.update(len(names))
   if not kept:
     raise ValueError(f'None of the {len(paths)} image files under {folder} could be read '
                      f'(first error: {skipped[0][0]}: {skipped[0][1]}).')
@@ -106,13 +114,12 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
 def run(workdir: str, images: str, out: str, *, checkpoint: str | int = 'best', config=None,
         batch_size: int | None = None, model_factory: Callable[[Any], Any] | None = None) -> dict[str, Any]:
   """Embeds every image under `images` with the run in `workdir`; writes `out` (.npz); returns a summary dict."""
-  from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
   paths = list_images(images)  # fail fast, before restoring the model
   out = os.path.abspath(os.path.expanduser(out))
   if not out.endswith('.npz'):
     raise ValueError(f'--out must be a .npz file path; got {out}.')
-  trained = evaluate.load_trained_model(workdir, checkpoint=checkpoint, config=config,
-                                        model_factory=model_factory)
+  trained = rundir.load_trained_model(workdir, checkpoint=checkpoint, config=config,
+                                       model_factory=model_factory)
   kept, embeddings, skipped = embed_images(trained.model, trained.variables, trained.config, images, paths,
                                            batch_size=batch_size)
   os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -125,36 +132,33 @@ def run(workdir: str, images: str, out: str, *, checkpoint: str | int = 'best', 
 
 def main() -> int:
   """Command line; see the module docstring."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from metrix_jax import evaluate  # pylint: disable=g-import-not-at-top
-
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
   flags.DEFINE_string('images', None, 'Folder of images (searched recursively).', required=True)
   flags.DEFINE_string('out', None, 'Output .npz (paths, embeddings).', required=True)
   flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
   flags.DEFINE_integer('batch_size', None, 'Images per step (default: config.dataset.eval_batch_size).')
-  if not evaluate.define_run_config_flag(sys.argv[1:], example='--config.dataset.image_size=256'):
-    return 2
+  flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
+  status = cli.run_user_command(lambda: rundir.define_config_flag(sys.argv[1:], example='--config.dataset.image_size=256'))
+  if status:
+    return status
 
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-    logging.getLogger('metrix_jax').setLevel(logging.INFO)
-    logging.getLogger('absl').setLevel(logging.WARNING)  # Orbax's per-step INFO lines
     FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-    try:
+    cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
+
+    def work():
       summary = run(FLAGS.workdir, FLAGS.images, FLAGS.out, checkpoint=FLAGS.checkpoint, config=FLAGS.config,
                     batch_size=FLAGS.batch_size)
-    except (evaluate.EvaluationError, ValueError, FileNotFoundError) as error:
-      print(f'error: {error}', file=sys.stderr)
-      return 2
-    print(f"wrote {summary['out']}: {summary['num_embedded']} embeddings of dim {summary['dim']} "
-          f"(checkpoint step {summary['step']})")
-    if summary['skipped']:
-      print(f"skipped {len(summary['skipped'])} unreadable file(s):")
-      for name, why in summary['skipped']:
-        print(f'  {name}: {why}')
-    return 0
+      print(f"wrote {summary['out']}: {summary['num_embedded']} embeddings of dim {summary['dim']} "
+            f"(checkpoint step {summary['step']})")
+      if summary['skipped']:
+        print(f"skipped {len(summary['skipped'])} unreadable file(s):")
+        for name, why in summary['skipped']:
+          print(f'  {name}: {why}')
+
+    return cli.run_user_command(work)
 
   app.run(_main)
   return 0

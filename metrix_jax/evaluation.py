@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -339,6 +339,24 @@ def retrieval_metrics(embeddings, labels, ks: Iterable[int] = (1,), *, gallery_e
   return result
 
 
+
+def split_retrieval_metrics(embedded: Mapping[str, tuple[Any, Any]], ks: Iterable[int]) -> dict[str, Any]:
+  """`retrieval_metrics` of embedded eval splits, with the protocol the splits imply.
+
+  embedded: {'query': (emb [n_q, d], labels [n_q]), 'gallery': (emb [n_g, d], labels [n_g])} (In-Shop:
+  query -> gallery) or {'test': (emb [n, d], labels [n])} (leave-one-out); other splits (e.g. 'train') are
+  ignored. Returns `retrieval_metrics`' dict plus 'protocol' ('query -> gallery' | 'leave-one-out') and
+  'num_query'/'num_gallery' or 'num_test'.
+  """
+  if 'gallery' in embedded:
+    (queries, query_labels), (gallery, gallery_labels) = embedded['query'], embedded['gallery']
+    result = retrieval_metrics(queries, query_labels, ks, gallery_embeddings=gallery, gallery_labels=gallery_labels)
+    return {**result, 'protocol': 'query -> gallery', 'num_query': len(queries), 'num_gallery': len(gallery)}
+  if 'test' not in embedded:
+    raise ValueError(f"Evaluation needs a 'test' split or 'query' + 'gallery' splits; got {sorted(embedded)}.")
+  test, test_labels = embedded['test']
+  return {**retrieval_metrics(test, test_labels, ks), 'protocol': 'leave-one-out', 'num_test': len(test)}
+
 def recall_at_k(embeddings, labels, ks: Iterable[int], *, gallery_embeddings=None, gallery_labels=None,
                 query_chunk_size: int | None = None, mesh: Mesh | None = None) -> dict[int, float]:
   """Recall@K {k: fraction of queries in [0, 1]} of cosine retrieval (spec section 6).
@@ -461,5 +479,5 @@ def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = Non
 
 __all__ = [
     "alignment", "alignment_and_uniformity", "default_mesh", "default_query_chunk_size", "l2_normalize", "mean_average_precision_at_r", "r_precision",
-    "recall_at_k", "retrieval_metrics", "uniformity", "utilization",
+    "recall_at_k", "retrieval_metrics", "split_retrieval_metrics", "uniformity", "utilization",
 ]

@@ -626,6 +626,8 @@ class Loss:
     uses_proxies: True for proxy-based losses (pass proxies [C, D]).
     proxies_are_anchors: True if the rows of `sim` are the proxies (Proxy Anchor), False if the rows are the
       embeddings and the proxies the candidates (ProxyNCA). Only meaningful when uses_proxies.
+    mines: True if `clean_terms` mines pairs from the embeddings (Multi-Similarity with epsilon): Metrix's pair
+      sets then depend on the embeddings, not on the labels alone (`mixup.pair_masks`).
   Methods:
     clean_terms(embeddings [B, D], labels [B], proxies=None) -> (sim [A, N], targets [A, N], mask [A, N])
       with mining applied (mask = mined pairs).
@@ -636,6 +638,7 @@ class Loss:
   hparams: tuple
   uses_proxies: bool
   proxies_are_anchors: bool
+  mines: bool
   _clean_terms: Callable = dataclasses.field(repr=False)
   _from_similarity: Callable = dataclasses.field(repr=False)
 
@@ -664,13 +667,15 @@ class _Entry:
   clean_keys: tuple  # hyperparameters clean_terms needs
   uses_proxies: bool = False
   proxies_are_anchors: bool = False
+  miner_key: Optional[str] = None  # the hyperparameter that switches the loss's miner on (None: off)
 
 
 _REGISTRY = {
     'contrastive': _Entry(contrastive_clean_terms, contrastive_from_similarity,
                           dict(pos_margin=0.0, neg_margin=0.5, form='pml'), ()),
     'multi_similarity': _Entry(multi_similarity_clean_terms, multi_similarity_from_similarity,
-                               dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, form='pml'), ('epsilon',)),
+                               dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, form='pml'), ('epsilon',),
+                               miner_key='epsilon'),
     'proxy_anchor': _Entry(proxy_anchor_clean_terms, proxy_anchor_from_similarity,
                            dict(alpha=32.0, margin=0.1, form='pml'), (), True, True),
     'circle': _Entry(circle_clean_terms, circle_from_similarity, dict(m=0.4, gamma=80.0, form='pml'), ()),
@@ -713,6 +718,7 @@ def get(name: str, **hparams) -> Loss:
   sim_kwargs = {k: v for k, v in full.items() if k not in entry.clean_keys}
   return Loss(name=name, hparams=tuple(sorted(full.items())), uses_proxies=entry.uses_proxies,
               proxies_are_anchors=entry.proxies_are_anchors,
+              mines=entry.miner_key is not None and full[entry.miner_key] is not None,
               _clean_terms=functools.partial(entry.clean_terms, **clean_kwargs),
               _from_similarity=functools.partial(entry.from_similarity, **sim_kwargs))
 

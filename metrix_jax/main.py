@@ -8,7 +8,6 @@ Any config value can be overridden on the command line, e.g.
 Running the same command again resumes from the latest checkpoint in --workdir. Multi-host (every host of a TPU
 pod, or several GPU hosts): add `--config.train.distributed=True` (or set METRIX_DISTRIBUTED=1) on every host.
 """
-import logging
 import os
 import sys
 
@@ -17,45 +16,37 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from metrix_jax import cli
+from metrix_jax import config_lib
+from metrix_jax import sharding
+from metrix_jax import train
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, config.json and results.json.')
-flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax and other absl-logging libraries.')
+flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py or configs/cub200.py:ms,feature.',
                                 lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
+def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config
   # jax.distributed.initialize() must come before anything queries devices (opt-in; see metrix_jax.sharding).
-  from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
   sharding.maybe_initialize_distributed(config.train.distributed)
-
-  import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from metrix_jax import train  # pylint: disable=g-import-not-at-top
-
-  try:
-    config_lib.validate(config)
-  except ValueError as e:  # a readable list of every problem, no traceback
-    print(e, file=sys.stderr)
-    return 2
-
-  logging.getLogger('metrix_jax').setLevel(logging.INFO)
-  if not FLAGS.verbose_libraries:  # Orbax / tfds INFO lines (dozens per checkpoint) bury the progress log
-    logging.getLogger('absl').setLevel(logging.WARNING)
-  logging.getLogger('metrix_jax').info('process %d/%d, local devices: %s', jax.process_index(),
-                                       jax.process_count(), jax.local_devices())
-  # only process 0 logs progress
-  logging.getLogger('metrix_jax').setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+  status = cli.run_user_command(lambda: config_lib.validate(config))  # every problem at once, no traceback
+  if status:
+    return status
+  cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
+  import jax  # pylint: disable=g-import-not-at-top  # after the distributed initialisation
+  absl_logging.info('process %d/%d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
   try:
     train.train_and_evaluate(config, os.path.expanduser(FLAGS.workdir))
   except train.NonFiniteLossError as e:
     absl_logging.error('%s', e)
-    return 3
-  return 0
+    return cli.EXIT_NON_FINITE
+  return cli.EXIT_OK
 
 
 def run():

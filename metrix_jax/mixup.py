@@ -21,8 +21,8 @@ none of the official code's defects, spec section 8).
 
 Trainer recipe (feature level; one backbone forward):
 
-    pos, neg = mixup.pair_masks(loss, clean_emb, labels)          # mined pairs for MS, labels otherwise
-    plan = mixup.make_plan(key, labels, pos_mask=pos, neg_mask=neg, num_mixed=K, ...)
+    settings = mixup.MixSettings(level='feature', num_mixed=K, ...)
+    plan = mixup.plan_for(key, loss, labels, settings, embeddings=clean_emb)  # MS: its mined pairs
     mixed_emb = head(mixup.mix(feature_maps, plan))
     total, parts = mixup.objective(loss, clean_emb, labels, plan, mixed_embeddings=mixed_emb, weight=w)
 
@@ -113,23 +113,60 @@ def _check_masks(labels, pos_mask, neg_mask):
 # ----------------------------------------------------------------------------------------------------------
 # Pair sets.
 # ----------------------------------------------------------------------------------------------------------
-def pair_masks(loss: losses_lib.Loss, embeddings: Array, labels: Array,
+def pair_masks(loss: losses_lib.Loss, embeddings: Optional[Array], labels: Array,
                proxies: Optional[Array] = None) -> tuple[Array, Array]:
-  """P(a), N(a) as [B, B] bool masks for the pair sets: the loss's (mined) clean pairs for embedding-anchor
-  losses (MS mixes its mined pairs, no re-mining), all pairs for proxy losses. No gradient flows."""
+  """P(a), N(a) as [B, B] bool masks for the pair sets: the loss's mined clean pairs when the loss mines
+  (`loss.mines`: Multi-Similarity mixes its mined pairs, no re-mining; needs `embeddings` [B, D]), the pairs of
+  the labels otherwise (every other loss's clean pairs are exactly these). No gradient flows."""
   del proxies
   labels = jnp.asarray(labels)
-  if loss.uses_proxies:
+  if not loss.mines:
     same = losses_lib.same_label(labels)
     return same & ~jnp.eye(labels.shape[0], dtype=bool), ~same
+  if embeddings is None:
+    raise ValueError(f'{loss.name} mines its pairs from the embeddings: pass the clean embeddings [B, D].')
   _, targets, mask = loss.clean_terms(jax.lax.stop_gradient(embeddings), labels)
   return mask & (targets >= 1), mask & (targets <= 0)
 
 
-def plan_needs_embeddings(loss: losses_lib.Loss) -> bool:
-  """True if the pair sets depend on the embeddings (MS mining): the plan then needs the clean embeddings
-  first; otherwise it depends on the labels only and clean + mixed can go through the head together."""
-  return loss.name == 'multi_similarity' and dict(loss.hparams).get('epsilon') is not None
+class MixSettings(NamedTuple):
+  """How one Metrix level mixes (hashable: a static argument of the jitted step).
+
+  level: 'input' | 'feature' | 'embedding'; pair_sets: selection of PAIR_SETS; num_mixed: K items per anchor
+  (sampled plans); all_pairs: every pair of M(a) instead (embedding level only: exact closed form);
+  alpha: Beta(alpha, alpha) for lambda; lambda_mode: 'batch' | 'item'; mask_mode: 'own' | 'all';
+  weight: w of clean + w * mixed; renormalize: re-normalise mixed embeddings.
+  """
+  level: str = 'embedding'
+  pair_sets: tuple = ('pos_neg', 'anc_neg')
+  num_mixed: int = 8
+  all_pairs: bool = False
+  alpha: float = 2.0
+  lambda_mode: str = 'batch'
+  mask_mode: str = 'own'
+  weight: float = 0.4
+  renormalize: bool = True
+
+
+def plan_for(key: Optional[Array], loss: losses_lib.Loss, labels: Array, settings: MixSettings, *,
+             embeddings: Optional[Array] = None, proxies: Optional[Array] = None,
+             lam: Optional[Array] = None) -> MixPlan:
+  """THE Metrix plan of a batch, for every level and caller (train step, `metrix_loss`, positivity analysis).
+
+  Pair sets from `pair_masks` (mined pairs when `loss.mines`: pass the clean `embeddings` [B, D]; the labels
+  otherwise), then `all_pairs_plan` (settings.all_pairs; embedding level) or `make_plan` with
+  settings.num_mixed items per anchor. key: PRNG key (may be None with a fixed `lam`). labels: [B] int.
+  """
+  _check_choice('level', settings.level, LEVELS)
+  if settings.all_pairs and settings.level != 'embedding':
+    raise ValueError(f'all_pairs mixes embeddings through the closed form; level {settings.level!r} mixes '
+                     f'{settings.level}s: sample num_mixed items per anchor instead.')
+  pos, neg = pair_masks(loss, embeddings, labels, proxies)
+  kwargs = dict(pos_mask=pos, neg_mask=neg, pair_sets=settings.pair_sets, alpha=settings.alpha,
+                lambda_mode=settings.lambda_mode, mask_mode=settings.mask_mode, lam=lam)
+  if settings.all_pairs:
+    return all_pairs_plan(key, labels, **kwargs)
+  return make_plan(key, labels, num_mixed=settings.num_mixed, **kwargs)
 
 
 def _anchor_sets(a, pos_row, neg_row, pair_sets):
@@ -428,16 +465,15 @@ def metrix_loss(loss: losses_lib.Loss | str, embeddings: Array, labels: Array, k
   """
   if isinstance(loss, str):
     loss = losses_lib.get(loss)
-  pos, neg = pair_masks(loss, embeddings, labels, proxies)
-  kwargs = dict(pos_mask=pos, neg_mask=neg, pair_sets=pair_sets, alpha=alpha, lambda_mode=lambda_mode,
-                mask_mode=mask_mode)
-  plan = all_pairs_plan(key, labels, **kwargs) if all_pairs else make_plan(key, labels, num_mixed=num_mixed,
-                                                                           **kwargs)
+  settings = MixSettings(level='embedding', pair_sets=tuple(pair_sets), num_mixed=num_mixed,
+                         all_pairs=bool(all_pairs), alpha=alpha, lambda_mode=lambda_mode, mask_mode=mask_mode,
+                         weight=weight, renormalize=renormalize)
+  plan = plan_for(key, loss, labels, settings, embeddings=embeddings, proxies=proxies)
   total, _ = objective(loss, embeddings, labels, plan, proxies=proxies, weight=weight, renormalize=renormalize)
   return total
 
 
-__all__ = ['MixPlan', 'PAIR_SETS', 'LAMBDA_MODES', 'MASK_MODES', 'LEVELS', 'pair_masks', 'plan_needs_embeddings',
+__all__ = ['MixPlan', 'MixSettings', 'PAIR_SETS', 'LAMBDA_MODES', 'MASK_MODES', 'LEVELS', 'pair_masks', 'plan_for',
            'pair_set_tensor', 'sample_pairs', 'sample_lambda', 'soft_targets', 'make_plan', 'all_pairs_plan',
            'mix', 'mix_embeddings', 'similarity_to_mixed', 'closed_form_similarity', 'mixed_terms',
            'mixed_loss', 'objective', 'metrix_loss']

@@ -71,7 +71,8 @@ def test_restore_onto_a_mesh(tmp_path):
   ckpt.close()
   mesh = sharding.make_mesh()
   target = sharding.replicate(_state(5), mesh)
-  restored = checkpointing.Checkpointer(str(tmp_path)).restore_state(1, target)
+  restored, meta = checkpointing.Checkpointer(str(tmp_path)).restore(1, target)
+  assert meta['step'] == 1
   assert restored['params']['w'].sharding == sharding.replicated(mesh)
   np.testing.assert_array_equal(restored['params']['w'], state['params']['w'])
 
