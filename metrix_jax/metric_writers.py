@@ -1,9 +1,11 @@
 """Metrics to disk, process 0 only: TensorBoard scalars (tensorboardX: no TensorFlow) + `metrics.jsonl`.
 
-    tensorboard --logdir WORKDIR        # loss, lr, images/s, Recall@K
+    tensorboard --logdir WORKDIR        # loss, lr, images/s, Recall@K (NaN values stay NaN there)
     WORKDIR/metrics.jsonl               # one JSON object per write: {"step": ..., "loss": ..., ...}
     WORKDIR/config.json                 # the resolved config of the run
     WORKDIR/results.json                # the final numbers (`write_json`)
+
+Every JSON file goes through `metrix_jax.jsonio`: strict JSON, NaN/inf written as null.
 
 WORKDIR may be a cloud path (gs://bucket/run, for TPU pods: every host sees the same checkpoints). Objects there
 cannot be appended to, so TensorBoard events and metrics.jsonl are then written to a local mirror
@@ -11,8 +13,6 @@ cannot be appended to, so TensorBoard events and metrics.jsonl are then written 
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import tempfile
@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 import jax
 
+from metrix_jax import jsonio
 
-def is_remote(path: str) -> bool:
-  return '://' in str(path)
+is_remote = jsonio.is_remote  # gs://bucket/run -> True
 
 
 def resolve_workdir(workdir: str) -> str:
@@ -31,14 +31,13 @@ def resolve_workdir(workdir: str) -> str:
   return workdir.rstrip('/') if is_remote(workdir) else os.path.abspath(os.path.expanduser(workdir))
 
 
-def _jsonable(value: Any) -> Any:
-  if hasattr(value, 'item'):
+def _tensorboard_value(value: Any) -> float | None:
+  """A Python or numpy/jax scalar as a float for TensorBoard (NaN stays NaN); None for anything else."""
+  if hasattr(value, 'item') and getattr(value, 'size', 1) == 1:
     value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
-  if not isinstance(value, (str, int, float, bool, type(None), list, tuple, dict)):
-    return str(value)  # json's fallback for anything else in a config (e.g. a dtype)
-  return value
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  return None
 
 
 class MetricWriter:
@@ -60,13 +59,15 @@ class MetricWriter:
         self._tb = SummaryWriter(logdir=self.local_dir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """One metrics.jsonl line {"step": step, **scalars} (NaN/inf -> null) and, per numeric value (Python or
+    numpy/jax scalar), one TensorBoard scalar at `step` (NaN kept: TensorBoard shows it)."""
     if not self.enabled:
       return
-    scalars = {k: _jsonable(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._jsonl.write(jsonio.jsonl_line({'step': int(step), **scalars}))
     if self._tb is not None:
       for name, value in scalars.items():
-        if isinstance(value, (int, float)):
+        value = _tensorboard_value(value)
+        if value is not None:
           # TensorBoard names allow [A-Za-z0-9_./-]: 'eval/recall@1' -> 'eval/recall_1' (tensorboardX would
           # rename it too, logging a line per name and step).
           self._tb.add_scalar(name.replace('@', '_'), value, int(step))
@@ -74,19 +75,13 @@ class MetricWriter:
   def write_config(self, config) -> None:
     self.write_json('config.json', config.to_dict() if hasattr(config, 'to_dict') else dict(config))
 
-  def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
-    """WORKDIR/name (e.g. results.json): atomic locally (tmp + rename), one object write on cloud storage."""
+  def write_json(self, name: str, payload: Mapping[str, Any]) -> str | None:
+    """WORKDIR/name (e.g. results.json) through `jsonio.write_json`: strict JSON, atomic locally, one object
+    write on cloud storage. Returns the path written (None when disabled)."""
     if not self.enabled:
-      return
-    text = json.dumps(payload, indent=2, default=_jsonable)
-    if is_remote(self.workdir):
-      from etils import epath  # pylint: disable=g-import-not-at-top
-      (epath.Path(self.workdir) / name).write_text(text)
-      return
-    path = os.path.join(self.workdir, name)
-    with open(path + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
+      return None
+    path = f'{self.workdir}/{name}' if is_remote(self.workdir) else os.path.join(self.workdir, name)
+    return jsonio.write_json(path, payload)
 
   def _sync_remote(self) -> None:
     """Copies the local mirror (events, metrics.jsonl) to a cloud workdir."""
