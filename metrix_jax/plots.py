@@ -1,4 +1,4 @@
-"""Evaluation artefacts: Recall@K and positivity plots (PNG) and JSON records.
+"""Evaluation plots: Recall@K and positivity (PNG), and the positivity record written next to them.
 
 matplotlib is imported lazily inside the plotting functions and drives an Agg canvas directly (no pyplot, no
 global backend switch, no display needed), so importing this module stays light.
@@ -7,12 +7,11 @@ Positivity data come from `metrix_jax.analysis` (gradient sign of the mixed loss
 per lambda bin, the empirical fraction of mixed items that act as positives for their anchor, next to the
 paper's theoretical curve P(Pos). `positivity_record` turns those arrays into the JSON layout written next to
 the plot: {"lambda": [...], "empirical": [...], "theoretical": [...] or null} (NaN, e.g. an empty bin, is
-written as null).
+None, i.e. null once written with `metrix_jax.jsonio.write_json`, the project's JSON writer).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -20,42 +19,7 @@ from typing import Any
 
 import numpy as np
 
-
-# ----------------------------------------------------------------------------------------------------------
-# JSON.
-# ----------------------------------------------------------------------------------------------------------
-def to_jsonable(value: Any) -> Any:
-  """`value` with numpy/jax scalars and arrays turned into Python numbers and lists, mapping keys into
-  strings, tuples into lists, and non-finite floats into None (strict JSON has no NaN/inf)."""
-  if isinstance(value, Mapping):
-    return {str(key): to_jsonable(item) for key, item in value.items()}
-  if isinstance(value, (str, bool)) or value is None:
-    return value
-  if isinstance(value, (list, tuple)):
-    return [to_jsonable(item) for item in value]
-  if hasattr(value, "__array__") and not isinstance(value, (int, float)):
-    array = np.asarray(value)
-    return to_jsonable(array.tolist()) if array.ndim else to_jsonable(array.item())
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else None
-  raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
-
-
-def write_json(path: str | os.PathLike, data: Any) -> str:
-  """Writes `data` (see `to_jsonable`) as indented strict JSON, atomically; creates parent folders.
-
-  Returns the path as a string.
-  """
-  text = json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n"
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
+from metrix_jax import jsonio
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,7 +52,7 @@ def positivity_record(lambdas: Any, empirical: Any, theoretical: Any = None) -> 
   record = {"lambda": lambdas, "empirical": _as_curve(empirical, "empirical", lambdas.size),
             "theoretical": None if theoretical is None
             else _as_curve(theoretical, "theoretical", lambdas.size)}
-  return to_jsonable(record)
+  return jsonio.to_jsonable(record)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -184,5 +148,4 @@ def plot_positivity(lambdas: Any, empirical: Any, theoretical: Any, path: str | 
   return _save(figure, path)
 
 
-__all__ = ["plot_positivity", "plot_recall_at_k", "positivity_record", "to_jsonable",
-           "write_json"]
+__all__ = ["plot_positivity", "plot_recall_at_k", "positivity_record"]

@@ -1,8 +1,8 @@
-"""metrix_jax.plots: valid PNG files, strict JSON with the right numbers, clear errors, lazy matplotlib."""
+"""metrix_jax.plots: valid PNG files, the positivity record (strict JSON through jsonio), clear errors, lazy
+matplotlib."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from metrix_jax import plots
+from metrix_jax import jsonio, plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,34 +42,21 @@ def test_plot_positivity(tmp_path):
   _assert_png(plots.plot_positivity(lambdas, empirical, None, tmp_path / "positivity_empirical.png"))
 
 
-def test_positivity_record_and_write_json(tmp_path):
+def test_positivity_record_written_as_strict_json(tmp_path):
   lambdas = np.array([0.1, 0.5, 0.9], np.float32)
   record = plots.positivity_record(lambdas, [np.nan, 0.5, 1.0], np.array([0.0, 0.5, 1.0]))
-  path = plots.write_json(tmp_path / "a" / "positivity.json", record)
-  with open(path) as f:
-    loaded = json.load(f)
+  assert record["empirical"] == [None, 0.5, 1.0]  # NaN (an empty bin) -> None
+  assert all(type(v) is float for v in record["lambda"] + record["theoretical"])
+  loaded = jsonio.read_json(jsonio.write_json(tmp_path / "a" / "positivity.json", record))
   assert loaded["lambda"] == pytest.approx([0.1, 0.5, 0.9])
   assert loaded["empirical"] == [None, 0.5, 1.0]
   assert loaded["theoretical"] == [0.0, 0.5, 1.0]
   assert plots.positivity_record([0.5], [1.0])["theoretical"] is None
 
 
-def test_write_json_numbers_and_keys(tmp_path):
-  import jax.numpy as jnp
-
-  data = {"recall": {1: np.float32(0.25), 10: 0.5}, "count": np.int64(7), "ok": np.bool_(True),
-          "curve": np.arange(3), "jax": jnp.asarray([1.5, 2.5]), "missing": float("nan"),
-          "inf": np.inf, "nested": ({"a": (1, 2)},), "name": "sop"}
-  path = plots.write_json(tmp_path / "eval.json", data)
-  with open(path) as f:
-    text = f.read()
-  assert "NaN" not in text and "Infinity" not in text
-  loaded = json.loads(text)
-  assert loaded == {"recall": {"1": 0.25, "10": 0.5}, "count": 7, "ok": True, "curve": [0, 1, 2],
-                    "jax": [1.5, 2.5], "missing": None, "inf": None, "nested": [{"a": [1, 2]}],
-                    "name": "sop"}
-  assert isinstance(loaded["count"], int) and isinstance(loaded["recall"]["1"], float)
-  assert not any(name.endswith(".tmp" + str(os.getpid())) for name in os.listdir(tmp_path))
+def test_no_json_writer_here():
+  """One JSON writer per project: metrix_jax.jsonio (plots only plots)."""
+  assert not hasattr(plots, "write_json") and not hasattr(plots, "to_jsonable")
 
 
 @pytest.mark.parametrize("call,message", [
@@ -84,12 +71,6 @@ def test_bad_inputs_raise(tmp_path, call, message):
   with pytest.raises(ValueError, match=message):
     call(tmp_path / "bad.png")
   assert not (tmp_path / "bad.png").exists()
-
-
-def test_write_json_rejects_unknown_objects(tmp_path):
-  with pytest.raises(TypeError, match="JSON"):
-    plots.write_json(tmp_path / "bad.json", {"x": object()})
-  assert os.listdir(tmp_path) == []
 
 
 def test_import_does_not_load_matplotlib():
