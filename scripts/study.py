@@ -11,7 +11,9 @@ positivity. A run with a results.json (eval.json) is skipped, and an interrupted
 so rerunning the command continues the study. Runs go seed-major (seed 1 of every row first), so a study cut short
 still has complete rows. Outputs in --report_dir (default WORKDIR): study.json (every number), study.md (tables:
 R@K mean +- std per row, Metrix vs baseline with the seed spread and a paired t-test, per-run metrics, recipe,
-hardware, wall time), recall_at_k.png and positivity.png.
+hardware, wall time), recall_at_k.png and positivity.png. Every JSON file is written and read with
+`metrix_jax.jsonio` (strict JSON: NaN -> null); study.json names runs by their folder relative to WORKDIR
+(e.g. 'ms-feature/seed1'), never by an absolute path.
 
 Flags: --dry-run (list the runs and their commands, run nothing), --seeds=1,2 and --rows=ms-none,ms-feature
 (filters; row ids are the recipe with '-' for ','), --report-only (aggregate what has finished), --no-evaluate,
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -31,6 +32,8 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+
+from metrix_jax import jsonio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LABELS = {'ms': 'MS', 'multi_similarity': 'MS', 'contrastive': 'Contrastive', 'pa': 'PA',
@@ -178,27 +181,17 @@ def run_status(run: Run, *, evaluate: bool) -> str:
 # Running.
 # ----------------------------------------------------------------------------------------------------------------
 def _read_json(path: str) -> Any:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+  """The parsed file (strict JSON), or None when it does not exist; a damaged file is a StudyError naming it."""
+  if not os.path.isfile(path):
     return None
+  try:
+    return jsonio.read_json(path)
+  except ValueError as error:
+    raise StudyError(f'{error} Fix it, then rerun the command.') from None
 
 
 def _write_json(path: str, data: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=1, default=_json_default)
-  os.replace(tmp, path)
-
-
-def _json_default(value):
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, np.ndarray):
-    return value.tolist()
-  raise TypeError(f'not JSON serialisable: {type(value)}')
+  jsonio.write_json(path, data)  # strict JSON (NaN -> null), atomic
 
 
 def subprocess_env(workdir: str) -> dict[str, str]:
@@ -288,8 +281,12 @@ def run_study(study, runs: list[Run], *, python: str, workdir: str, evaluate: bo
 # ----------------------------------------------------------------------------------------------------------------
 # Aggregation.
 # ----------------------------------------------------------------------------------------------------------------
-def collect(runs: list[Run]) -> list[dict[str, Any]]:
-  """One record per finished run (results.json present): recall, wall time, throughput, evaluation metrics."""
+def collect(runs: list[Run], workdir: str) -> list[dict[str, Any]]:
+  """One record per finished run (results.json present): recall, wall time, throughput, evaluation metrics.
+
+  A record's 'dir' is the run folder relative to the study's `workdir` ('ms-feature/seed1'), so that study.json
+  holds no path of the machine that wrote it.
+  """
   records = []
   for run in runs:
     result = _read_json(os.path.join(run.dir, RESULTS))
@@ -299,7 +296,8 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
     run_record = _read_json(os.path.join(run.dir, RUN_RECORD)) or {}
     eval_record = _read_json(os.path.join(run.dir, EVAL_RECORD)) or {}
     records.append({
-        'row': run.row.id, 'label': run.row.label, 'recipe': run.row.recipe, 'seed': run.seed, 'dir': run.dir,
+        'row': run.row.id, 'label': run.row.label, 'recipe': run.row.recipe, 'seed': run.seed,
+        'dir': _relative(run.dir, workdir),
         'recall': {int(k): float(v) for k, v in result['recall'].items()},
         'steps': result.get('steps'), 'train_loss': result.get('train_loss'),
         'images_per_second': result.get('images_per_second'), 'train_wall_s': result.get('wall_s'),
@@ -313,6 +311,11 @@ def collect(runs: list[Run]) -> list[dict[str, Any]]:
             'wall_s': eval_record.get('wall_s_all_attempts')},
     })
   return records
+
+
+def _relative(path: str, workdir: str) -> str:
+  """`path` relative to `workdir`, with '/' separators: 'ms-feature/seed1'."""
+  return os.path.relpath(path, workdir).replace(os.sep, '/')
 
 
 def _mean_load(record: dict[str, Any]) -> float | None:
@@ -472,10 +475,10 @@ def _num(value, digits=3) -> str:
   return '-' if value is None or (isinstance(value, float) and not math.isfinite(value)) else f'{value:.{digits}f}'
 
 
-def _recipe_lines(study, records) -> list[str]:
+def _recipe_lines(study, records, workdir: str) -> list[str]:
   if not records:
     return []
-  config = _read_json(os.path.join(records[0]['dir'], 'config.json')) or {}
+  config = _read_json(os.path.join(workdir, records[0]['dir'], 'config.json')) or {}
   d, m, o, t, mx = (config.get(k, {}) for k in ('dataset', 'model', 'optim', 'train', 'mix'))
   lines = [
       f'- Trainer config: `{study.trainer_config}:<row>` with overrides '
@@ -498,7 +501,7 @@ def _recipe_lines(study, records) -> list[str]:
   ]
   losses = {}
   for rec in records:
-    cfg = _read_json(os.path.join(rec['dir'], 'config.json')) or {}
+    cfg = _read_json(os.path.join(workdir, rec['dir'], 'config.json')) or {}
     name = (cfg.get('loss') or {}).get('name')
     if name and name not in losses:
       losses[name] = cfg['loss'].get(name)
@@ -506,7 +509,8 @@ def _recipe_lines(study, records) -> list[str]:
   return lines
 
 
-def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
+def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: str) -> str:
+  """study.md; `workdir` is the study's (the runs' 'dir' are relative to it: the recipe is read from there)."""
   ks = [int(k) for k in study.report_ks]
   out = [f'## Study `{study.name}`: {summary["finished_runs"]}/{summary["planned_runs"]} runs finished', '']
   if summary['missing_runs']:
@@ -575,7 +579,7 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
           'test closer to train); alignment: mean squared distance of same-class test pairs (lower: tighter); '
           'uniformity: log E exp(-2 d²) over test pairs (lower: more uniform); P(pos): fraction of mixed test '
           'items acting as positives for their anchor at λ (from the gradient sign of the mixed loss).', '',
-          '### Recipe', '', *_recipe_lines(study, summary['runs']), '']
+          '### Recipe', '', *_recipe_lines(study, summary['runs'], workdir), '']
   hw = summary['hardware']
   walls = summary['wall_s']
   out += ['### Hardware and wall time', '',
@@ -595,7 +599,7 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str]) -> str:
   return '\n'.join(out)
 
 
-def write_report(study, summary: dict[str, Any], report_dir: str) -> dict[str, str]:
+def write_report(study, summary: dict[str, Any], report_dir: str, *, workdir: str) -> dict[str, str]:
   """study.json, study.md, recall_at_k.png and positivity.png (when there are curves) into `report_dir`."""
   os.makedirs(report_dir, exist_ok=True)
   paths = {}
@@ -616,7 +620,7 @@ def write_report(study, summary: dict[str, Any], report_dir: str) -> dict[str, s
           title=f'Positivity, {pos_rows[0]["label"]} (test, mean of {p["num_seeds"]} seeds)')
   _write_json(os.path.join(report_dir, 'study.json'), summary)
   with open(os.path.join(report_dir, 'study.md'), 'w') as f:
-    f.write(markdown(study, summary, plots=paths) + '\n')
+    f.write(markdown(study, summary, plots=paths, workdir=workdir) + '\n')
   return paths
 
 
@@ -646,19 +650,24 @@ def parse_args(argv: Sequence[str]):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command line: 0 done, 1 some run failed, 2 a user error (one line on stderr)."""
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    study = load_study_config(args.config, overrides)
-    workdir = os.path.abspath(os.path.expanduser(args.workdir))
-    seeds = _csv(args.seeds)
-    try:
-      seeds = None if seeds is None else [int(s) for s in seeds]
-    except ValueError:
-      raise StudyError(f'--seeds must be comma-separated integers, got {args.seeds!r}.') from None
-    runs = plan_runs(study, workdir, rows=_csv(args.rows), seeds=seeds)
+    return _main(args, overrides)
   except StudyError as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
+
+
+def _main(args, overrides: Sequence[str]) -> int:
+  study = load_study_config(args.config, overrides)
+  workdir = os.path.abspath(os.path.expanduser(args.workdir))
+  seeds = _csv(args.seeds)
+  try:
+    seeds = None if seeds is None else [int(s) for s in seeds]
+  except ValueError:
+    raise StudyError(f'--seeds must be comma-separated integers, got {args.seeds!r}.') from None
+  runs = plan_runs(study, workdir, rows=_csv(args.rows), seeds=seeds)
   evaluate = bool(study.evaluate.enabled) and not args.no_evaluate
   if args.dry_run:
     print(f'study {study.name}: {len(runs)} runs in {workdir} (trainer config {study.trainer_config})')
@@ -675,10 +684,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     versions = _read_json(os.path.join(workdir, 'code_versions.json')) or []
     _write_json(os.path.join(workdir, 'code_versions.json'), versions + [code_version()])
     failed = run_study(study, runs, python=args.python, workdir=workdir, evaluate=evaluate)
-  summary = aggregate(study, collect(runs), runs)
+  summary = aggregate(study, collect(runs, workdir), runs)
   summary['code_versions'] = _read_json(os.path.join(workdir, 'code_versions.json')) or []
   report_dir = os.path.abspath(args.report_dir or workdir)
-  paths = write_report(study, summary, report_dir)
+  paths = write_report(study, summary, report_dir, workdir=workdir)
   _say(f'{summary["finished_runs"]}/{summary["planned_runs"]} runs finished; wrote {report_dir}/study.md, '
        f'study.json' + ''.join(f', {os.path.basename(p)}' for p in paths.values()))
   if failed:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from metrix_jax import jsonio
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'study.py')
 STUDY_CONFIG = os.path.join(ROOT, 'configs', 'study', 'metrix.py')
@@ -168,8 +170,10 @@ def test_report_only_aggregates_finished_runs(tmp_path):
   proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', f'--report_dir={report}',
                '--report-only', '--rows=ms-none,ms-feature'])
   assert proc.returncode == 0, proc.stderr + proc.stdout
-  with open(report / 'study.json') as f:
-    summary = json.load(f)
+  summary = jsonio.read_json(report / 'study.json')  # strict: a NaN token would fail here
+  assert str(tmp_path) not in (report / 'study.json').read_text()  # no path of this machine
+  assert [r['dir'] for r in summary['runs']] == ['ms-none/seed1', 'ms-feature/seed1', 'ms-none/seed2',
+                                                  'ms-feature/seed2', 'ms-none/seed3']
   assert summary['planned_runs'] == 6 and summary['finished_runs'] == 5
   assert summary['missing_runs'] == ['ms-feature/seed3']
   rows = {r['row']: r for r in summary['rows']}
@@ -180,6 +184,7 @@ def test_report_only_aggregates_finished_runs(tmp_path):
       np.testing.assert_allclose(rows[row]['recall'][str(k)]['std'], np.std(v, ddof=1), rtol=1e-12)
   np.testing.assert_allclose(rows['ms-none']['utilization']['mean'], 0.2, rtol=1e-12)
   np.testing.assert_allclose(rows['ms-feature']['positivity']['empirical_mean'][0], 0.15, rtol=1e-12)
+  assert rows['ms-feature']['positivity']['empirical_mean'][2] is None  # an empty bin in every seed: NaN -> null
   (cmp,) = summary['comparisons']
   assert cmp['row'] == 'ms-feature' and cmp['baseline'] == 'ms-none'
   d = [values['ms-feature', s][1] - values['ms-none', s][1] for s in (1, 2)]
@@ -189,10 +194,20 @@ def test_report_only_aggregates_finished_runs(tmp_path):
                                              [values['ms-none', s][1] for s in (1, 2)]).pvalue, rtol=1e-10)
   md = (report / 'study.md').read_text()
   assert '| MS + Metrix | 2 |' in md and '| MS | 3 |' in md and 'ms-feature/seed3' in md
+  assert 'Loss `multi_similarity`: ' in md and 'ResNet-18' in md  # the recipe, read from the runs' config.json
   assert f'{100 * np.mean([values["ms-none", s][1] for s in (1, 2, 3)]):.2f}' in md
   for png in ('recall_at_k.png', 'positivity.png'):
     with open(report / png, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_damaged_run_json_is_a_user_error_naming_the_file(tmp_path):
+  _fake_run(tmp_path, 'ms-none', 1, {1: 0.5, 2: 0.6})
+  legacy = tmp_path / 'ms-none' / 'seed1' / 'results.json'
+  legacy.write_text(legacy.read_text().replace('"train_loss": 0.1', '"train_loss": NaN'))
+  proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', '--report-only', '--rows=ms-none'])
+  assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
+  assert str(legacy) in proc.stderr and 'NaN' in proc.stderr and 'null' in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,8 +238,8 @@ def test_two_step_demo_study_then_resume_skips(tmp_path):
       'demo', 'multi_similarity', 'feature', 2)
   with open(run_dir / 'config.json') as f:
     assert json.load(f)['model']['embedding_dim'] == 32
-  with open(workdir / 'study.json') as f:
-    summary = json.load(f)
+  summary = jsonio.read_json(workdir / 'study.json')
+  assert summary['runs'][0]['dir'] == 'ms-feature/seed1'
   assert summary['finished_runs'] == 1 and summary['rows'][0]['label'] == 'MS + Metrix'
   np.testing.assert_allclose(summary['rows'][0]['recall']['1']['mean'], results['recall']['1'], rtol=1e-12)
   assert (workdir / 'recall_at_k.png').exists() and (run_dir / 'study_run.json').exists()
