@@ -3,10 +3,11 @@
     python benchmarks/bench_input_pipeline.py                      # demo + omniglot (if present) + photos
     python benchmarks/bench_input_pipeline.py --datasets=demo --batches=20
 
-Data sets: `demo` (32 px, built on first use under --data_dir), `omniglot` from ../shared/data/omniglot_small
-or .data/omniglot_small (64 px, skipped when absent) and `photos`: a synthetic stand-in for CUB/Cars (a fake CUB_200_2011.tgz of
---photos 500 x 375 JPEGs, built like the real one: stored at shorter side 256, read at 224 with the ImageNet
-RandomResizedCrop + flip), which is what a GPU must be fed.
+Data sets: `demo` (32 px, built on first use under --data_dir), `omniglot` from --omniglot_dir (the official
+zips; default ../shared/data/omniglot_small or .data/omniglot_small of the development tree; 64 px, skipped when
+absent) and `photos`: a synthetic stand-in for CUB/Cars (a fake CUB_200_2011.tgz of --photos 500 x 375 JPEGs,
+built like the real one: stored at shorter side 256, read at 224 with the ImageNet RandomResizedCrop + flip),
+which is what a GPU must be fed.
 
 Cores: "1 core" = in-process, one thread; "N cores" = N grain worker processes with one thread each. The first
 batch (worker start-up) is timed separately; throughput is measured over the following --batches batches. The
@@ -24,7 +25,6 @@ import numpy as np
 from PIL import Image
 
 from metrix_jax import data
-from metrix_jax.data import builders
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ../shared/data/omniglot_small next to the checkout, or .data/omniglot_small (staged by ../shared/gpu/stage.sh).
@@ -77,13 +77,14 @@ def main():
   parser.add_argument('--batches', type=int, default=30)
   parser.add_argument('--batch_size', type=int, default=100)
   parser.add_argument('--photos', type=int, default=600)
+  parser.add_argument('--omniglot_dir', default=OMNIGLOT_SMALL, help='folder with the official Omniglot zips')
   args = parser.parse_args()
 
   cores = os.cpu_count()
   settings = {
       'demo': dict(image_size=32, sampler='balanced', classes_per_batch=20, images_per_class=5),
       'omniglot': dict(image_size=64, sampler='balanced', classes_per_batch=20, images_per_class=5,
-                       manual_dir=OMNIGLOT_SMALL),
+                       manual_dir=args.omniglot_dir),
       'photos': dict(image_size=224, sampler='random',
                      manual_dir=os.path.join(args.data_dir, f'fake_cub_{args.photos}'), check_counts=False),
   }
@@ -92,8 +93,8 @@ def main():
   print('| data set | image size | workers | start-up s | images/s |')
   print('|---|---|---|---|---|')
   for key in args.datasets.split(','):
-    if key == 'omniglot' and not os.path.isdir(OMNIGLOT_SMALL):
-      print(f'| omniglot | - | - | - | skipped: {OMNIGLOT_SMALL} absent |')
+    if key == 'omniglot' and not os.path.isdir(args.omniglot_dir):
+      print(f'| omniglot | - | - | - | skipped: {args.omniglot_dir} absent (--omniglot_dir) |')
       continue
     if key not in settings:
       raise SystemExit(f'Unknown data set {key!r}; valid choices: {", ".join(settings)}.')
@@ -104,7 +105,7 @@ def main():
       if key == 'photos':
         os.makedirs(kwargs['manual_dir'], exist_ok=True)
         fake_cub_archive(kwargs['manual_dir'], args.photos)
-      builders.prepare(name, data_dir, kwargs.get('manual_dir'), **(
+      data.prepare(name, data_dir, kwargs.get('manual_dir'), **(
           {'check_counts': False} if key == 'photos' else {}))
     except Exception as e:  # pylint: disable=broad-except  (e.g. no matplotlib fonts for demo on a bare host)
       print(f'| {key} | - | - | - | skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]} |', flush=True)

@@ -1,9 +1,12 @@
 r"""Omniglot (real handwritten characters; class = alphabet/character; train/test split by alphabet).
 
     python -m metrix_jax.main --config=configs/omniglot.py:ms,feature --workdir=workdirs/omniglot_ms_metrix \
-      --config.dataset.manual_dir=../shared/data/omniglot_small
+      --config.dataset.manual_dir=/data/omniglot
 
-`manual_dir` is the folder holding the official `images_background*.zip` / `images_evaluation*.zip` (any subset).
+`--config.dataset.manual_dir` is the folder holding the official zips, unextracted (any subset of
+`images_background.zip`, `images_evaluation.zip`, `images_background_small1.zip`, `images_background_small2.zip`
+from https://github.com/brendenlake/omniglot, folder `python/`). Without it the builder looks in
+`<data_dir>/downloads/manual`, and the error lists the files and where to get them.
 ResNet-18 from random init at 64 px: CPU-sized; results are not comparable with the paper's benchmarks.
 """
 from metrix_jax import config_lib
@@ -13,7 +16,7 @@ def get_config(arg=None):
   loss, mode = config_lib.parse_recipe_arg(arg or 'ms')
   c = config_lib.base_config()
   c.dataset.name = 'omniglot'
-  c.dataset.manual_dir = '../shared/data/omniglot_small'
+  c.dataset.manual_dir = None  # set on the command line: --config.dataset.manual_dir=DIR
   c.dataset.image_size = 64
   c.dataset.eval_resize = 64
   c.dataset.sampler = 'balanced'

@@ -19,10 +19,10 @@ from typing import Any
 
 from ml_collections import config_dict
 
+from metrix_jax import data
 from metrix_jax import losses
 from metrix_jax import mixup
 
-DATASETS = ('demo', 'omniglot', 'cub200', 'cars196', 'sop', 'inshop')
 MIX_MODES = ('none', 'input', 'feature', 'embedding')
 PAIR_SETS = tuple(mixup.PAIR_SETS)  # positive-negative, anchor-negative, positive-positive, negative-negative
 LAMBDA_MODES = tuple(mixup.LAMBDA_MODES)
@@ -44,8 +44,8 @@ PROXY_LOSSES = tuple(losses.PROXY_LOSS_NAMES)
 LOSS_ALIASES = {**{name: name for name in losses.LOSS_NAMES}, 'ms': 'multi_similarity', 'pa': 'proxy_anchor',
                 'nca': 'proxy_nca', 'lifted': 'lifted_structure'}
 
-RECALL_KS = {'demo': (1, 2, 4, 8), 'omniglot': (1, 2, 4, 8), 'cub200': (1, 2, 4, 8, 16, 32),
-             'cars196': (1, 2, 4, 8, 16, 32), 'sop': (1, 10, 100, 1000), 'inshop': (1, 10, 20, 30, 40, 50)}
+# The Ks of each data set's Recall@K protocol (the data sets and what is known of them: `data.DATASETS`).
+RECALL_KS = {name: spec.recall_ks for name, spec in data.DATASETS.items()}
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -58,7 +58,7 @@ def base_config() -> config_dict.ConfigDict:
   c.dataset.manual_dir = config_dict.placeholder(str)  # folder with the official archives
   c.dataset.data_dir = config_dict.placeholder(str)  # where built datasets live (None: data module's default)
   c.dataset.image_size = 224  # train crop / eval centre crop
-  c.dataset.eval_resize = 256  # eval: shorter side resized to this, then centre crop image_size
+  c.dataset.eval_resize = 256  # eval: shorter side -> this, centre crop image_size; 0/None: image_size * 256 / 224
   c.dataset.sampler = 'random'  # 'random' (CUB, Cars) or 'balanced' (classes_per_batch x images_per_class)
   c.dataset.classes_per_batch = 20
   c.dataset.images_per_class = 5
@@ -181,11 +181,13 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
   d, m, lo, mx, o, t = config.dataset, config.model, config.loss, config.mix, config.optim, config.train
 
   _positive(p, 'seed', config.seed, allow_zero=True, integer=True)
-  _choice(p, 'dataset.name', d.name, DATASETS)
+  _choice(p, 'dataset.name', d.name, data.DATASET_NAMES)
   _positive(p, 'dataset.image_size', d.image_size, integer=True)
-  _positive(p, 'dataset.eval_resize', d.eval_resize, integer=True)
-  if isinstance(d.image_size, int) and isinstance(d.eval_resize, int) and d.eval_resize < d.image_size:
-    p.append(f'dataset.eval_resize={d.eval_resize} must be >= dataset.image_size={d.image_size}.')
+  if d.eval_resize is not None:  # None or 0: the pipeline's default for image_size
+    _positive(p, 'dataset.eval_resize', d.eval_resize, allow_zero=True, integer=True)
+  if isinstance(d.image_size, int) and isinstance(d.eval_resize, int) and 0 < d.eval_resize < d.image_size:
+    p.append(f'dataset.eval_resize={d.eval_resize} must be >= dataset.image_size={d.image_size} (or 0: the '
+             f'default, round(image_size * 256 / 224)).')
   _choice(p, 'dataset.sampler', d.sampler, SAMPLERS)
   _positive(p, 'dataset.classes_per_batch', d.classes_per_batch, integer=True)
   _positive(p, 'dataset.images_per_class', d.images_per_class, integer=True)
@@ -201,10 +203,8 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
       isinstance(d.images_per_class, int)) and d.classes_per_batch * d.images_per_class != t.batch_size:
     p.append(f'dataset.sampler="balanced" needs classes_per_batch x images_per_class == train.batch_size, got '
              f'{d.classes_per_batch} x {d.images_per_class} != {t.batch_size}.')
-  if check_files and d.name in ('omniglot', 'cub200', 'cars196', 'sop', 'inshop') and optional(d.manual_dir) \
-      and not os.path.isdir(optional(d.manual_dir)):
-    p.append(f'dataset.manual_dir={d.manual_dir!r} is not a folder; point it at the folder holding the '
-             f'official archives of {d.name}.')
+  if check_files and d.name in data.DATASETS:
+    _check_manual_dir(p, d.name, d.manual_dir)
 
   _choice(p, 'model.depth', m.depth, DEPTHS)
   _positive(p, 'model.embedding_dim', m.embedding_dim, integer=True)
@@ -260,6 +260,15 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
     p.append(f'train.distributed={t.distributed!r} must be True or False.')
   if p:
     raise ValueError('Invalid config:\n  - ' + '\n  - '.join(p))
+
+
+def _check_manual_dir(problems, name, manual_dir):
+  """A data set built from downloaded archives: `manual_dir`, when given, must be a folder (named with the fix)."""
+  path = optional(manual_dir)
+  if data.DATASETS[name].needs_manual_dir and path and not os.path.isdir(path):
+    instructions = data.download_instructions(name).replace('\n', '\n    ')
+    problems.append(f'dataset.manual_dir={manual_dir!r} is not a folder; pass the folder that holds the official '
+                    f'archives of {name} with --config.dataset.manual_dir=DIR.\n    {instructions}')
 
 
 def _unknown_keys(config, expected, prefix, problems):

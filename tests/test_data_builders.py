@@ -6,6 +6,8 @@ except where a test checks that it fires.
 import io
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 
@@ -13,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrix_jax import data
-from metrix_jax.data import builders
+from metrix_jax import config_lib, data
+from metrix_jax.data import base, builders
 
-OMNIGLOT_SMALL = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'omniglot_small')
-SMALL = builders.image_config(32)  # fake images are 40 x 48: resized to 32 x 38 at build time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The real small Omniglot zips of the development tree (../shared next to the checkout); tests skip without it.
+OMNIGLOT_SMALL = os.path.join(ROOT, '..', 'shared', 'data', 'omniglot_small')
+SMALL = base.image_config(32)  # fake images are 40 x 48: resized to 32 x 38 at build time
 
 
 def jpeg(seed, size=(48, 40), mode='RGB'):
@@ -112,6 +116,35 @@ def test_missing_archive_names_the_file_and_the_instructions(tmp_path):
   with pytest.raises(FileNotFoundError, match='cars_annos.mat'):
     data.prepare('cars196', str(tmp_path / 'data'), str(tmp_path / 'empty_manual'))
   assert leftovers(tmp_path) == [] and not os.path.exists(tmp_path / 'data' / 'metrix_cub200' / 's256' / '1.0.0')
+
+
+@pytest.mark.parametrize('name', ['omniglot', 'cub200', 'cars196', 'sop', 'inshop'])
+def test_missing_archives_name_the_manual_dir_flag(tmp_path, name):
+  (tmp_path / 'empty').mkdir()
+  for manual_dir, where in ((tmp_path / 'empty', f"(manual dir '{tmp_path / 'empty'}')"),
+                            (tmp_path / 'nope', f"(manual dir '{tmp_path / 'nope'}', which is not a folder)")):
+    with pytest.raises(FileNotFoundError) as error:
+      data.prepare(name, str(tmp_path / 'data'), str(manual_dir))
+    first, rest = str(error.value).split('\n', 1)
+    assert first == (f'{name}: the official archives are missing {where}; pass the folder that holds them with '
+                     '--config.dataset.manual_dir=DIR (training, evaluation) or --manual_dir=DIR '
+                     '(python -m metrix_jax.data.builders).')
+    assert data.download_instructions(name) in rest and 'http' in rest
+  assert leftovers(tmp_path / 'data') == []
+
+
+def test_registry_is_the_one_list_of_data_sets(tmp_path):
+  assert tuple(builders.BUILDERS) == data.DATASET_NAMES == tuple(data.DATASETS)
+  assert tuple(config_lib.RECALL_KS) == data.DATASET_NAMES
+  for name, spec in data.DATASETS.items():
+    builder = builders.get_builder(name, str(tmp_path))
+    assert builder.dataset_name == name
+    assert bool(builder.required_files()) == spec.needs_manual_dir, name  # demo: generated, nothing to download
+    assert spec.recall_ks[0] == 1 and spec.train_split not in spec.eval_splits
+  assert data.DATASETS['inshop'].eval_splits == ('query', 'gallery')
+  for check in (data.check_name, builders.builder_class, data.spec):
+    with pytest.raises(ValueError, match="Unknown dataset 'cub'; valid choices: demo, omniglot, cub200, cars196"):
+      check('cub')
 
 
 def test_truncated_archive_is_reported(tmp_path):
@@ -314,9 +347,49 @@ def test_build_command_line(tmp_path, capsys, monkeypatch):
   manual.mkdir()
   monkeypatch.setitem(builders._OMNIGLOT_ZIPS, 'images_background_small1', (4, 8))  # the fake's counts
   omniglot_zip(manual, 'images_background_small1', ['Alpha', 'Beta'], characters=2, drawers=2)
-  counts = builders.main(['omniglot', f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}',
+  status = builders.main(['omniglot', f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}',
                           '--num_workers=0'])
-  assert counts == {'train': 4, 'test': 4}
-  assert 'omniglot/train: 4 images, 2 classes' in capsys.readouterr().out
-  with pytest.raises(SystemExit, match='CUB_200_2011.tgz'):
-    builders.main(['cub200', f'--manual_dir={tmp_path / "nothing"}', f'--data_dir={tmp_path / "data"}'])
+  out = capsys.readouterr().out
+  assert status == 0
+  assert 'omniglot/train: 4 images, 2 classes' in out and 'omniglot/test: 4 images, 2 classes' in out
+  assert builders.main(['cub200', f'--manual_dir={tmp_path / "nothing"}', f'--data_dir={tmp_path / "data"}']) == 2
+  assert capsys.readouterr().err.startswith('error: cub200: the official archives are missing')
+
+
+def _builders_command(*args):
+  return subprocess.run([sys.executable, '-m', 'metrix_jax.data.builders', *args], capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_build_command_line_user_mistakes_are_one_line_and_exit_2(tmp_path):
+  proc = _builders_command('omniglot', f'--manual_dir={tmp_path / "nothing"}', f'--data_dir={tmp_path / "data"}')
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.splitlines()[0] == (
+      f"error: omniglot: the official archives are missing (manual dir '{tmp_path / 'nothing'}', which is not a "
+      'folder); pass the folder that holds them with --config.dataset.manual_dir=DIR (training, evaluation) or '
+      '--manual_dir=DIR (python -m metrix_jax.data.builders).')
+  assert 'https://github.com/brendenlake/omniglot' in proc.stderr and proc.stdout == ''
+  proc = _builders_command('cub', f'--data_dir={tmp_path / "data"}')
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == ["error: argument name: invalid choice: 'cub' (choose from 'demo', 'omniglot', "
+                                      "'cub200', 'cars196', 'sop', 'inshop') (see: python -m "
+                                      'metrix_jax.data.builders --help)']
+  assert not os.path.exists(tmp_path / 'data')
+
+
+def test_omniglot_config_has_no_development_default_and_names_the_flag(tmp_path):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('omniglot_config', os.path.join(ROOT, 'configs', 'omniglot.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.dataset.manual_dir is None
+  config_lib.validate(config)  # None: the builder looks in <data_dir>/downloads/manual
+  config.dataset.manual_dir = str(tmp_path / 'nope')
+  with pytest.raises(ValueError) as error:
+    config_lib.validate(config)
+  message = str(error.value)
+  assert (f"dataset.manual_dir='{tmp_path / 'nope'}' is not a folder; pass the folder that holds the official "
+          'archives of omniglot with --config.dataset.manual_dir=DIR.') in message
+  for expected in ('images_background.zip', 'images_evaluation.zip', 'https://github.com/brendenlake/omniglot'):
+    assert expected in message

@@ -1,9 +1,17 @@
 """Data: tfds builders (array_record, no TensorFlow) and grain input pipelines for metric learning.
 
-Data sets (`DATASET_NAMES`): 'demo' (generated glyphs, no download), 'omniglot', 'cub200', 'cars196', 'sop',
-'inshop'. Built under `data_dir` (default $TFDS_DATA_DIR or ~/tensorflow_datasets) from the official archives in
-`manual_dir` (default <data_dir>/downloads/manual) on first use; `builders.py` lists the files
-(`MANUAL_DOWNLOAD_INSTRUCTIONS` of each builder).
+The data sets (`DATASETS`, the one list of them; `check_name(name)` is the one check): 'demo' (generated glyphs,
+no download), 'omniglot', 'cub200', 'cars196', 'sop', 'inshop'. Built under `data_dir` (default $TFDS_DATA_DIR or
+~/tensorflow_datasets) from the official archives in `manual_dir` (default <data_dir>/downloads/manual) on first
+use; `download_instructions(name)` says which files and where to get them. Importing this package is cheap (no
+tfds, grain or jax): the config validator asks it.
+
+Module layout:
+    base.py      the tfds builder base (`MetrixBuilder`), features, image encoding, `parallel_map`, archive readers
+    builders.py  the data sets' builders, name -> builder class, `prepare`, `load_split`; its command line builds
+    demo.py      the generated `demo` data set (a `MetrixBuilder`)
+    pipeline.py  grain samplers, transforms, checkpointable train iterator, padded eval iterable
+Training and evaluation read `config.dataset` through `metrix_jax.input_pipeline`, which calls what follows.
 
 What the trainer calls (all arguments plain values, e.g. from `config.dataset.*`):
 
@@ -32,11 +40,28 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
-DATASET_NAMES = ('demo', 'omniglot', 'cub200', 'cars196', 'sop', 'inshop')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_SPLITS = {'inshop': ('train', ('query', 'gallery'))}  # others: ('train', ('test',))
+
+class DatasetSpec(NamedTuple):
+  """What is known of a data set without building it (its builder class: `builders.builder_class(name)`)."""
+  needs_manual_dir: bool  # built from official archives the user downloads (False: generated locally)
+  recall_ks: tuple[int, ...]  # the Ks of its Recall@K protocol
+  eval_splits: tuple[str, ...] = ('test',)  # ('test',): leave-one-out; ('query', 'gallery'): query -> gallery
+  train_split: str = 'train'
+
+
+# The registry: every data set, in the order the docs list them.
+DATASETS: dict[str, DatasetSpec] = {
+    'demo': DatasetSpec(needs_manual_dir=False, recall_ks=(1, 2, 4, 8)),
+    'omniglot': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8)),
+    'cub200': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
+    'cars196': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
+    'sop': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 10, 100, 1000)),
+    'inshop': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 10, 20, 30, 40, 50), eval_splits=('query', 'gallery')),
+}
+DATASET_NAMES = tuple(DATASETS)
 
 
 class DatasetInfo(NamedTuple):
@@ -54,26 +79,37 @@ def normalize_images(images, dtype=None):
   return x if dtype is None else x.astype(dtype)
 
 
-def _check(name: str) -> str:
-  if name not in DATASET_NAMES:
+def check_name(name: str) -> str:
+  """`name` if it is a data set of the registry; else ValueError listing the valid choices."""
+  if name not in DATASETS:
     raise ValueError(f'Unknown dataset {name!r}; valid choices: {", ".join(DATASET_NAMES)}.')
   return name
+
+
+def spec(name: str) -> DatasetSpec:
+  return DATASETS[check_name(name)]
+
+
+def download_instructions(name: str) -> str:
+  """Which files the manual dir needs and where to download them (imports the builders: tfds)."""
+  from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
+  return builders.builder_class(name).MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs):
   """Builds the data set on first use (instant afterwards); returns the tfds builder. See `builders.prepare`."""
   from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
-  return builders.prepare(_check(name), data_dir, manual_dir, **builder_kwargs)
+  return builders.prepare(check_name(name), data_dir, manual_dir, **builder_kwargs)
 
 
 def get_dataset_info(name: str, data_dir: str | None = None, manual_dir: str | None = None,
                      **builder_kwargs) -> DatasetInfo:
   """(num_classes_train, num_train_examples, eval_splits, has_gallery); builds the data set if needed."""
   from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
-  train_split, eval_splits = _SPLITS.get(_check(name), ('train', ('test',)))
-  train = builders.load_split(name, train_split, data_dir, manual_dir, **builder_kwargs)
+  dataset = spec(name)
+  train = builders.load_split(name, dataset.train_split, data_dir, manual_dir, **builder_kwargs)
   return DatasetInfo(num_classes_train=int(train.labels.max()) + 1, num_train_examples=len(train),
-                     eval_splits=eval_splits, has_gallery=len(eval_splits) == 2)
+                     eval_splits=dataset.eval_splits, has_gallery=len(dataset.eval_splits) == 2)
 
 
 def create_train_iterator(name: str, *, global_batch_size: int, image_size: int, seed: int,
@@ -85,8 +121,7 @@ def create_train_iterator(name: str, *, global_batch_size: int, image_size: int,
                           flip: bool | None = None, **builder_kwargs):
   """Infinite checkpointable iterator of this host's train batches; see the module docstring."""
   from metrix_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
-  train_split = _SPLITS.get(_check(name), ('train',))[0]
-  source = builders.load_split(name, train_split, data_dir, manual_dir, **builder_kwargs)
+  source = builders.load_split(name, spec(name).train_split, data_dir, manual_dir, **builder_kwargs)
   sampler_fn = pipeline.make_sampler(source.labels, sampler=sampler, global_batch_size=global_batch_size,
                                      classes_per_batch=classes_per_batch, images_per_class=images_per_class,
                                      seed=seed, with_replacement=with_replacement)
@@ -102,7 +137,7 @@ def create_eval_iterator(name: str, split: str, *, global_batch_size: int, image
                          num_threads: int | None = None, **builder_kwargs):
   """Re-iterable eval batches of `split` (any split, 'train' included) in a fixed order, padded + masked."""
   from metrix_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
-  source = builders.load_split(_check(name), split, data_dir, manual_dir, **builder_kwargs)
+  source = builders.load_split(check_name(name), split, data_dir, manual_dir, **builder_kwargs)
   return pipeline.EvalIterable(source, global_batch_size=global_batch_size, image_size=image_size,
                                resize_size=resize_size, process_index=process_index, process_count=process_count,
                                num_workers=num_workers, num_threads=num_threads)

@@ -1,8 +1,14 @@
-"""tfds builders (array_record, no TensorFlow needed) for the metric-learning data sets, and their registry.
+"""The data sets' tfds builders, name -> builder (`BUILDERS`), `prepare` / `load_split`, and a build command.
 
-Each data set is a `tfds.core.GeneratorBasedBuilder` written as `array_record` files and read back through
-`builder.as_data_source(split)` (random access, what grain needs); nothing here imports TensorFlow. Images are
+Each data set is a `base.MetrixBuilder` (a `tfds.core.GeneratorBasedBuilder`) written as `array_record` files and
+read back through `RecordSource` (random access, what grain needs); nothing here imports TensorFlow. Images are
 stored as encoded bytes (JPEG for the photo benchmarks, PNG for glyphs) and decoded by `pipeline.py` with PIL.
+The names and what is known of each data set without building it live in `metrix_jax.data.DATASETS`.
+
+    python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256]
+
+builds NAME once and prints its splits; a user mistake (unknown name, missing archives) is one line on stderr
+and exit status 2.
 
 | name       | source (manual dir)                               | splits                     | classes train / eval |
 |------------|---------------------------------------------------|----------------------------|----------------------|
@@ -22,44 +28,36 @@ never upsampled) with PIL bilinear, as torchvision's `Resize(256)` does, and re-
 `short_side` is part of the tfds config name (`s256`), so several sizes can live side by side.
 
 Build safety: every expected file is checked before anything is written (a missing file raises
-`FileNotFoundError` naming it and the download instructions); tfds writes into `incomplete.*` and renames on
-success, removing it on failure; the standard image counts are checked (`check_counts=False` only for tests
-with fake archives); an image that fails to decode is skipped and counted in the build log (never kept with a
-wrong label). After a build, a small `metrix_labels.npz` (labels per split, in record order) is written next to
-the tfds files so samplers need not read every record.
+`FileNotFoundError` naming it, the `--config.dataset.manual_dir` flag and the download instructions); tfds
+writes into `incomplete.*` and renames on success, removing it on failure; the standard image counts are checked
+(`check_counts=False` only for tests with fake archives); an image that fails to decode is skipped and counted
+in the build log (never kept with a wrong label). After a build, a small `metrix_labels.npz` (labels per split,
+in record order) is written next to the tfds files so samplers need not read every record.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import argparse
 import dataclasses
-import io
 import logging
-import multiprocessing
 import os
 import re
 import sys
-import tarfile
 import tempfile
 import zipfile
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
-from PIL import Image
+
+from metrix_jax import cli
+from metrix_jax import data as data_lib
+from metrix_jax.data import demo
+from metrix_jax.data.base import MetrixBuilder, RandomAccess, is_hidden, iter_archive, photo_features, read_text_member
 
 log = logging.getLogger(__name__)
 
-from metrix_jax.data import DATASET_NAMES
-
 LABELS_FILE = 'metrix_labels.npz'
-_JPEG_QUALITY = 95
-
-
-def check_name(name: str) -> str:
-  if name not in DATASET_NAMES:
-    raise ValueError(f'Unknown dataset {name!r}; valid choices: {", ".join(DATASET_NAMES)}.')
-  return name
 
 
 def default_data_dir(data_dir: str | None = None) -> str:
@@ -72,253 +70,7 @@ def default_manual_dir(data_dir: str, manual_dir: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Configs and the common builder base.
-
-
-@dataclasses.dataclass
-class ImageConfig(tfds.core.BuilderConfig):
-  """Build option of the photo benchmarks: shorter side of the stored images (never upsampled)."""
-  short_side: int = 256
-
-
-def image_config(short_side: int = 256) -> ImageConfig:
-  if short_side < 32:
-    raise ValueError(f'short_side={short_side} is too small; use >= 32 (default 256).')
-  return ImageConfig(name=f's{short_side}', short_side=short_side,
-                     description=f'images resized so that the shorter side is {short_side} px')
-
-
-class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base class: array_record output, explicit manual dir, count checks, parallel image processing.
-
-  Subclasses define `name`, `VERSION`, `MANUAL_DOWNLOAD_INSTRUCTIONS`, `SPLITS`, `required_files()` and
-  `_split_examples(split)`.
-  """
-  SPLITS: tuple[str, ...] = ('train', 'test')
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):  # no checksums/metadata files next to the code (and editable installs break the lookup)
-    return None
-
-  def __init__(self, *, data_dir: str, manual_dir: str | None = None, check_counts: bool = True,
-               num_workers: int | None = None, **kwargs):
-    kwargs.setdefault('file_format', 'array_record')
-    super().__init__(data_dir=data_dir, **kwargs)
-    self._manual_dir = manual_dir
-    self.check_counts = check_counts
-    self.num_workers = os.cpu_count() if num_workers is None else num_workers
-    self.skipped_files: list[str] = []
-
-  @classmethod
-  def default_config(cls, short_side: int = 256, manual_dir: str | None = None,
-                     data_dir: str | None = None) -> tfds.core.BuilderConfig:
-    del manual_dir, data_dir
-    return image_config(short_side)
-
-  # -- manual files --------------------------------------------------------------------------------------
-  def required_files(self) -> dict[str, Sequence[str]]:
-    """{description: candidate paths relative to the manual dir (first existing wins)}."""
-    return {}
-
-  def find_files(self) -> dict[str, str]:
-    """Resolves `required_files()` in the manual dir; raises FileNotFoundError naming what is missing."""
-    manual_dir = self._manual_dir
-    found, missing = {}, []
-    for key, candidates in self.required_files().items():
-      for rel in candidates:
-        path = os.path.join(manual_dir or '', rel)
-        if manual_dir and os.path.exists(path):
-          found[key] = path
-          break
-      else:
-        missing.append(f'{key} (one of: {", ".join(candidates)})')
-    if missing:
-      raise FileNotFoundError(
-          f'Cannot build {self.name!r}: missing in manual_dir={manual_dir!r}:\n  - ' + '\n  - '.join(missing)
-          + f'\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-    return found
-
-  # -- tfds hooks ----------------------------------------------------------------------------------------
-  def _split_generators(self, dl_manager):
-    del dl_manager  # files are located through `find_files()` (explicit manual dir, checked up front)
-    return {split: self._generate_examples(split) for split in self.SPLITS}
-
-  def _generate_examples(self, split):
-    for key, example in self._split_examples(split):
-      yield key, example
-
-  def _split_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    raise NotImplementedError
-
-  # -- helpers for subclasses ----------------------------------------------------------------------------
-  def check_count(self, what: str, expected: int, found: int):
-    if found != expected:
-      message = (f'{self.name}: expected {expected:,} {what}, found {found:,}: the archive is incomplete or not '
-                 f'the official release.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-      if self.check_counts:
-        raise ValueError(message)
-      log.warning('%s (count check disabled)', message.split('\n')[0])
-
-  def encode_images(self, items: Iterable[tuple[str, bytes, dict[str, Any]]], short_side: int | None,
-                    ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(key, raw image bytes, other features) -> (key, example); corrupt images skipped and logged.
-
-    `short_side=None` keeps the bytes as they are (after checking that they decode).
-    """
-    skipped_before = len(self.skipped_files)
-    for key, result, extra in _parallel_map(_encode_image, items, short_side, self.num_workers):
-      if isinstance(result, str):
-        self.skipped_files.append(key)
-        log.warning('%s: skipping corrupt image %s (%s)', self.name, key, result)
-        continue
-      data, original_size = result
-      yield key, dict(extra, image=data, original_size=np.asarray(original_size, np.int32))
-    skipped = len(self.skipped_files) - skipped_before
-    if skipped:
-      log.warning('%s: skipped %d corrupt image(s) in this split: %s', self.name, skipped,
-                  ', '.join(self.skipped_files[skipped_before:skipped_before + 20]))
-
-
-def photo_features(image_channels: int = 3, encoding: str = 'jpeg', raw_image_shape: tuple[int, ...] | None = None,
-                   **extra) -> tfds.features.FeaturesDict:
-  """Common features; `raw_image_shape` stores small images as raw uint8 pixels instead of encoded bytes."""
-  if raw_image_shape is not None:
-    image = tfds.features.Tensor(shape=raw_image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
-  else:
-    image = tfds.features.Image(shape=(None, None, image_channels), encoding_format=encoding)
-  return tfds.features.FeaturesDict({
-      'image': image,
-      'label': tfds.features.Tensor(shape=(), dtype=np.int64),
-      'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),
-      'file_name': tfds.features.Text(),
-      **extra,
-  })
-
-
-def _encode_image(data: bytes, short_side: int | None):
-  """Worker: raw bytes -> (encoded bytes, (height, width)) or an error string."""
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      width, height = image.size
-      if short_side is None:
-        return data, (height, width)
-      image = image.convert('RGB')
-      if min(width, height) > short_side:  # torchvision Resize(int): shorter side -> size, int() on the other
-        if width <= height:
-          size = (short_side, int(short_side * height / width))
-        else:
-          size = (int(short_side * width / height), short_side)
-        image = image.resize(size, Image.BILINEAR)
-      out = io.BytesIO()
-      image.save(out, format='JPEG', quality=_JPEG_QUALITY)
-      return out.getvalue(), (height, width)
-  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds on corrupt files)
-    return f'{type(e).__name__}: {e}'
-
-
-def _parallel_map(fn: Callable, items: Iterable[tuple[str, bytes, Any]], arg, num_workers: int,
-                  chunk: int = 64) -> Iterator[tuple[str, Any, Any]]:
-  """Ordered map of fn(data, arg) over (key, data, extra) with bounded memory; in-process if num_workers < 2."""
-  if num_workers < 2:
-    for key, data, extra in items:
-      yield key, fn(data, arg), extra
-    return
-  # fork is fast and needs no `if __name__ == '__main__'` guard, but is unsafe once jax runs its threads.
-  ctx = multiprocessing.get_context('spawn' if 'jax' in sys.modules else 'fork')
-  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
-    block: list = []
-    pending: list = []  # at most two blocks in flight
-    def flush(block):
-      return block, [pool.submit(_map_chunk, fn, [d for _, d, _ in block[i:i + chunk]], arg)
-                     for i in range(0, len(block), chunk)]
-    for item in items:
-      block.append(item)
-      if len(block) == chunk * num_workers * 2:
-        pending.append(flush(block))
-        block = []
-        if len(pending) > 1:
-          yield from _drain(pending.pop(0))
-    if block:
-      pending.append(flush(block))
-    for p in pending:
-      yield from _drain(p)
-
-
-def _map_chunk(fn, datas, arg):
-  return [fn(d, arg) for d in datas]
-
-
-def _drain(pending):
-  block, futures = pending
-  results = [r for f in futures for r in f.result()]
-  for (key, _, extra), result in zip(block, results):
-    yield key, result, extra
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading archives (tar/tgz streamed, zip or an extracted folder), yielding (name, bytes).
-
-
-def iter_archive(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-  """Yields (member name with '/' separators, bytes) for wanted regular files, in archive order.
-
-  For a folder, names are relative to the folder's parent (so they start with the folder's own name, as the
-  archive's members do). Errors in a truncated/corrupt archive are re-raised naming the file.
-  """
-  try:
-    if os.path.isdir(path):
-      root = os.path.dirname(os.path.abspath(path))
-      for dirpath, dirnames, filenames in os.walk(path):
-        dirnames.sort()
-        for fname in sorted(filenames):
-          full = os.path.join(dirpath, fname)
-          name = os.path.relpath(full, root).replace(os.sep, '/')
-          if wanted(name):
-            with open(full, 'rb') as f:
-              yield name, f.read()
-    elif zipfile.is_zipfile(path):
-      with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-          if not info.is_dir() and wanted(info.filename):
-            yield info.filename, zf.read(info)
-    else:
-      with tarfile.open(path, 'r|*') as tf:  # streaming: one sequential pass over a .tgz
-        for member in tf:
-          name = member.name[2:] if member.name.startswith('./') else member.name
-          if member.isfile() and wanted(name):
-            yield name, tf.extractfile(member).read()
-  except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-    raise ValueError(f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; '
-                     'download it again.') from e
-
-
-def read_text_member(path: str, name: str) -> str:
-  """One text file from a zip/folder/tar archive (`name` as `iter_archive` names it)."""
-  for _, data in iter_archive(path, lambda n: n == name):
-    return data.decode('utf-8')
-  raise FileNotFoundError(f'{name} not found in {path}: the archive is incomplete or not the official one.')
-
-
-def is_hidden(name: str) -> bool:
-  return any(part.startswith('._') or part == '__MACOSX' for part in name.split('/'))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Registry, prepare, split access.
-
-
-def builder_class(name: str) -> type[MetrixBuilder]:
-  check_name(name)
-  if name == 'demo':
-    from metrix_jax.data import demo  # pylint: disable=g-import-not-at-top
-    return demo.Demo
-  class_name = {'omniglot': 'Omniglot', 'cub200': 'Cub200', 'cars196': 'Cars196', 'sop': 'Sop',
-                'inshop': 'InShop'}[name]
-  if class_name not in globals():
-    raise NotImplementedError(f'The {name!r} builder is not written yet.')
-  return globals()[class_name]
+# Prepare, split access.
 
 
 def get_builder(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
@@ -449,27 +201,6 @@ def load_split(name: str, split: str, data_dir: str | None = None, manual_dir: s
 # The four benchmarks.
 
 
-class _RandomAccess:
-  """read(name) from a zip or an extracted folder (names as `iter_archive` gives them); None when absent."""
-
-  def __init__(self, path: str):
-    self.path = path
-    self._zip = None if os.path.isdir(path) else zipfile.ZipFile(path)
-    self._root = os.path.dirname(os.path.abspath(path))
-
-  def read(self, name: str) -> bytes | None:
-    try:
-      if self._zip is not None:
-        return self._zip.read(name)
-      with open(os.path.join(self._root, *name.split('/')), 'rb') as f:
-        return f.read()
-    except (KeyError, FileNotFoundError):
-      return None
-
-  def close(self):
-    if self._zip is not None:
-      self._zip.close()
-
 
 class _PhotoBuilder(MetrixBuilder, skip_registration=True):
   """Benchmarks built from official archives: JPEG resized to `short_side`, label/original size/file name."""
@@ -593,7 +324,7 @@ data set). It holds Ebay_train.txt, Ebay_test.txt and the images."""
     if split == 'train' and entries and sorted({y for _, y in entries}) != list(range(len({y for _, y in entries}))):
       raise ValueError('sop: Ebay_train.txt class ids are not 1..N; not the official file.')
     def items():
-      reader = _RandomAccess(archive)
+      reader = RandomAccess(archive)
       try:
         for name, label in entries:
           yield name, reader.read(name), label
@@ -643,7 +374,7 @@ https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (Google D
     entries = self.partition()[split]
     archive = self.find_files()['img.zip']
     def items():
-      reader = _RandomAccess(archive)
+      reader = RandomAccess(archive)
       try:
         for name, label in entries:
           yield name, reader.read(name), label
@@ -772,38 +503,63 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Registry: data set name -> builder class (the names and what is known of them: `metrix_jax.data.DATASETS`).
+
+
+BUILDERS: dict[str, type[MetrixBuilder]] = {
+    'demo': demo.Demo, 'omniglot': Omniglot, 'cub200': Cub200, 'cars196': Cars196, 'sop': Sop, 'inshop': InShop,
+}
+
+
+def builder_class(name: str) -> type[MetrixBuilder]:
+  """The builder class of data set `name` (ValueError listing the valid names for an unknown one)."""
+  return BUILDERS[data_lib.check_name(name)]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line: build once, print the splits.
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, int]:
-  """`python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256]`."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog='python -m metrix_jax.data.builders',
-                                   description='Build a data set from its official archives (once) and print '
-                                               'its splits.')
-  parser.add_argument('name', choices=DATASET_NAMES)
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage mistakes are user errors (one line on stderr, exit 2 through `cli`)."""
+
+  def error(self, message):
+    raise cli.UserError(f'{message} (see: python -m metrix_jax.data.builders --help)')
+
+
+def split_counts(builder: MetrixBuilder) -> dict[str, tuple[int, int]]:
+  """{split: (images, classes)} of a built data set (from its label file: nothing decoded)."""
+  with np.load(os.path.join(builder.data_dir, LABELS_FILE)) as f:
+    return {split: (len(f[split]), len(np.unique(f[split]))) for split in f.files}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256]`.
+
+  Builds NAME once and prints its splits; returns the exit status (2: a user mistake, one line on stderr).
+  """
+  parser = _ArgumentParser(prog='python -m metrix_jax.data.builders',
+                           description='Build a data set from its official archives (once) and print its splits.')
+  parser.add_argument('name', choices=data_lib.DATASET_NAMES)
   parser.add_argument('--manual_dir', default=None, help='folder with the archives (default: '
                       '<data_dir>/downloads/manual)')
   parser.add_argument('--data_dir', default=None, help='where built data sets live (default: $TFDS_DATA_DIR or '
                       '~/tensorflow_datasets)')
   parser.add_argument('--short_side', type=int, default=256, help='photo benchmarks: stored shorter side (px)')
   parser.add_argument('--num_workers', type=int, default=None, help='build processes (default: all cores)')
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
-  try:
+  parser.add_argument('--verbose_libraries', action='store_true', help="keep tfds' INFO log lines")
+
+  def work():
+    args = parser.parse_args(argv)
+    cli.configure_logging(verbose_libraries=args.verbose_libraries, process_index=0)
     builder = prepare(args.name, args.data_dir, args.manual_dir, short_side=args.short_side,
                       num_workers=args.num_workers)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'error: {e}') from None
-  counts = {}
-  with np.load(os.path.join(builder.data_dir, LABELS_FILE)) as f:
-    for split in f.files:
-      labels = f[split]
-      counts[split] = len(labels)
-      print(f'{args.name}/{split}: {len(labels):,} images, {len(np.unique(labels)):,} classes')
-  print(f'in {builder.data_dir}')
-  return counts
+    for split, (images, classes) in split_counts(builder).items():
+      print(f'{args.name}/{split}: {images:,} images, {classes:,} classes')
+    print(f'in {builder.data_dir}')
+
+  return cli.run_user_command(work)
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFont
 
-from metrix_jax.data import builders
+from metrix_jax.data import base
 
 # (first, last) code points of the blocks drawn from.
 _BLOCKS = (
@@ -177,7 +177,7 @@ def render_glyph(codepoint: int, faces: tuple[int, ...], rng: np.random.Generato
   return np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8), face
 
 
-class Demo(builders.MetrixBuilder, skip_registration=True):
+class Demo(base.MetrixBuilder, skip_registration=True):
   """Generated glyph classes; see the module docstring."""
   name = 'metrix_demo'
   VERSION = tfds.core.Version('1.0.0')
@@ -197,7 +197,7 @@ class Demo(builders.MetrixBuilder, skip_registration=True):
         builder=self,
         description=(f'{self.builder_config.description}; rendered with Pillow {PIL.__version__} from the fonts '
                      f'of matplotlib {matplotlib.__version__}.'),
-        features=builders.photo_features(
+        features=base.photo_features(
             raw_image_shape=(config.image_size, config.image_size, 1),
             font=tfds.features.Text()),
         supervised_keys=('image', 'label'),
@@ -213,8 +213,8 @@ class Demo(builders.MetrixBuilder, skip_registration=True):
     num_items = len(labels) * config.images_per_class
     workers = self.num_workers if num_items >= 4000 else 0  # process start-up costs more than small builds
     names = [os.path.basename(f) for f in font_files()]
-    for key, (pixels, face), label in builders._parallel_map(  # pylint: disable=protected-access
-        _render_item, items, (config.seed, config.image_size), workers):
+    for key, (pixels, face), label in base.parallel_map(_render_item, items, (config.seed, config.image_size),
+                                                        workers):
       yield key, {'image': pixels[:, :, None], 'label': label, 'original_size': np.array(pixels.shape, np.int32),
                   'file_name': key, 'font': names[face]}
 
