@@ -1,6 +1,7 @@
 r"""Study config of `scripts/study.py`: does Metrix raise Recall@K? The argument picks the data set.
 
-    nice -n 10 python scripts/study.py --config=configs/study/metrix.py:omniglot --workdir=workdirs/study_omniglot
+    nice -n 10 python scripts/study.py --config=configs/study/metrix.py:omniglot --workdir=workdirs/study_omniglot \
+      --config.manual_dir=/data/omniglot
     python scripts/study.py --config=configs/study/metrix.py:cub200 --workdir=workdirs/study_cub200 \
       --config.manual_dir=/data/cub --config.pretrained=resnet50.npz
 
@@ -40,7 +41,8 @@ def base_study_config() -> config_dict.ConfigDict:
   s.rows = ROWS
   s.seeds = (1, 2, 3)
   s.overrides = ()  # ('train.num_steps=300', ...): --config.KEY=VALUE for every run
-  # Data and weights locations (set on the command line: --config.manual_dir=/data/cub ...); None: config default.
+  # Data and weights locations (set on the command line: --config.manual_dir=/data/cub ...); None: the trainer
+  # config's default (no manual dir: the builder's <data_dir>/downloads/manual; the data set may be built already).
   s.manual_dir = config_dict.placeholder(str)
   s.data_dir = config_dict.placeholder(str)
   s.pretrained = config_dict.placeholder(str)
