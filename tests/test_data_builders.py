@@ -133,6 +133,13 @@ def test_missing_archives_name_the_manual_dir_flag(tmp_path, name):
   assert leftovers(tmp_path / 'data') == []
 
 
+def test_the_registry_is_cheap_to_import():
+  code = ('import sys; from metrix_jax import data; data.check_name("sop"); '
+          'print(sorted({"tensorflow_datasets", "grain", "jax"} & set(sys.modules)))')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=True)
+  assert proc.stdout.strip() == '[]'
+
+
 def test_registry_is_the_one_list_of_data_sets(tmp_path):
   assert tuple(builders.BUILDERS) == data.DATASET_NAMES == tuple(data.DATASETS)
   assert tuple(config_lib.RECALL_KS) == data.DATASET_NAMES

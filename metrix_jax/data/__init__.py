@@ -11,9 +11,8 @@ Module layout:
     builders.py  the data sets' builders, name -> builder class, `prepare`, `load_split`; its command line builds
     demo.py      the generated `demo` data set (a `MetrixBuilder`)
     pipeline.py  grain samplers, transforms, checkpointable train iterator, padded eval iterable
-Training and evaluation read `config.dataset` through `metrix_jax.input_pipeline`, which calls what follows.
-
-What the trainer calls (all arguments plain values, e.g. from `config.dataset.*`):
+Training and evaluation read `config.dataset` through `metrix_jax.input_pipeline`, which calls these functions
+(all arguments plain values):
 
     from metrix_jax import data
     data.prepare(name, data_dir=None, manual_dir=None)           # build on first use (call before forking work)
