@@ -5,7 +5,7 @@ r"""Train-step benchmark (issue 8): the project's REAL train step vs a PyTorch r
     python benchmarks/bench_train.py --losses=ms --modes=none,feature --extra_batch_sizes=100 --json_out=r.json
     python benchmarks/bench_train.py --compile_only --dtype=float32   # any machine: XLA FLOPs + memory per variant
 
-JAX rows: `metrix_jax.train.make_train_step` (the trainer's jitted step: uint8 batch -> normalise -> EmbeddingNet
+JAX rows: `metrix_jax.step.make_train_step` (the trainer's jitted step: uint8 batch -> normalise -> EmbeddingNet
 -> loss (+ Metrix at the configured level) -> clip + Adam with coupled L2), built from a config exactly as
 `train_and_evaluate` builds it, for each loss (--losses) x mix level (--modes; 'none' = clean). Settings: the
 official CUB recipe after warm-up (bn_freeze=True, warm-up 0: BN statistics and gamma/beta frozen), random weights,
@@ -21,7 +21,7 @@ PyTorch rows; the step's device memory from XLA's compiled memory analysis (argu
 donated aliases; PyTorch: `torch.cuda.max_memory_allocated`); GFLOP/step and FLOP overhead from XLA's cost model
 of the compiled step (deterministic: the work Metrix adds, free of timing noise; --compile_only gives these columns
 alone, without running a step); compile seconds; the loss after the last step
-(finite check). Then the eval embedding throughput (`train.make_embed_fn`) and the process's peak device memory
+(finite check). Then the eval embedding throughput (`embedding.make_embed_fn`) and the process's peak device memory
 (`device.memory_stats()`, where the backend reports it). --e2e_workers=N adds the MS + feature step fed by the
 project's grain pipeline (N worker processes) from a synthetic set of 256-px JPEGs (`bench_input_pipeline.py`'s
 photos), as the trainer's loop feeds it: end-to-end images/s vs the step alone. --max_batch_probe=256,512,...
@@ -150,16 +150,16 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
                   e2e: int | None = None):
   """Builds the trainer's step for (loss, mode), times it; returns (row, (state, model, config) or None)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from metrix_jax import embedding, optim, sharding, step  # pylint: disable=g-import-not-at-top
   config = make_config(loss, mode, args, batch_size)
-  model, loss_fn = train.create_model(config), train.create_loss(config)
+  model, loss_fn = embedding.create_model(config), step.create_loss(config)
 
   def tx_factory(params):
     return optim.make_optimizer(config.optim, params=params, steps_per_epoch=1000, total_steps=10 ** 6,
                                 freeze_bn_affine=True)
 
-  state = train.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
-  step_fn = train.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
+  state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
+  step_fn = step.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
   batch = sharding.global_batch({'image': images, 'label': labels}, mesh)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -218,22 +218,22 @@ def time_end_to_end(compiled, state, args, batch_size: int, mesh, workers: int) 
 def probe_batch_memory(args, mesh) -> list[dict]:
   """Compile-only: XLA memory of the MS + feature step per batch size (abstract batch, nothing allocated)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from metrix_jax import embedding, optim, sharding, step  # pylint: disable=g-import-not-at-top
   stats = jax.devices()[0].memory_stats() or {}
   limit = (args.memory_limit_gib * 2 ** 30 if args.memory_limit_gib else stats.get('bytes_limit'))
   out, state = [], None
   for batch_size in args.max_batch_probe:
     config = make_config('multi_similarity', 'feature', args, batch_size)
-    model, loss_fn = train.create_model(config), train.create_loss(config)
+    model, loss_fn = embedding.create_model(config), step.create_loss(config)
 
     def tx_factory(params, config=config):
       return optim.make_optimizer(config.optim, params=params, steps_per_epoch=1000, total_steps=10 ** 6,
                                   freeze_bn_affine=True)
 
     if state is None:  # the state does not depend on the batch size
-      state = train.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
+      state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
     tx = tx_factory(state.params)
-    step_fn = train.make_train_step(config, model, loss_fn, tx, mesh)
+    step_fn = step.make_train_step(config, model, loss_fn, tx, mesh)
     batch = {'image': jax.ShapeDtypeStruct((batch_size, args.image_size, args.image_size, 3), np.uint8,
                                            sharding=sharding.batch_sharding(mesh)),
              'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding.batch_sharding(mesh))}
@@ -248,11 +248,11 @@ def probe_batch_memory(args, mesh) -> list[dict]:
 
 
 def time_embed(state, model, config, args, mesh) -> dict:
-  """Eval embedding throughput (`train.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
+  """Eval embedding throughput (`embedding.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
   import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from metrix_jax import embedding, sharding  # pylint: disable=g-import-not-at-top
   images, _ = make_batch(args.eval_batch_size, args.image_size, args.num_classes, seed=1)
-  embed_fn = train.make_embed_fn(model, config, mesh)
+  embed_fn = embedding.make_embed_fn(model, config, mesh)
   variables = state.variables()
   batch = sharding.global_batch({'image': images}, mesh)['image']
   start = time.perf_counter()

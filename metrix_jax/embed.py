@@ -28,6 +28,7 @@ from absl import flags
 
 from metrix_jax import cli
 from metrix_jax import embedding
+from metrix_jax import input_pipeline
 from metrix_jax import progress
 from metrix_jax import rundir
 from metrix_jax import sharding
@@ -79,7 +80,7 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
   batch_size = int(batch_size or config.dataset.eval_batch_size)
   batch_size = -(-batch_size // mesh.size) * mesh.size
   image_size = int(config.dataset.image_size)
-  resize_size = int(config.dataset.eval_resize or 0) or None  # 0/None: the pipeline's default
+  resize_size = input_pipeline.eval_resize(config)
   embed_fn = embedding.make_embed_fn(model, config, mesh)
   variables = sharding.replicate(variables, mesh)  # on device once, not per batch
   kept, chunks, skipped = [], [], []

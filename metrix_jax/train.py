@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -157,17 +157,20 @@ class _Profiler:
              self.directory)
 
 
-def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], input_pipeline.DataBundle] | None = None,
-                       model_factory: Callable[[Any], Any] | None = None, stop_after_steps: int | None = None
-                       ) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the results dict.
+class _Setup(NamedTuple):
+  mesh: Any
+  data: input_pipeline.DataBundle
+  steps_per_epoch: int
+  total_steps: int
+  model: Any
+  state: step_lib.TrainState
+  step_fn: Callable
+  checkpointer: checkpointing.Checkpointer
+  restored_step: int | None
 
-  Test seams: `data_factory(config) -> DataBundle` replaces the project's pipelines, `model_factory(config)` the
-  EmbeddingNet; `stop_after_steps` stops (with a checkpoint) as a pre-emption would.
-  """
-  config_lib.validate(config)
-  start_time = time.time()
-  workdir = metric_writers.resolve_workdir(workdir)  # local: absolute path; gs://...: as given
+
+def _setup(config, workdir: str, data_factory, model_factory) -> _Setup:
+  """Mesh, data, model, loss, optimiser, jitted step, and the state (restored from the latest checkpoint)."""
   mesh = sharding.make_mesh()
   sharding.log_startup(mesh)
   per_host = sharding.per_host_batch_size(config.train.batch_size, mesh)
@@ -175,8 +178,6 @@ def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], in
   data = (data_factory or input_pipeline.build_train_data)(config)
   spe = config_lib.steps_per_epoch(data.num_train_images, config.train.batch_size)
   total = config_lib.total_steps(config, spe)
-  writer = metric_writers.MetricWriter(workdir)
-  writer.write_config(config)
   model, loss_fn = (model_factory or embedding.create_model)(config), step_lib.create_loss(config)
 
   def tx_factory(params):
@@ -193,9 +194,25 @@ def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], in
   if latest is not None:
     state, _ = ckpt.restore(latest, state, data_iterator=data.train_iterator)
     log.info('Resumed from %s/%d.', rundir.checkpoint_dir(workdir), latest)
-  step = int(state.step)
   step_fn = step_lib.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
-  embed_fn = embedding.make_embed_fn(model, config, mesh)
+  return _Setup(mesh, data, spe, total, model, state, step_fn, ckpt, latest)
+
+
+def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], input_pipeline.DataBundle] | None = None,
+                       model_factory: Callable[[Any], Any] | None = None, stop_after_steps: int | None = None
+                       ) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the results dict.
+
+  Test seams: `data_factory(config) -> DataBundle` replaces the project's pipelines, `model_factory(config)` the
+  EmbeddingNet; `stop_after_steps` stops (with a checkpoint) as a pre-emption would.
+  """
+  config_lib.validate(config)
+  start_time = time.time()
+  workdir = metric_writers.resolve_workdir(workdir)  # local: absolute path; gs://...: as given
+  mesh, data, spe, total, model, state, step_fn, ckpt, latest = _setup(config, workdir, data_factory, model_factory)
+  writer = metric_writers.MetricWriter(workdir)
+  writer.write_config(config)
+  step, embed_fn = int(state.step), embedding.make_embed_fn(model, config, mesh)
   eval_every, nan_every = int(config.train.eval_every_epochs) * spe, int(config.train.nan_check_every_steps)
   finite, timer = _FiniteCheck(workdir, latest), progress.TrainTimer(config.train.batch_size)
   profiler = _Profiler(config, step, os.path.join(writer.local_dir, 'profile'))

@@ -17,7 +17,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trainer_fakes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from metrix_jax import evaluate, evaluation, embed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from metrix_jax import report as report_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from metrix_jax import cli, embed, evaluate, evaluation, rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -43,7 +44,7 @@ TRAIN_LABELS = np.repeat(np.arange(0, 5), 2)  # 10 train images
 
 
 def fake_eval_data(config, include_train):
-  """Stand-in for `evaluate.build_eval_data`: fixed test (and train) splits."""
+  """Stand-in for `input_pipeline.build_eval_data`: fixed test (and train) splits."""
   del config
   sets = {'test': _batches(TEST_LABELS, 7)[0]}
   if include_train:
@@ -55,9 +56,9 @@ def _cli(module, *args):
   """Runs `python -m metrix_jax.<module> ARGS` with the tiny model and fake eval data patched in."""
   script = (f'import sys; sys.path.insert(0, {TESTS!r})\n'
             'import trainer_fakes, test_cli\n'
-            'from metrix_jax import train, evaluate\n'
-            'train.create_model = trainer_fakes.tiny_model_factory\n'
-            'evaluate.build_eval_data = test_cli.fake_eval_data\n'
+            'from metrix_jax import embedding, input_pipeline\n'
+            'embedding.create_model = trainer_fakes.tiny_model_factory\n'
+            'input_pipeline.build_eval_data = test_cli.fake_eval_data\n'
             f'from metrix_jax import {module}\n'
             f'sys.argv = ["{module}"] + sys.argv[1:]\n'
             f'sys.exit({module}.main())\n')
@@ -78,7 +79,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(workdir):
-  return evaluate.load_trained_model(workdir, model_factory=trainer_fakes.tiny_model_factory)
+  return rundir.load_trained_model(workdir, model_factory=trainer_fakes.tiny_model_factory)
 
 
 def _embed_directly(trained, images):
@@ -106,7 +107,7 @@ def test_loading_leaves_a_save_in_progress_alone(workdir):
   in_progress = os.path.join(workdir, 'checkpoints', '9.orbax-checkpoint-tmp-1234')
   os.makedirs(in_progress)
   try:
-    assert evaluate.load_trained_model(workdir, model_factory=trainer_fakes.tiny_model_factory).step == 1
+    assert rundir.load_trained_model(workdir, model_factory=trainer_fakes.tiny_model_factory).step == 1
     assert os.path.isdir(in_progress)
   finally:
     os.rmdir(in_progress)
@@ -123,7 +124,7 @@ def test_evaluate_command(workdir, trained):
     with open(os.path.join(out_dir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   pos = report['positivity']  # contrastive loss: no theoretical curve
-  assert len(pos['lambda']) == len(pos['empirical']) == len(evaluate.DEFAULT_LAMBDAS) and pos['theoretical'] is None
+  assert len(pos['lambda']) == len(pos['empirical']) == len(report_lib.DEFAULT_LAMBDAS) and pos['theoretical'] is None
   assert all(v is None or 0 <= v <= 1 for v in pos['empirical']) and pos['num_items'] > 0
   assert report['step'] == 1 and report['protocol'] == 'leave-one-out'
   assert report['num_test'] == len(TEST_LABELS) and report['num_train'] == len(TRAIN_LABELS)
@@ -147,15 +148,15 @@ def test_evaluate_command(workdir, trained):
 
 
 def test_evaluate_errors_name_the_fix(tmp_path, workdir):
-  with pytest.raises(evaluate.EvaluationError, match='does not exist.*metrix_jax.main'):
-    evaluate.load_trained_model(str(tmp_path / 'missing'))
-  with pytest.raises(evaluate.EvaluationError, match='config.json is missing'):
-    evaluate.load_trained_model(str(tmp_path))
+  with pytest.raises(cli.UserError, match='does not exist.*metrix_jax.main'):
+    rundir.load_trained_model(str(tmp_path / 'missing'))
+  with pytest.raises(cli.UserError, match='config.json is missing'):
+    rundir.load_trained_model(str(tmp_path))
   (tmp_path / 'config.json').write_text(open(os.path.join(workdir, 'config.json')).read())
-  with pytest.raises(evaluate.EvaluationError, match='No checkpoint.*Train first'):
-    evaluate.load_trained_model(str(tmp_path))
-  with pytest.raises(evaluate.EvaluationError, match='No checkpoint at step 7'):
-    evaluate.load_trained_model(workdir, checkpoint=7)
+  with pytest.raises(cli.UserError, match='No checkpoint.*Train first'):
+    rundir.load_trained_model(str(tmp_path))
+  with pytest.raises(cli.UserError, match='No checkpoint at step 7'):
+    rundir.load_trained_model(workdir, checkpoint=7)
   for command, extra in (('evaluate', ()), ('embed', (f'--images={tmp_path}', f'--out={tmp_path / "e.npz"}'))):
     proc = _cli(command, f'--workdir={tmp_path / "missing"}', *extra)
     assert proc.returncode == 2 and 'does not exist' in proc.stderr and 'Traceback' not in proc.stderr, command
@@ -173,15 +174,15 @@ def test_compute_metrics_both_protocols(gallery, tmp_path):
   else:
     embedded = {'test': (x, y), 'train': (train_x, np.zeros(15))}
     want = evaluation.retrieval_metrics(x, y, (1, 2))
-  got = evaluate.compute_metrics(config, embedded, with_positivity=False)
+  got = report_lib.compute_metrics(config, embedded, with_positivity=False)
   assert got['protocol'] == ('query -> gallery' if gallery else 'leave-one-out')
   assert got['recall'] == want['recall'] and got['map_at_r'] == want['map_at_r']
   assert got['utilization'] == pytest.approx(evaluation.utilization(x, train_x))  # all test items (+gallery)
   assert got['alignment'] == pytest.approx(evaluation.alignment(x, y))
   assert got['uniformity'] == pytest.approx(evaluation.uniformity(x))
-  assert 'Recall@2 (%)' in evaluate.format_table(got)
+  assert 'Recall@2 (%)' in report_lib.format_table(got)
   (tmp_path / 'eval_positivity.png').write_bytes(b'stale, from an earlier evaluation')
-  paths = evaluate.write_outputs(got, str(tmp_path))
+  paths = report_lib.write_outputs(got, str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['eval.json', 'eval_recall.png'] and set(paths) == {'json', 'recall_plot'}
   with open(paths['json']) as f:
     assert json.load(f)['recall'] == {str(k): v for k, v in want['recall'].items()}
@@ -250,7 +251,7 @@ def test_positivity_averages_batches_weighted_by_item_count(monkeypatch):
   config.dataset.classes_per_batch, config.dataset.images_per_class = 3, 4
   labels = np.repeat(np.arange(6), [4, 4, 4, 5, 2, 9])  # class 4 has too few items to be drawn
   x = np.random.default_rng(0).normal(size=(len(labels), 8)).astype(np.float32)
-  got = evaluate.positivity(config, x, labels, lambdas=(0.2, 0.5, 0.8), num_batches=3)
+  got = report_lib.positivity(config, x, labels, lambdas=(0.2, 0.5, 0.8), num_batches=3)
   assert len(calls) == 3
   for name, shape, counts, pair_sets, mask_mode in calls:
     assert name == 'multi_similarity' and shape == (12, 8) and list(counts) == [4, 4, 4]

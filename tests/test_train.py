@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 
 from metrix_jax import checkpointing
+from metrix_jax import data as data_lib
+from metrix_jax import losses
+from metrix_jax import mixup
+from metrix_jax import step as step_lib
 from metrix_jax import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -191,9 +195,9 @@ def tiny_variables():
   return model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32))
 
 
-@pytest.mark.parametrize('loss', sorted(train.losses.LOSS_NAMES))
+@pytest.mark.parametrize('loss', sorted(losses.LOSS_NAMES))
 def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
-  """Two optimiser steps of `train.train_step` for each mix mode (one jit per loss holding the four modes):
+  """Two optimiser steps of `step.train_step` for each mix mode (one jit per loss holding the four modes):
   finite, objective = clean + w * mixed, and the clean term equals the loss evaluated directly on a plain forward
   of the same images (the step's plumbing of parameters, proxies and heads). BN runs on its running statistics
   (bn_freeze) so that the clean embeddings do not depend on the mode."""
@@ -204,19 +208,18 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
   config.model.bn_freeze = True
   config.optim.warmup_epochs = 0
   config.mix.input_items_per_anchor = 2
-  model, loss_fn = trainer_fakes.tiny_model_factory(config), train.create_loss(config)
+  model, loss_fn = trainer_fakes.tiny_model_factory(config), step_lib.create_loss(config)
   params = {'backbone': tiny_variables['params']['backbone'], 'head': tiny_variables['params']['head']}
   if loss_fn.uses_proxies:
-    params['proxies'] = train.losses.init_proxies(jax.random.key(1), 12, config.model.embedding_dim)
+    params['proxies'] = losses.init_proxies(jax.random.key(1), 12, config.model.embedding_dim)
   tx = optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
-  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=tiny_variables['batch_stats'],
-                           opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(2)))
+  state = step_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=tiny_variables['batch_stats'],
+                              opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(2)))
   steps = {}
   for mode in MIX_MODES:
     config.mix.mode = mode
-    steps[mode] = functools.partial(train.train_step, model=model, loss_fn=loss_fn, tx=tx,
-                                    mix=train._MixConfig.from_config(config.mix), train_bn=False,  # pylint: disable=protected-access
-                                    dtype=jnp.float32)
+    steps[mode] = functools.partial(step_lib.train_step, model=model, loss_fn=loss_fn, tx=tx,
+                                    mix=step_lib.mix_settings(config.mix), train_bn=False, dtype=jnp.float32)
 
   @jax.jit
   def step_per_mode(states, batch):  # one compilation holding the four modes' steps, run twice
@@ -225,7 +228,7 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
 
   data = trainer_fakes.FakeTrainIterator(seed=0, batch_size=8, image_size=16, num_classes=12)
   batch1, batch2 = next(data), next(data)
-  images = np.asarray(train.normalize_images(batch1['image'], jnp.float32))
+  images = np.asarray(data_lib.normalize_images(batch1['image'], jnp.float32))
   embeddings, _ = model.apply(tiny_variables, images, train=False)
   expected_clean = float(loss_fn(embeddings, batch1['label'], params.get('proxies')))
   states, metrics1 = step_per_mode({mode: state for mode in steps}, batch1)
@@ -254,16 +257,15 @@ def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_vari
   trainable BN the mixed images use their own batch statistics and the running statistics follow the clean
   images only."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from metrix_jax import mixup  # pylint: disable=g-import-not-at-top
   config = trainer_fakes.tiny_config(loss, 'input')
   config.mix.input_items_per_anchor = 2
-  model, loss_fn = trainer_fakes.tiny_model_factory(config), train.create_loss(config)
-  mix = train._MixConfig.from_config(config.mix)  # pylint: disable=protected-access
+  model, loss_fn = trainer_fakes.tiny_model_factory(config), step_lib.create_loss(config)
+  mix = step_lib.mix_settings(config.mix)
   batch = next(trainer_fakes.FakeTrainIterator(seed=3, batch_size=8, image_size=16, num_classes=12))
-  images, labels, key = train.normalize_images(batch['image'], jnp.float32), batch['label'], jax.random.key(7)
+  images, labels, key = data_lib.normalize_images(batch['image'], jnp.float32), batch['label'], jax.random.key(7)
   params = dict(tiny_variables['params'])
   loss_value, (new_stats, parts) = jax.jit(functools.partial(
-      train.compute_loss, model=model, loss_fn=loss_fn, mix=mix, train_bn=train_bn))(
+      step_lib.compute_loss, model=model, loss_fn=loss_fn, mix=mix, train_bn=train_bn))(
           params, tiny_variables['batch_stats'], images, labels, key)
 
   def forward(x):
@@ -274,8 +276,7 @@ def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_vari
     return emb, tiny_variables['batch_stats']
 
   clean, clean_stats = forward(images)
-  pos, neg = mixup.pair_masks(loss_fn, clean, labels) if loss == 'multi_similarity' else (None, None)
-  plan = train.make_plan(key, labels, pos, neg, mix, level='input')
+  plan = mixup.plan_for(key, loss_fn, labels, mix, embeddings=clean)  # MS: mined on this clean forward
   assert plan.first.shape == (8 * 2,)
   x, lam = np.asarray(images, np.float64), np.asarray(plan.lam, np.float64)
   mixed_images = np.stack([lam[m] * x[int(plan.first[m])] + (1 - lam[m]) * x[int(plan.second[m])]
@@ -287,8 +288,77 @@ def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_vari
   np.testing.assert_allclose(parts['mix_loss'], expected_parts['mixed'], rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(loss_value, expected, rtol=1e-4, atol=1e-6)
   assert float(parts['mix_loss']) > 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_stats, clean_stats)
+  # float32 BN statistics from two differently compiled graphs: rtol 1e-5.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_stats, clean_stats)
 
+
+
+def test_consecutive_steps_draw_different_mixing_plans(tiny_variables):
+  """The step's key is fold_in(base key, step): two steps from the same parameters on the same batch draw
+  different plans (different mixed terms, the same clean term), each equal to the objective recomputed from
+  `mixup.plan_for` with that step's key. (Dropping the fold_in would mix the same pairs with the same lambda at
+  every step.)"""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from metrix_jax import optim  # pylint: disable=g-import-not-at-top
+  config = trainer_fakes.tiny_config('contrastive', 'embedding')
+  config.model.bn_freeze = True
+  model, loss_fn = trainer_fakes.tiny_model_factory(config), step_lib.create_loss(config)
+  params = {'backbone': tiny_variables['params']['backbone'], 'head': tiny_variables['params']['head']}
+  tx = optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
+  base = jax.random.key(2)
+  mix = step_lib.mix_settings(config.mix)
+  step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, loss_fn=loss_fn, tx=tx, mix=mix,
+                                      train_bn=False, dtype=jnp.float32))
+  batch = next(trainer_fakes.FakeTrainIterator(seed=0, batch_size=8, image_size=16, num_classes=12))
+  embeddings, _ = model.apply(tiny_variables, data_lib.normalize_images(batch['image']), train=False)
+  got = {}
+  for step in (0, 1):
+    state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
+                                batch_stats=tiny_variables['batch_stats'], rng=jax.random.key_data(base))
+    _, metrics = step_fn(state, batch)
+    plan = mixup.plan_for(jax.random.fold_in(base, step), loss_fn, batch['label'], mix, embeddings=embeddings)
+    _, expected = mixup.objective(loss_fn, embeddings, batch['label'], plan, weight=mix.weight)
+    np.testing.assert_allclose(metrics['mix_loss'], expected['mixed'], rtol=1e-4, atol=1e-6)
+    got[step] = (float(metrics['clean_loss']), float(metrics['mix_loss']))
+  assert got[0][0] == pytest.approx(got[1][0], rel=1e-5)
+  assert abs(got[0][1] - got[1][1]) > 1e-4, got
+
+
+def test_query_gallery_evaluation_and_keep_best_mid_run(tmp_path):
+  """In-Shop protocol in the trainer (query -> gallery) at every mid-run evaluation: the logged Recall@K equals
+  `evaluation.recall_at_k` on the checkpoint's embeddings, and the best-R@1 checkpoint is kept with its metrics."""
+  from metrix_jax import evaluation, rundir  # pylint: disable=g-import-not-at-top
+  config = trainer_fakes.tiny_config(steps=0)  # train by epochs
+  config.train.num_epochs = 2
+  config.train.eval_every_epochs = 1  # 32 fake train images / batch 8 = 4 steps per epoch: evaluations at 4 and 8
+  config.train.keep = 1
+  config.train.checkpoint_every_steps = 2
+  factory = trainer_fakes.fake_data_factory(num_train_images=32, gallery=True)
+  results = train.train_and_evaluate(config, str(tmp_path), data_factory=factory,
+                                     model_factory=trainer_fakes.tiny_model_factory)
+  evals = [l for l in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'eval/recall@1' in l]
+  assert [l['step'] for l in evals] == [4, 8]
+  best = max(evals, key=lambda l: l['eval/recall@1'])  # the first one on ties, as the trainer
+  assert results['best_on_test']['step'] == best['step']
+  assert results['best_on_test']['recall@1'] == best['eval/recall@1']
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  kept = ckpt.all_steps()
+  assert 8 in kept and len(kept) <= 2, kept  # keep=1 latest + the best by R@1
+  assert max(ckpt.metrics(s)['recall@1'] for s in kept) == best['eval/recall@1']
+  ckpt.close()
+  trained = rundir.load_trained_model(str(tmp_path), checkpoint=8, config=config,
+                                      model_factory=trainer_fakes.tiny_model_factory)
+  sets = factory(config).eval_sets()
+  embedded = {}
+  for split in ('query', 'gallery'):
+    batches = sets[split]
+    images = np.concatenate([b['image'][b['mask']] for b in batches])
+    embedded[split] = (np.asarray(trained.model.apply(trained.variables, data_lib.normalize_images(images),
+                                                      train=False)[0], np.float64),
+                       np.concatenate([b['label'][b['mask']] for b in batches]))
+  expected = evaluation.recall_at_k(embedded['query'][0], embedded['query'][1], (1, 2),
+                                    gallery_embeddings=embedded['gallery'][0], gallery_labels=embedded['gallery'][1])
+  assert {int(k): v for k, v in results['recall'].items()} == pytest.approx(expected, abs=1e-6)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The real entry point on the real demo data (few steps, a slice of the test split).

@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from metrix_jax import train
+from metrix_jax import input_pipeline
 
 
 class FakeTrainIterator:
@@ -59,9 +59,9 @@ def class_images(labels, image_size, rng):
 
 def fake_data_factory(*, num_train_images=64, num_train_classes=12, num_test_classes=5, test_per_class=4,
                       gallery=False):
-  def factory(config, per_host_batch_size):
+  def factory(config):
     import jax
-    it = FakeTrainIterator(seed=config.seed, batch_size=per_host_batch_size, image_size=config.dataset.image_size,
+    it = FakeTrainIterator(seed=config.seed, batch_size=config.train.batch_size // jax.process_count(), image_size=config.dataset.image_size,
                            num_classes=num_train_classes, process_index=jax.process_index(),
                            process_count=jax.process_count())
 
@@ -89,8 +89,8 @@ def fake_data_factory(*, num_train_images=64, num_train_classes=12, num_test_cla
         return {'query': eval_split(0), 'gallery': eval_split(1)}
       return {'test': eval_split(0)}
 
-    return train.DataBundle(train_iterator=it, eval_sets=eval_sets, num_train_images=num_train_images,
-                            num_train_classes=num_train_classes)
+    return input_pipeline.DataBundle(train_iterator=it, eval_sets=eval_sets, num_train_images=num_train_images,
+                                     num_train_classes=num_train_classes)
   return factory
 
 
