@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -44,6 +43,8 @@ import time
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share the GPU with the PyTorch reference
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from metrix_jax import jsonio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 LOSS_ALIASES = {'ms': 'multi_similarity', 'contrastive': 'contrastive', 'pa': 'proxy_anchor',
                 'multi_similarity': 'multi_similarity', 'proxy_anchor': 'proxy_anchor'}
@@ -379,10 +380,8 @@ def main(argv=None) -> list[dict]:
     print(f"  {row['framework']} {row['loss']} {row['mix']} batch {row['batch_size']}: "
           f"{_fmt(row['images_per_s'], ',.1f')} images/s, {_fmt(row['ms_per_step'], ',.1f')} ms/step, "
           f"{_fmt(row.get('flops') and row['flops'] / 1e9, ',.1f')} GFLOP", file=sys.stderr, flush=True)
-    if args.json_out:
-      with open(args.json_out + '.tmp', 'w') as f:
-        json.dump({'environment': env, 'rows': rows}, f, indent=1)
-      os.replace(args.json_out + '.tmp', args.json_out)
+    if args.json_out:  # after every row: a run cut short keeps its rows
+      jsonio.write_json(args.json_out, {'environment': env, 'rows': rows})
 
   for batch_size in [args.batch_size] + args.extra_batch_sizes:
     main_batch = batch_size == args.batch_size
@@ -413,8 +412,7 @@ def main(argv=None) -> list[dict]:
   add_ratios(rows)
   print_table(rows, env, args)
   if args.json_out:
-    with open(args.json_out, 'w') as f:
-      json.dump({'environment': env, 'rows': rows}, f, indent=1)
+    jsonio.write_json(args.json_out, {'environment': env, 'rows': rows})
   return rows
 
 

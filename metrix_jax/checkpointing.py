@@ -23,6 +23,9 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
 
 BEST_METRIC = 'recall@1'
 
@@ -46,7 +49,6 @@ def _gather_strings(text: str) -> list[str]:
   """Every process's `text`, in process order (one string per process; identity on one process)."""
   if jax.process_count() == 1:
     return [text]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
   lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
   width = int(np.max(lengths))
@@ -65,7 +67,7 @@ def _preservation_options(keep: int, keep_best: int) -> dict[str, Any]:
                  keep_checkpoints_without_metrics=False),
     ])
     return {'preservation_policy': policy}
-  logging.warning('This orbax-checkpoint has no preservation policies: keeping the last %d checkpoints only '
+  log.warning('This orbax-checkpoint has no preservation policies: keeping the last %d checkpoints only '
                   '(the best-by-R@1 checkpoint may be deleted).', keep)
   return {'max_to_keep': keep}
 

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+log = logging.getLogger(__name__)
+
 DATA_AXIS = 'data'
 _initialized = False
 
@@ -91,4 +93,4 @@ def describe(mesh: Mesh) -> str:
 
 
 def log_startup(mesh: Mesh) -> None:
-  logging.info('%s', describe(mesh))
+  log.info('%s', describe(mesh))

@@ -1,6 +1,7 @@
 r"""The Metrix study: baseline vs +Metrix for several losses, several seeds, one table (issue 9).
 
-    nice -n 10 python scripts/study.py --config=configs/study/metrix.py:omniglot --workdir=workdirs/study_omniglot
+    nice -n 10 python scripts/study.py --config=configs/study/metrix.py:omniglot --workdir=workdirs/study_omniglot \
+      --config.manual_dir=/data/omniglot
     python scripts/study.py --config=configs/study/metrix.py:cub200 --workdir=workdirs/study_cub200 \
       --config.manual_dir=/data/cub --config.pretrained=resnet50.npz
 

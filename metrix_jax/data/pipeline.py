@@ -298,9 +298,6 @@ class TrainIterator(grain.DatasetIterator):
       ds = grain.MapDataset.range(self._step, _MAX_STEPS).map(self._fn)
       self._it = _grain_iter(ds, self._num_workers, self._num_threads)
 
-  def start_prefetch(self) -> None:
-    self._ensure_started()
-
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
     self._ensure_started()
@@ -365,6 +362,9 @@ class EvalIterable:
 
 def make_sampler(labels: np.ndarray, *, sampler: str, global_batch_size: int, classes_per_batch: int,
                  images_per_class: int, seed: int, with_replacement: bool = True):
+  """The global-batch sampler over `labels` [N] (int): 'random' (a fresh permutation per epoch) or 'balanced'
+  (`classes_per_batch` classes x `images_per_class` images, = global_batch_size). Each step's indices [B] are a
+  pure function of (seed, step), so resumed and multi-host runs draw the same batches."""
   if sampler == 'random':
     return RandomSampler(len(labels), global_batch_size, seed)
   if sampler == 'balanced':
@@ -376,6 +376,7 @@ def make_sampler(labels: np.ndarray, *, sampler: str, global_batch_size: int, cl
 
 
 def check_crop(augment: Augment, image_size: int) -> Augment:
+  """`augment` if its RandomResizedCrop scale/ratio ranges are valid for `image_size` px; ValueError otherwise."""
   lo, hi = augment.crop_scale
   if not 0 < lo <= hi <= 1:
     raise ValueError(f'crop_scale={augment.crop_scale} must satisfy 0 < min <= max <= 1.')
