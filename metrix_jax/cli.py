@@ -54,6 +54,13 @@ def configure_logging(*, verbose_libraries: bool = False, process_index: int | N
     logging.getLogger(name).setLevel(logging.INFO if verbose_libraries else logging.WARNING)
 
 
+def reject_arguments(argv) -> None:
+  """absl's `app.UsageError` for positional arguments (every option of our commands is a --flag)."""
+  if len(argv) > 1:
+    from absl import app  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of absl
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}; every option is a --flag=VALUE.')
+
+
 def error_line(error: BaseException) -> str:
   """`error: <message>` on one line of stderr (a message with several lines keeps them, indented)."""
   text = str(error).strip() or type(error).__name__

@@ -133,19 +133,15 @@ def run(workdir: str, images: str, out: str, *, checkpoint: str | int = 'best', 
 
 def main() -> int:
   """Command line; see the module docstring."""
-  flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
   flags.DEFINE_string('images', None, 'Folder of images (searched recursively).', required=True)
   flags.DEFINE_string('out', None, 'Output .npz (paths, embeddings).', required=True)
-  flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
   flags.DEFINE_integer('batch_size', None, 'Images per step (default: config.dataset.eval_batch_size).')
-  flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
-  status = cli.run_user_command(lambda: rundir.define_config_flag(sys.argv[1:], example='--config.dataset.image_size=256'))
+  status = rundir.define_run_flags(sys.argv[1:], example='--config.dataset.image_size=256')
   if status:
     return status
 
   def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    cli.reject_arguments(argv)
     FLAGS = flags.FLAGS  # pylint: disable=invalid-name
     cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
 

@@ -78,19 +78,15 @@ def run(workdir: str, *, checkpoint: str | int = 'best', config=None, out_dir: s
 
 def main() -> int:
   """`python -m metrix_jax.evaluate --workdir=DIR [--checkpoint=best|latest|STEP] [--config.KEY=VALUE ...]`."""
-  flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
-  flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
   flags.DEFINE_string('out_dir', None, 'Where eval.json and the plots go (default: the workdir).')
   flags.DEFINE_bool('utilization', True, 'Embed the train split (eval preprocessing) for utilization.')
   flags.DEFINE_bool('positivity', True, 'Run the positivity analysis on test embeddings.')
-  flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
-  status = cli.run_user_command(lambda: rundir.define_config_flag(sys.argv[1:], example='--config.dataset.data_dir=/data'))
+  status = rundir.define_run_flags(sys.argv[1:], example='--config.dataset.data_dir=/data')
   if status:
     return status
 
   def _main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    cli.reject_arguments(argv)
     FLAGS = flags.FLAGS  # pylint: disable=invalid-name
     # Multi-host (--config.train.distributed=True or METRIX_DISTRIBUTED=1 on every host): before device queries.
     sharding.maybe_initialize_distributed(FLAGS.config.train.distributed)

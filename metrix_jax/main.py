@@ -30,8 +30,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  cli.reject_arguments(argv)
   config = FLAGS.config
   # jax.distributed.initialize() must come before anything queries devices (opt-in; see metrix_jax.sharding).
   sharding.maybe_initialize_distributed(config.train.distributed)

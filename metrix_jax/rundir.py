@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
@@ -176,3 +177,13 @@ def define_config_flag(argv: Sequence[str], *, example: str) -> None:
     return
   config_flags.DEFINE_config_dict('config', load_config(workdir), "The run's config; override values with "
                                   f'--config.KEY=VALUE (e.g. {example}).')
+
+
+def define_run_flags(argv: Sequence[str], *, example: str) -> int:
+  """The flags of every command that reads a run directory (`evaluate`, `embed`): --workdir, --checkpoint,
+  --verbose_libraries and --config (the run's saved config, `define_config_flag`). Returns 0, or
+  cli.EXIT_USER_ERROR after printing why the run's config is unreadable."""
+  flags.DEFINE_string('workdir', None, 'Training workdir (config.json + checkpoints/).', required=True)
+  flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
+  flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
+  return cli.run_user_command(lambda: define_config_flag(argv, example=example))
