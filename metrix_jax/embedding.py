@@ -64,11 +64,8 @@ def embed_dataset(embed_fn, variables, batches: Iterable[Mapping[str, Any]], mes
   `max_items` > 0 stops after the first `max_items` valid items (the same batches on every host). Logs
   progress with an ETA every 10 s (`what` names the loop).
   """
-  try:
-    total = len(batches) * mesh.size  # an upper bound in items: batches * rows (padding included)
-    total = min(total, max_items) if max_items else total
-  except TypeError:
-    total = max_items or None
+  total = getattr(batches, 'num_examples', None)  # EvalIterable: the split's size (padding excluded)
+  total = min(total, max_items) if total and max_items else (total or max_items or None)
   meter = progress.LoopProgress(what, total, logger=log)
   chunks, labels, count = [], [], 0
   for batch in batches:
@@ -81,7 +78,7 @@ def embed_dataset(embed_fn, variables, batches: Iterable[Mapping[str, Any]], mes
     chunks.append(np.asarray(embeddings, np.float32)[keep])
     labels.append(np.asarray(meta['label'])[keep])
     count += int(keep.sum())
-    meter.update(len(keep))
+    meter.update(int(keep.sum()))
     if max_items and count >= max_items:
       break
   if not chunks:
