@@ -83,6 +83,27 @@ def ms_mined_pairs(emb, labels, epsilon):
   return out
 
 
+def ms_miner_mask(sim, targets, mask, epsilon):
+  """PML MultiSimilarityMiner's rule by loops on a given similarity matrix [A][N] -> mined [A, N] bool.
+
+  Candidate j of anchor a is a positive if mask[a][j] and targets[a][j] >= 1, a negative if mask[a][j] and
+  targets[a][j] <= 0 (soft targets in between: neither, never kept). Keeps positive p if
+  s_ap - epsilon < max_n s_an and negative n if s_an + epsilon > min_p s_ap (strict); an anchor without
+  negatives keeps no positive and vice versa."""
+  out = np.zeros(np.shape(sim), bool)
+  for a in range(len(sim)):
+    cols = range(len(sim[a]))
+    pos = [j for j in cols if mask[a][j] and targets[a][j] >= 1]
+    neg = [j for j in cols if mask[a][j] and targets[a][j] <= 0]
+    max_neg = max((float(sim[a][n]) for n in neg), default=-math.inf)
+    min_pos = min((float(sim[a][p]) for p in pos), default=math.inf)
+    for p in pos:
+      out[a, p] = float(sim[a][p]) - epsilon < max_neg
+    for n in neg:
+      out[a, n] = float(sim[a][n]) + epsilon > min_pos
+  return out
+
+
 def multi_similarity(emb, labels, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
   e = normalize(emb)
   total = 0.0
