@@ -62,12 +62,12 @@ def _curve_fn(loss: losses_lib.Loss, renormalize: bool):
   def one(embeddings, labels, plan, proxies, lam):
     plan = _with_lambda(plan, labels, lam)
     refs = proxies if loss.uses_proxies else embeddings
-    sim = mixup.closed_form_similarity(refs, embeddings, plan, renormalize=renormalize)
-    sim, targets, mask = mixup.mixed_terms(loss, labels, plan, sim)
+    sim_to_mixed = mixup.closed_form_similarity(refs, embeddings, plan, renormalize=renormalize)
+    sim, targets, mask = mixup.mixed_terms(loss, labels, plan, sim_to_mixed)  # in the loss's orientation
     grad = jax.grad(lambda s: loss.from_similarity(s, targets, mask))(sim)
     # The (anchor, item) pairs the loss sees whose lambda-side x shares the anchor's class (the anchor's
     # positive for pos_neg, the anchor itself for anc_neg; for proxies: proxy c = c(x)), i.e. y = 1 at lam = 1.
-    _, targets_at_one, _ = mixup.mixed_terms(loss, labels, _with_lambda(plan, labels, 1.0), sim)
+    _, targets_at_one, _ = mixup.mixed_terms(loss, labels, _with_lambda(plan, labels, 1.0), sim_to_mixed)
     relevant = mask & (targets_at_one >= 1)
     # Exactly zero gradients (an inactive hinge, a mined-out pair, exp underflow) neither pull nor push: the
     # fraction is over the items with a gradient, positive = pulled (grad < 0).

@@ -129,8 +129,14 @@ def compute_metrics(config, embedded: Mapping[str, tuple[np.ndarray, np.ndarray]
     report['alignment_note'] = 'alignment needs a positive pair: no test class has two items.'
   report['positivity'] = None
   if with_positivity:
+    report['positivity_split'], data = 'test', (test, test_labels)
+    if proxies is not None:  # the proxies anchor the training classes: test classes have none to be mixed towards
+      report['positivity_split'], data = 'train', embedded.get('train')
     try:
-      report['positivity'] = positivity(config, test, test_labels, proxies=proxies)
+      if data is None:
+        raise TooFewClassesError(f'{config.loss.name} has proxies for the training classes only: its positivity is '
+                                 'measured on the train split (run with --utilization=True to embed it).')
+      report['positivity'] = positivity(config, *data, proxies=proxies)
     except TooFewClassesError as error:
       report['positivity_note'] = f'positivity analysis skipped: {error}'
   return report
@@ -183,7 +189,7 @@ def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:
   if pos is not None:
     paths['positivity_plot'] = plots.plot_positivity(
         pos['lambda'], pos['empirical'], pos['theoretical'], os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG),
-        title=f"Positivity ({report.get('loss', '')}, test embeddings)")
+        title=f"Positivity ({report.get('loss', '')}, {report.get('positivity_split', 'test')} embeddings)")
     report['positivity'] = {**plots.positivity_record(pos['lambda'], pos['empirical'], pos['theoretical']),
                             **{k: pos[k] for k in ('num_batches', 'batch_size', 'num_items', 'pair_sets')}}
   elif os.path.exists(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG)):  # not from this evaluation: would mislead

@@ -260,3 +260,26 @@ def test_positivity_averages_batches_weighted_by_item_count(monkeypatch):
   np.testing.assert_allclose(got['empirical'], [1.3 / 5, 1.4 / 6, 1.4 / 6])
   np.testing.assert_allclose(got['theoretical'], 0.5)
   assert got['num_items'] == 6 and got['batch_size'] == 12 and got['num_batches'] == 3
+
+
+@pytest.mark.parametrize('loss', ['proxy_nca', 'proxy_anchor'])
+def test_positivity_of_proxy_losses_runs_on_the_train_split(loss):
+  """Proxy losses: the proxies anchor the training classes, so the report measures positivity on the train split;
+  at lambda = 1 the mixed item is x itself and is pulled towards its class's proxy (positive: 1), at lambda = 0 it
+  is x' of another class and is pushed away (0). Without a train split the report says why it skipped."""
+  from metrix_jax import analysis, losses  # pylint: disable=g-import-not-at-top
+  config = trainer_fakes.tiny_config(loss)
+  rng = np.random.default_rng(0)
+  proxies = rng.normal(size=(6, 16)).astype(np.float32)
+  train_labels = np.repeat(np.arange(6), 4)
+  train = (proxies[train_labels] + 0.3 * rng.normal(size=(24, 16))).astype(np.float32)
+  import jax  # pylint: disable=g-import-not-at-top
+  curve = analysis.positivity_curve(losses.get(loss), train, train_labels, jax.random.key(0), lambdas=(0.0, 1.0),
+                                    num_mixed=4, proxies=proxies)
+  assert curve['num_items'] > 0
+  np.testing.assert_allclose(curve['empirical'], [0.0, 1.0])
+  embedded = {'test': (train[:12], train_labels[:12] + 100), 'train': (train, train_labels)}
+  got = report_lib.compute_metrics(config, embedded, proxies=proxies)
+  assert got['positivity_split'] == 'train' and np.all(np.isfinite(got['positivity']['empirical']))
+  got = report_lib.compute_metrics(config, {'test': embedded['test']}, proxies=proxies)
+  assert got['positivity'] is None and 'train split' in got['positivity_note']
