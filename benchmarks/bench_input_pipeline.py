@@ -28,9 +28,17 @@ from metrix_jax import data
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ../shared/data/omniglot_small next to the checkout, or .data/omniglot_small (staged by ../shared/gpu/stage.sh).
-OMNIGLOT_SMALL = next((p for p in (os.path.join(_ROOT, '..', 'shared', 'data', 'omniglot_small'),
-                                   os.path.join(_ROOT, '.data', 'omniglot_small')) if os.path.isdir(p)),
-                      os.path.join(_ROOT, '..', 'shared', 'data', 'omniglot_small'))
+OMNIGLOT_SMALL = next(
+  (
+    p
+    for p in (
+      os.path.join(_ROOT, '..', 'shared', 'data', 'omniglot_small'),
+      os.path.join(_ROOT, '.data', 'omniglot_small'),
+    )
+    if os.path.isdir(p)
+  ),
+  os.path.join(_ROOT, '..', 'shared', 'data', 'omniglot_small'),
+)
 
 
 def fake_cub_archive(manual_dir, count):
@@ -57,8 +65,9 @@ def fake_cub_archive(manual_dir, count):
 
 
 def measure(name, kwargs, workers, batches, batch_size):
-  it = data.create_train_iterator(name, global_batch_size=batch_size, seed=0, num_workers=workers,
-                                  num_threads=1, **kwargs)
+  it = data.create_train_iterator(
+    name, global_batch_size=batch_size, seed=0, num_workers=workers, num_threads=1, **kwargs
+  )
   start = time.perf_counter()
   next(it)
   startup = time.perf_counter() - start
@@ -82,14 +91,20 @@ def main():
 
   cores = os.cpu_count()
   settings = {
-      'demo': dict(image_size=32, sampler='balanced', classes_per_batch=20, images_per_class=5),
-      'omniglot': dict(image_size=64, sampler='balanced', classes_per_batch=20, images_per_class=5,
-                       manual_dir=args.omniglot_dir),
-      'photos': dict(image_size=224, sampler='random',
-                     manual_dir=os.path.join(args.data_dir, f'fake_cub_{args.photos}'), check_counts=False),
+    'demo': dict(image_size=32, sampler='balanced', classes_per_batch=20, images_per_class=5),
+    'omniglot': dict(
+      image_size=64, sampler='balanced', classes_per_batch=20, images_per_class=5, manual_dir=args.omniglot_dir
+    ),
+    'photos': dict(
+      image_size=224,
+      sampler='random',
+      manual_dir=os.path.join(args.data_dir, f'fake_cub_{args.photos}'),
+      check_counts=False,
+    ),
   }
-  print(f'{cores} CPU cores, load average {os.getloadavg()[0]:.1f}; batch {args.batch_size}; '
-        f'{args.batches} timed batches')
+  print(
+    f'{cores} CPU cores, load average {os.getloadavg()[0]:.1f}; batch {args.batch_size}; {args.batches} timed batches'
+  )
   print('| data set | image size | workers | start-up s | images/s |')
   print('|---|---|---|---|---|')
   for key in args.datasets.split(','):
@@ -105,8 +120,7 @@ def main():
       if key == 'photos':
         os.makedirs(kwargs['manual_dir'], exist_ok=True)
         fake_cub_archive(kwargs['manual_dir'], args.photos)
-      data.prepare(name, data_dir, kwargs.get('manual_dir'), **(
-          {'check_counts': False} if key == 'photos' else {}))
+      data.prepare(name, data_dir, kwargs.get('manual_dir'), **({'check_counts': False} if key == 'photos' else {}))
     except Exception as e:  # pylint: disable=broad-except  (e.g. no matplotlib fonts for demo on a bare host)
       print(f'| {key} | - | - | - | skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]} |', flush=True)
       continue

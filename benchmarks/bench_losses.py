@@ -51,6 +51,7 @@ def _timed(step, repeats: int) -> tuple[float, float, float, float]:
 def jax_step(name: str, emb, labels, proxies):
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import losses  # pylint: disable=g-import-not-at-top
+
   loss = losses.get(name)
   e, l = jax.device_put(emb), jax.device_put(labels)
   if loss.uses_proxies:
@@ -65,12 +66,14 @@ def jax_step(name: str, emb, labels, proxies):
     value, grads = call()
     jax.block_until_ready(grads)
     return float(value)
+
   return step
 
 
 def pml_step(name: str, emb, labels, proxies):
   import torch  # pylint: disable=g-import-not-at-top
   from pytorch_metric_learning import losses as pml_losses, miners  # pylint: disable=g-import-not-at-top
+
   labels_t = torch.as_tensor(labels, dtype=torch.long)
   miner = None
   if name == 'contrastive':
@@ -94,6 +97,7 @@ def pml_step(name: str, emb, labels, proxies):
     value = loss(e, labels_t, miner(e, labels_t)) if miner is not None else loss(e, labels_t)
     value.backward()
     return float(value.detach())
+
   return step
 
 
@@ -104,8 +108,9 @@ def main() -> None:
   parser.add_argument('--losses', default=','.join(LOSSES))
   parser.add_argument('--repeats', type=int, default=None, help='timed steps per cell (default 5; 2 with --quick)')
   parser.add_argument('--no-pml', action='store_true', help='skip pytorch-metric-learning')
-  parser.add_argument('--torch-threads', type=int, default=None,
-                      help='torch.set_num_threads for PML (default: torch\'s own choice)')
+  parser.add_argument(
+    '--torch-threads', type=int, default=None, help="torch.set_num_threads for PML (default: torch's own choice)"
+  )
   parser.add_argument('--quick', action='store_true', help='tiny smoke run: B in {16, 32}, D = 32')
   args = parser.parse_args()
   batches = [int(b) for b in (args.batch or ('16,32' if args.quick else '100,1000,4000')).split(',')]
@@ -117,18 +122,25 @@ def main() -> None:
     raise SystemExit(f'unknown losses {unknown}; choose from {",".join(LOSSES)}')
 
   import jax  # pylint: disable=g-import-not-at-top
+
   versions = f'jax {jax.__version__} ({jax.devices()[0].platform}: {jax.devices()[0].device_kind})'
   if not args.no_pml:
     import pytorch_metric_learning  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
+
     if args.torch_threads:
       torch.set_num_threads(args.torch_threads)
-    versions += (f', torch {torch.__version__} ({torch.get_num_threads()} threads), '
-                 f'pytorch-metric-learning {pytorch_metric_learning.__version__}')
-  print(f'# {versions}, numpy {np.__version__}, Python {platform.python_version()}, D = {dim}, '
-        f'median of {repeats} steps')
-  print('| loss | B | jax compile (s) | jax step (ms) | jax CPU (ms) | PML step (ms) | PML CPU (ms) | '
-        'PML / jax | value rel. diff |')
+    versions += (
+      f', torch {torch.__version__} ({torch.get_num_threads()} threads), '
+      f'pytorch-metric-learning {pytorch_metric_learning.__version__}'
+    )
+  print(
+    f'# {versions}, numpy {np.__version__}, Python {platform.python_version()}, D = {dim}, median of {repeats} steps'
+  )
+  print(
+    '| loss | B | jax compile (s) | jax step (ms) | jax CPU (ms) | PML step (ms) | PML CPU (ms) | '
+    'PML / jax | value rel. diff |'
+  )
   print('|---|---|---|---|---|---|---|---|---|')
   for name in names:
     for batch in batches:

@@ -39,8 +39,10 @@ def main():
   images = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, 3), jnp.float32)
   init_model = models.EmbeddingNet(args.depth)
   variables = jax.jit(init_model.init)(jax.random.key(0, impl='rbg'), images[:1])
-  print(f'device: {jax.devices()[0].device_kind}; ResNet-{args.depth}, batch {args.batch}, {args.size} px, '
-        f'bn_mode={args.bn_mode}')
+  print(
+    f'device: {jax.devices()[0].device_kind}; ResNet-{args.depth}, batch {args.batch}, {args.size} px, '
+    f'bn_mode={args.bn_mode}'
+  )
   print(f'{"dtype":10s} {"mode":14s} {"compile s":>10s} {"ms/step":>10s} {"img/s":>10s}')
   for dtype in (jnp.float32, jnp.bfloat16):
     model = models.EmbeddingNet(args.depth, dtype=dtype, bn_mode=args.bn_mode)
@@ -52,15 +54,18 @@ def main():
     @jax.jit
     def forward_backward(variables, x):
       def loss_fn(params):
-        (emb, _), updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                                        train=True, mutable=['batch_stats'])
+        (emb, _), updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True, mutable=['batch_stats']
+        )
         return jnp.sum(emb @ emb.T), updates
+
       return jax.grad(loss_fn, has_aux=True)(variables['params'])
 
     for mode, fn in (('forward', forward), ('fwd+bwd', forward_backward)):
       compile_s, step_s = bench(fn, (variables, images), args.steps)
-      print(f'{jnp.dtype(dtype).name:10s} {mode:14s} {compile_s:10.1f} {1e3 * step_s:10.1f} '
-            f'{args.batch / step_s:10.1f}')
+      print(
+        f'{jnp.dtype(dtype).name:10s} {mode:14s} {compile_s:10.1f} {1e3 * step_s:10.1f} {args.batch / step_s:10.1f}'
+      )
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ compiles (without running) the MS + feature step at those batch sizes and compar
 limit: the largest batch that fits. --json_out writes every row (rewritten after each row,
 so a run cut short still leaves its rows).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,45 +47,75 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from metrix_jax import jsonio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-LOSS_ALIASES = {'ms': 'multi_similarity', 'contrastive': 'contrastive', 'pa': 'proxy_anchor',
-                'multi_similarity': 'multi_similarity', 'proxy_anchor': 'proxy_anchor'}
+LOSS_ALIASES = {
+  'ms': 'multi_similarity',
+  'contrastive': 'contrastive',
+  'pa': 'proxy_anchor',
+  'multi_similarity': 'multi_similarity',
+  'proxy_anchor': 'proxy_anchor',
+}
 MODES = ('none', 'input', 'feature', 'embedding')
 IMAGES_PER_CLASS = 5
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true',
-                      help='tiny CPU smoke run: ResNet-18, 32 px, batch 16, 2 steps, 1 warm-up (overrides sizes)')
+  parser.add_argument(
+    '--quick',
+    action='store_true',
+    help='tiny CPU smoke run: ResNet-18, 32 px, batch 16, 2 steps, 1 warm-up (overrides sizes)',
+  )
   parser.add_argument('--depth', type=int, default=50, choices=(18, 34, 50))
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--batch_size', type=int, default=180)
   parser.add_argument('--eval_batch_size', type=int, default=360)
-  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
-                      help='JAX compute dtype (parameters, loss and Metrix math stay float32)')
+  parser.add_argument(
+    '--dtype',
+    default='bfloat16',
+    choices=('bfloat16', 'float32'),
+    help='JAX compute dtype (parameters, loss and Metrix math stay float32)',
+  )
   parser.add_argument('--losses', default='ms,contrastive,pa', help='comma-separated: ms, contrastive, pa')
   parser.add_argument('--modes', default=','.join(MODES), help='comma-separated mix levels; none = clean')
-  parser.add_argument('--torch', default='fp32,bf16_cl',
-                      help='PyTorch variants: fp32, bf16_cl, or "none" to skip PyTorch')
-  parser.add_argument('--extra_batch_sizes', default='',
-                      help='e.g. 100: also time MS clean + feature and PyTorch bf16_cl at these batch sizes')
+  parser.add_argument(
+    '--torch', default='fp32,bf16_cl', help='PyTorch variants: fp32, bf16_cl, or "none" to skip PyTorch'
+  )
+  parser.add_argument(
+    '--extra_batch_sizes',
+    default='',
+    help='e.g. 100: also time MS clean + feature and PyTorch bf16_cl at these batch sizes',
+  )
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--num_classes', type=int, default=100, help='train classes (proxies for proxy anchor)')
-  parser.add_argument('--e2e_workers', type=int, default=None,
-                      help='also time MS + feature Metrix fed by the grain pipeline (the trainer loop: next batch '
-                           '-> global_batch -> step) from a synthetic 256-px JPEG set read at --image_size, with '
-                           'this many worker processes (0: in-process; -1: all cores); default: skip')
+  parser.add_argument(
+    '--e2e_workers',
+    type=int,
+    default=None,
+    help='also time MS + feature Metrix fed by the grain pipeline (the trainer loop: next batch '
+    '-> global_batch -> step) from a synthetic 256-px JPEG set read at --image_size, with '
+    'this many worker processes (0: in-process; -1: all cores); default: skip',
+  )
   parser.add_argument('--e2e_photos', type=int, default=600, help='photos in the synthetic set (half train)')
   parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(), 'metrix_bench_data'))
-  parser.add_argument('--max_batch_probe', default='',
-                      help='e.g. 256,384,512,768: compile (not run) MS + feature at these batch sizes and report '
-                           "XLA's memory for each vs the device's limit (the largest batch that fits)")
-  parser.add_argument('--memory_limit_gib', type=float, default=None,
-                      help="device memory for --max_batch_probe (default: memory_stats()['bytes_limit'])")
-  parser.add_argument('--compile_only', action='store_true',
-                      help="compile every JAX variant and report XLA's memory and FLOPs without running a step "
-                           '(predicts the Metrix FLOP overhead at full size on any machine; no PyTorch rows)')
+  parser.add_argument(
+    '--max_batch_probe',
+    default='',
+    help='e.g. 256,384,512,768: compile (not run) MS + feature at these batch sizes and report '
+    "XLA's memory for each vs the device's limit (the largest batch that fits)",
+  )
+  parser.add_argument(
+    '--memory_limit_gib',
+    type=float,
+    default=None,
+    help="device memory for --max_batch_probe (default: memory_stats()['bytes_limit'])",
+  )
+  parser.add_argument(
+    '--compile_only',
+    action='store_true',
+    help="compile every JAX variant and report XLA's memory and FLOPs without running a step "
+    '(predicts the Metrix FLOP overhead at full size on any machine; no PyTorch rows)',
+  )
   parser.add_argument('--json_out', default='')
   args = parser.parse_args(argv)
   if args.quick:
@@ -121,6 +152,7 @@ def make_batch(batch_size: int, image_size: int, num_classes: int, seed: int = 0
 def make_config(loss: str, mode: str, args, batch_size: int):
   """The trainer's config for this variant (validated like a run's)."""
   from metrix_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   c = config_lib.base_config()
   c.dataset.name = 'cub200'
   c.dataset.image_size = args.image_size
@@ -147,17 +179,20 @@ def _xla_bytes(compiled) -> int | None:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False,
-                  e2e: int | None = None):
+def time_jax_step(
+  loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False, e2e: int | None = None
+):
   """Builds the trainer's step for (loss, mode), times it; returns (row, (state, model, config) or None)."""
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import embedding, optim, sharding, step  # pylint: disable=g-import-not-at-top
+
   config = make_config(loss, mode, args, batch_size)
   model, loss_fn = embedding.create_model(config), step.create_loss(config)
 
   def tx_factory(params):
-    return optim.make_optimizer(config.optim, params=params, steps_per_epoch=1000, total_steps=10 ** 6,
-                                freeze_bn_affine=True)
+    return optim.make_optimizer(
+      config.optim, params=params, steps_per_epoch=1000, total_steps=10**6, freeze_bn_affine=True
+    )
 
   state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
   step_fn = step.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
@@ -165,9 +200,19 @@ def time_jax_step(loss: str, mode: str, args, batch_size: int, images, labels, m
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  row = dict(framework='jax', loss=loss, mix=mode, batch_size=batch_size, dtype=args.dtype, images_per_s=None,
-             ms_per_step=None, memory_bytes=_xla_bytes(compiled), flops=_xla_flops(compiled), compile_s=compile_s,
-             loss_value=None)
+  row = dict(
+    framework='jax',
+    loss=loss,
+    mix=mode,
+    batch_size=batch_size,
+    dtype=args.dtype,
+    images_per_s=None,
+    ms_per_step=None,
+    memory_bytes=_xla_bytes(compiled),
+    flops=_xla_flops(compiled),
+    compile_s=compile_s,
+    loss_value=None,
+  )
   if args.compile_only:
     return row, None
   for _ in range(args.warmup):
@@ -189,19 +234,30 @@ def time_end_to_end(compiled, state, args, batch_size: int, mesh, workers: int) 
   """The trainer's loop on real decoded JPEGs: grain batch -> `sharding.global_batch` -> compiled step."""
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import data, sharding  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_input_pipeline  # pylint: disable=g-import-not-at-top
+
   manual_dir = os.path.join(args.data_dir, f'fake_cub_{args.e2e_photos}')
   os.makedirs(manual_dir, exist_ok=True)
   bench_input_pipeline.fake_cub_archive(manual_dir, args.e2e_photos)
   workers = os.cpu_count() if workers < 0 else workers
-  it = data.create_train_iterator('cub200', global_batch_size=batch_size, image_size=args.image_size, seed=0,
-                                  data_dir=os.path.join(args.data_dir, f'built_{args.e2e_photos}'),
-                                  manual_dir=manual_dir, check_counts=False, num_workers=workers)
+  it = data.create_train_iterator(
+    'cub200',
+    global_batch_size=batch_size,
+    image_size=args.image_size,
+    seed=0,
+    data_dir=os.path.join(args.data_dir, f'built_{args.e2e_photos}'),
+    manual_dir=manual_dir,
+    check_counts=False,
+    num_workers=workers,
+  )
   try:
+
     def step(state):
       local = next(it)
       return compiled(state, sharding.global_batch({'image': local['image'], 'label': local['label']}, mesh))
+
     for _ in range(max(args.warmup, 1)):
       state, metrics = step(state)
     jax.block_until_ready((state, metrics))
@@ -212,39 +268,51 @@ def time_end_to_end(compiled, state, args, batch_size: int, mesh, workers: int) 
     seconds = (time.perf_counter() - start) / args.steps
   finally:
     it.close()
-  return dict(images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, workers=workers, state=state,
-              loss_value=float(metrics['loss']))
+  return dict(
+    images_per_s=batch_size / seconds,
+    ms_per_step=1000 * seconds,
+    workers=workers,
+    state=state,
+    loss_value=float(metrics['loss']),
+  )
 
 
 def probe_batch_memory(args, mesh) -> list[dict]:
   """Compile-only: XLA memory of the MS + feature step per batch size (abstract batch, nothing allocated)."""
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import embedding, optim, sharding, step  # pylint: disable=g-import-not-at-top
+
   stats = jax.devices()[0].memory_stats() or {}
-  limit = (args.memory_limit_gib * 2 ** 30 if args.memory_limit_gib else stats.get('bytes_limit'))
+  limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else stats.get('bytes_limit')
   out, state = [], None
   for batch_size in args.max_batch_probe:
     config = make_config('multi_similarity', 'feature', args, batch_size)
     model, loss_fn = embedding.create_model(config), step.create_loss(config)
 
     def tx_factory(params, config=config):
-      return optim.make_optimizer(config.optim, params=params, steps_per_epoch=1000, total_steps=10 ** 6,
-                                  freeze_bn_affine=True)
+      return optim.make_optimizer(
+        config.optim, params=params, steps_per_epoch=1000, total_steps=10**6, freeze_bn_affine=True
+      )
 
     if state is None:  # the state does not depend on the batch size
       state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
     tx = tx_factory(state.params)
     step_fn = step.make_train_step(config, model, loss_fn, tx, mesh)
-    batch = {'image': jax.ShapeDtypeStruct((batch_size, args.image_size, args.image_size, 3), np.uint8,
-                                           sharding=sharding.batch_sharding(mesh)),
-             'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding.batch_sharding(mesh))}
+    batch = {
+      'image': jax.ShapeDtypeStruct(
+        (batch_size, args.image_size, args.image_size, 3), np.uint8, sharding=sharding.batch_sharding(mesh)
+      ),
+      'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding.batch_sharding(mesh)),
+    }
     start = time.perf_counter()
     memory = _xla_bytes(step_fn.lower(state, batch).compile())
     fits = None if (memory is None or limit is None) else memory <= limit
-    out.append(dict(batch_size=batch_size, memory_bytes=memory, limit_bytes=limit, fits=fits,
-                    compile_s=time.perf_counter() - start))
-    print(f'  probe batch {batch_size}: {_mib(memory)} of {_mib(limit)} -> fits: {fits}', file=sys.stderr,
-          flush=True)
+    out.append(
+      dict(
+        batch_size=batch_size, memory_bytes=memory, limit_bytes=limit, fits=fits, compile_s=time.perf_counter() - start
+      )
+    )
+    print(f'  probe batch {batch_size}: {_mib(memory)} of {_mib(limit)} -> fits: {fits}', file=sys.stderr, flush=True)
   return out
 
 
@@ -252,6 +320,7 @@ def time_embed(state, model, config, args, mesh) -> dict:
   """Eval embedding throughput (`embedding.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import embedding, sharding  # pylint: disable=g-import-not-at-top
+
   images, _ = make_batch(args.eval_batch_size, args.image_size, args.num_classes, seed=1)
   embed_fn = embedding.make_embed_fn(model, config, mesh)
   variables = state.variables()
@@ -267,33 +336,63 @@ def time_embed(state, model, config, args, mesh) -> dict:
     out = compiled(variables, batch)
   jax.block_until_ready(out)
   seconds = (time.perf_counter() - start) / args.steps
-  return dict(framework='jax', loss='-', mix='eval embed', batch_size=args.eval_batch_size, dtype=args.dtype,
-              images_per_s=args.eval_batch_size / seconds, ms_per_step=1000 * seconds,
-              memory_bytes=_xla_bytes(compiled), flops=_xla_flops(compiled), compile_s=compile_s,
-              loss_value=float(np.abs(np.asarray(out, np.float32)).sum()))
+  return dict(
+    framework='jax',
+    loss='-',
+    mix='eval embed',
+    batch_size=args.eval_batch_size,
+    dtype=args.dtype,
+    images_per_s=args.eval_batch_size / seconds,
+    ms_per_step=1000 * seconds,
+    memory_bytes=_xla_bytes(compiled),
+    flops=_xla_flops(compiled),
+    compile_s=compile_s,
+    loss_value=float(np.abs(np.asarray(out, np.float32)).sum()),
+  )
 
 
 def time_torch(variant: str, args, images, labels) -> dict:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import torch_reference  # pylint: disable=g-import-not-at-top
-  r = torch_reference.time_variant(variant, depth=args.depth, images_uint8=images, labels=labels,
-                                   steps=args.steps, warmup=args.warmup)
-  return dict(framework='torch', loss='multi_similarity', mix=f'none ({variant})', batch_size=len(labels),
-              dtype='float32' if variant == 'fp32' else 'bf16 autocast, channels_last',
-              images_per_s=r['images_per_s'], ms_per_step=r['ms_per_step'], memory_bytes=r['peak_bytes'],
-              flops=None, compile_s=None, loss_value=r['loss'], torch_variant=variant, resnet_source=r['source'])
+
+  r = torch_reference.time_variant(
+    variant, depth=args.depth, images_uint8=images, labels=labels, steps=args.steps, warmup=args.warmup
+  )
+  return dict(
+    framework='torch',
+    loss='multi_similarity',
+    mix=f'none ({variant})',
+    batch_size=len(labels),
+    dtype='float32' if variant == 'fp32' else 'bf16 autocast, channels_last',
+    images_per_s=r['images_per_s'],
+    ms_per_step=r['ms_per_step'],
+    memory_bytes=r['peak_bytes'],
+    flops=None,
+    compile_s=None,
+    loss_value=r['loss'],
+    torch_variant=variant,
+    resnet_source=r['source'],
+  )
 
 
 def environment(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
-  env = {'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M'),
-         'python': platform.python_version(), 'jax': jax.__version__, 'flax': flax.__version__,
-         'backend': jax.default_backend(), 'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
-         'cpu_cores': os.cpu_count(), 'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
+
+  env = {
+    'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M'),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'flax': flax.__version__,
+    'backend': jax.default_backend(),
+    'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+    'cpu_cores': os.cpu_count(),
+    'command': ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+  }
   if args.torch:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch_reference  # pylint: disable=g-import-not-at-top
+
     env['torch'] = torch_reference.describe_device()
   return env
 
@@ -312,7 +411,7 @@ def _xla_flops(compiled) -> float | None:
 
 
 def _mib(n):
-  return '-' if n is None else f'{n / 2 ** 20:,.0f} MiB'
+  return '-' if n is None else f'{n / 2**20:,.0f} MiB'
 
 
 def _fmt(x, spec, suffix=''):
@@ -324,8 +423,14 @@ def add_ratios(rows: list[dict]) -> None:
   for r in rows:
     if r['framework'] != 'jax' or r['mix'] == 'eval embed':
       continue
-    clean = [c for c in rows if c['framework'] == 'jax' and c['loss'] == r['loss'] and c['mix'] == 'none'
-             and c['batch_size'] == r['batch_size']]
+    clean = [
+      c
+      for c in rows
+      if c['framework'] == 'jax'
+      and c['loss'] == r['loss']
+      and c['mix'] == 'none'
+      and c['batch_size'] == r['batch_size']
+    ]
     if clean and r['mix'] != 'none':
       if r['ms_per_step'] and clean[0]['ms_per_step']:
         r['overhead_pct'] = 100 * (r['ms_per_step'] / clean[0]['ms_per_step'] - 1)
@@ -338,48 +443,65 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict], env: dict, args) -> None:
-  print(f"\n{env['device']} ({env['backend']}); jax {env['jax']}, flax {env['flax']}; {env.get('torch', '')}")
-  print(f'ResNet-{args.depth}, {args.image_size} px, JAX compute {args.dtype}, {args.steps} timed steps after '
-        f'{args.warmup} warm-up; {env["date_utc"]} UTC; command: {env["command"]}\n')
-  print('| framework | loss | mix | batch | images/s | ms/step | Metrix overhead | vs PyTorch bf16+CL | '
-        'vs PyTorch fp32 | memory | GFLOP/step (XLA) | FLOP overhead | compile s | loss |')
+  print(f'\n{env["device"]} ({env["backend"]}); jax {env["jax"]}, flax {env["flax"]}; {env.get("torch", "")}')
+  print(
+    f'ResNet-{args.depth}, {args.image_size} px, JAX compute {args.dtype}, {args.steps} timed steps after '
+    f'{args.warmup} warm-up; {env["date_utc"]} UTC; command: {env["command"]}\n'
+  )
+  print(
+    '| framework | loss | mix | batch | images/s | ms/step | Metrix overhead | vs PyTorch bf16+CL | '
+    'vs PyTorch fp32 | memory | GFLOP/step (XLA) | FLOP overhead | compile s | loss |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['framework']} | {r['loss']} | {r['mix']} | {r['batch_size']} | {_fmt(r['images_per_s'], ',.1f')} | "
-          f"{_fmt(r['ms_per_step'], ',.1f')} | {_fmt(r.get('overhead_pct'), '+.1f', '%')} | "
-          f"{_fmt(r.get('vs_torch_bf16_cl'), '.2f', 'x')} | {_fmt(r.get('vs_torch_fp32'), '.2f', 'x')} | "
-          f"{_mib(r['memory_bytes'])} | {_fmt(r.get('flops') and r['flops'] / 1e9, ',.1f')} | "
-          f"{_fmt(r.get('flop_overhead_pct'), '+.1f', '%')} | {_fmt(r['compile_s'], '.1f')} | "
-          f"{_fmt(r['loss_value'], '.4g')} |", flush=True)
+    print(
+      f'| {r["framework"]} | {r["loss"]} | {r["mix"]} | {r["batch_size"]} | {_fmt(r["images_per_s"], ",.1f")} | '
+      f'{_fmt(r["ms_per_step"], ",.1f")} | {_fmt(r.get("overhead_pct"), "+.1f", "%")} | '
+      f'{_fmt(r.get("vs_torch_bf16_cl"), ".2f", "x")} | {_fmt(r.get("vs_torch_fp32"), ".2f", "x")} | '
+      f'{_mib(r["memory_bytes"])} | {_fmt(r.get("flops") and r["flops"] / 1e9, ",.1f")} | '
+      f'{_fmt(r.get("flop_overhead_pct"), "+.1f", "%")} | {_fmt(r["compile_s"], ".1f")} | '
+      f'{_fmt(r["loss_value"], ".4g")} |',
+      flush=True,
+    )
   train_rows = [r for r in rows if r['framework'] == 'jax' and r['mix'] == 'none']
   embed = [r for r in rows if r['mix'] == 'eval embed']
   for r in rows:
     if 'e2e_vs_step' in r:
-      print(f"end to end (grain pipeline, {r['mix']}) / step alone: {r['e2e_vs_step']:.2f}x")
+      print(f'end to end (grain pipeline, {r["mix"]}) / step alone: {r["e2e_vs_step"]:.2f}x')
   if train_rows and embed and embed[0]['images_per_s'] and train_rows[0]['images_per_s']:
-    print(f"\neval embedding throughput / clean train step: {embed[0]['images_per_s'] / train_rows[0]['images_per_s']:.2f}x")
+    print(
+      f'\neval embedding throughput / clean train step: {embed[0]["images_per_s"] / train_rows[0]["images_per_s"]:.2f}x'
+    )
   for p in env.get('max_batch_probe') or []:
-    print(f"MS + feature at batch {p['batch_size']}: XLA memory {_mib(p['memory_bytes'])} of "
-          f"{_mib(p['limit_bytes'])} -> fits: {p['fits']} (compile {p['compile_s']:.0f} s)")
+    print(
+      f'MS + feature at batch {p["batch_size"]}: XLA memory {_mib(p["memory_bytes"])} of '
+      f'{_mib(p["limit_bytes"])} -> fits: {p["fits"]} (compile {p["compile_s"]:.0f} s)'
+    )
   if env.get('peak_device_bytes') is not None:
-    print(f"process peak device memory (all variants, device.memory_stats): {_mib(env['peak_device_bytes'])}")
+    print(f'process peak device memory (all variants, device.memory_stats): {_mib(env["peak_device_bytes"])}')
 
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   absl_logging.set_verbosity(absl_logging.ERROR)  # the "random init" warning, once per variant
   import jax  # pylint: disable=g-import-not-at-top
   from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
+
   env = environment(args)
   mesh = sharding.make_mesh()
   rows: list[dict] = []
 
   def emit(row):
     rows.append(row)
-    print(f"  {row['framework']} {row['loss']} {row['mix']} batch {row['batch_size']}: "
-          f"{_fmt(row['images_per_s'], ',.1f')} images/s, {_fmt(row['ms_per_step'], ',.1f')} ms/step, "
-          f"{_fmt(row.get('flops') and row['flops'] / 1e9, ',.1f')} GFLOP", file=sys.stderr, flush=True)
+    print(
+      f'  {row["framework"]} {row["loss"]} {row["mix"]} batch {row["batch_size"]}: '
+      f'{_fmt(row["images_per_s"], ",.1f")} images/s, {_fmt(row["ms_per_step"], ",.1f")} ms/step, '
+      f'{_fmt(row.get("flops") and row["flops"] / 1e9, ",.1f")} GFLOP',
+      file=sys.stderr,
+      flush=True,
+    )
     if args.json_out:  # after every row: a run cut short keeps its rows
       jsonio.write_json(args.json_out, {'environment': env, 'rows': rows})
 
@@ -394,14 +516,23 @@ def main(argv=None) -> list[dict]:
       for mode in modes:
         want_state = main_batch and loss == losses[0] and mode == modes[0]
         e2e = args.e2e_workers if (main_batch and mode == 'feature' and loss == 'multi_similarity') else None
-        row, kept = time_jax_step(loss, mode, args, batch_size, images, labels, mesh, keep_state=want_state,
-                                  e2e=e2e)
+        row, kept = time_jax_step(loss, mode, args, batch_size, images, labels, mesh, keep_state=want_state, e2e=e2e)
         e2e_row = row.pop('e2e', None)
         emit(row)
         if e2e_row is not None:
-          emit(dict(row, mix=f"feature, end to end ({e2e_row['workers']} workers)", memory_bytes=None, flops=None,
-                    compile_s=None, images_per_s=e2e_row['images_per_s'], ms_per_step=e2e_row['ms_per_step'],
-                    loss_value=e2e_row['loss_value'], e2e_vs_step=e2e_row['images_per_s'] / row['images_per_s']))
+          emit(
+            dict(
+              row,
+              mix=f'feature, end to end ({e2e_row["workers"]} workers)',
+              memory_bytes=None,
+              flops=None,
+              compile_s=None,
+              images_per_s=e2e_row['images_per_s'],
+              ms_per_step=e2e_row['ms_per_step'],
+              loss_value=e2e_row['loss_value'],
+              e2e_vs_step=e2e_row['images_per_s'] / row['images_per_s'],
+            )
+          )
         if kept is not None:
           emit(time_embed(*kept, args, mesh))
           del kept

@@ -14,6 +14,7 @@ Variants (`make_step(..., variant=)`):
 Input: float32 images already normalised, NCHW, on the device (the official DataLoader normalises on the CPU; the
 JAX step instead takes uint8 and normalises inside the step, so this favours PyTorch slightly).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,10 +33,12 @@ def _resnet(depth: int) -> nn.Module:
   """torchvision's resnet{depth}() with random weights, or the repo's written-out copy when it is absent."""
   try:
     import torchvision  # pylint: disable=g-import-not-at-top
+
     return getattr(torchvision.models, f'resnet{depth}')(weights=None), 'torchvision ' + torchvision.__version__
   except ImportError:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'reference',
-                        'torch_resnet.py')
+    path = os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'reference', 'torch_resnet.py'
+    )
     spec = importlib.util.spec_from_file_location('metrix_torch_resnet', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -63,8 +66,15 @@ class EmbeddingNet(nn.Module):
     return e / torch.sqrt(torch.sum(e * e, dim=1, keepdim=True) + 1e-12)
 
 
-def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, alpha: float = 17.97,
-                          beta: float = 75.66, base: float = 0.77, epsilon: float = 0.39) -> torch.Tensor:
+def multi_similarity_loss(
+  embeddings: torch.Tensor,
+  labels: torch.Tensor,
+  *,
+  alpha: float = 17.97,
+  beta: float = 75.66,
+  base: float = 0.77,
+  epsilon: float = 0.39,
+) -> torch.Tensor:
   """PML MultiSimilarityMiner(epsilon) + MultiSimilarityLoss(alpha, beta, base), written out. Scalar.
 
   embeddings: float32 [B, D] (unit norm; cosine similarity); labels: int [B]. Mining (no gradient): positive p of
@@ -92,8 +102,9 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, alp
   return (pos_term + neg_term).mean()
 
 
-def make_step(model: EmbeddingNet, *, variant: str, lr: float = 1e-4, weight_decay: float = 1e-4,
-              clip_value: float = 10.0):
+def make_step(
+  model: EmbeddingNet, *, variant: str, lr: float = 1e-4, weight_decay: float = 1e-4, clip_value: float = 10.0
+):
   """(images NCHW float32, labels) -> loss: one official optimiser step. Prepares `model` for the variant."""
   if variant not in VARIANTS:
     raise ValueError(f'Unknown PyTorch variant {variant!r}; valid choices: {", ".join(VARIANTS)}.')
@@ -141,8 +152,9 @@ def normalized_nchw(images_uint8) -> torch.Tensor:
   return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
 
 
-def time_variant(variant: str, *, depth: int, images_uint8, labels, steps: int, warmup: int,
-                 device: str | None = None, seed: int = 0) -> dict:
+def time_variant(
+  variant: str, *, depth: int, images_uint8, labels, steps: int, warmup: int, device: str | None = None, seed: int = 0
+) -> dict:
   """Times `steps` steps after `warmup` (device-synchronised) on one fixed device-resident batch.
 
   images_uint8: uint8 [B, H, W, 3]; labels: int [B]. Returns images/s, ms/step, peak memory (CUDA), last loss.
@@ -165,8 +177,15 @@ def time_variant(variant: str, *, depth: int, images_uint8, labels, steps: int, 
   _sync(device)
   seconds = (time.perf_counter() - start) / steps
   peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None
-  result = dict(variant=variant, images_per_s=batch_size / seconds, ms_per_step=1000 * seconds,
-                peak_bytes=peak, loss=float(loss.detach()), source=model.source, device=str(device))
+  result = dict(
+    variant=variant,
+    images_per_s=batch_size / seconds,
+    ms_per_step=1000 * seconds,
+    peak_bytes=peak,
+    loss=float(loss.detach()),
+    source=model.source,
+    device=str(device),
+  )
   del model, step, images
   if device.type == 'cuda':
     torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ the losses without an official recipe use the MS/PA one) and a mix mode (none | 
 embedding; 'metrix' = feature). Expected (paper/README, R@1): contrastive 64.7, +Metrix 67.4; MS 67.8, +Metrix 71.4;
 PA 69.5, +Metrix 71.0.
 """
+
 from metrix_jax import config_lib
 
 

@@ -6,6 +6,7 @@ Finishes in a few minutes on a 2-core CPU and prints Recall@K on held-out classe
 The argument picks a loss and a mix mode like the benchmark configs, e.g. `configs/demo.py:contrastive,none`
 (default: multi-similarity + Metrix at feature level). Random-init results are not comparable with the paper.
 """
+
 from metrix_jax import config_lib
 
 

@@ -6,6 +6,7 @@ r"""In-Shop Clothes Retrieval (train / query / gallery), ResNet-50 ImageNet V1, 
 Balanced batches of 20 classes x 5 images; query -> gallery retrieval. Argument: a loss and a mix mode.
 Expected (paper/README, R@1): contrastive 86.4, +Metrix 89.1; MS 90.1, +Metrix 92.2; PA 90.0, +Metrix 91.9.
 """
+
 from metrix_jax import config_lib
 
 

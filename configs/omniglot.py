@@ -9,6 +9,7 @@ from https://github.com/brendenlake/omniglot, folder `python/`). Without it the 
 `<data_dir>/downloads/manual`, and the error lists the files and where to get them.
 ResNet-18 from random init at 64 px: CPU-sized; results are not comparable with the paper's benchmarks.
 """
+
 from metrix_jax import config_lib
 
 

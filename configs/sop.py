@@ -7,6 +7,7 @@ Balanced batches of 20 classes x 5 images. Argument: a loss (contrastive | ms | 
 the losses without an official recipe use the MS/PA one) and a mix mode.
 Expected (paper/README, R@1): contrastive 74.9, +Metrix 77.5; MS 76.9, +Metrix 81.0; PA 79.1, +Metrix 81.3.
 """
+
 from metrix_jax import config_lib
 
 
@@ -19,8 +20,9 @@ def get_config(arg=None):
   c.loss.name = loss
   c.mix.mode = mode
   if loss == 'contrastive':
-    config_lib.set_recipe(c, epochs=60, lr=3e-5, step=10, gamma=0.25, warm=5, bn_freeze=mode != 'none',
-                          sampler='balanced')
+    config_lib.set_recipe(
+      c, epochs=60, lr=3e-5, step=10, gamma=0.25, warm=5, bn_freeze=mode != 'none', sampler='balanced'
+    )
   else:  # MS / PA (and the other losses), baseline and Metrix alike
     config_lib.set_recipe(c, epochs=60, lr=6e-4, step=20, gamma=0.25, warm=1, bn_freeze=False, sampler='balanced')
   c.train.eval_every_epochs = 10

@@ -4,4 +4,4 @@ Submodules are imported on demand so that `from metrix_jax import losses` stays 
 `losses`, `mixup`, `evaluation` and `analysis` need only jax and numpy.
 """
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

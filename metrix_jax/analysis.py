@@ -24,6 +24,7 @@ single mixed item (|V(a)| = 1) with target y, PML scales alpha (positive), beta 
 whose similarity lies below that threshold. The two curves differ only by the interaction of the items
 inside the log-sums. The output matches `metrix_jax.plots.positivity_record(lambdas, empirical, theoretical)`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,11 +86,19 @@ def _curve_fn(loss: losses_lib.Loss, renormalize: bool):
   return jax.jit(jax.vmap(one, in_axes=(None, None, None, None, 0)))
 
 
-def positivity_curve(loss: losses_lib.Loss | str, embeddings: Array, labels: Array,
-                     key: Optional[Array] = None, *, lambdas: Sequence[float] = DEFAULT_LAMBDAS,
-                     num_mixed: Optional[int] = 16, pair_sets: Sequence[str] = ('pos_neg',),
-                     proxies: Optional[Array] = None, mask_mode: str = 'own',
-                     renormalize: bool = True) -> dict:
+def positivity_curve(
+  loss: losses_lib.Loss | str,
+  embeddings: Array,
+  labels: Array,
+  key: Optional[Array] = None,
+  *,
+  lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+  num_mixed: Optional[int] = 16,
+  pair_sets: Sequence[str] = ('pos_neg',),
+  proxies: Optional[Array] = None,
+  mask_mode: str = 'own',
+  renormalize: bool = True,
+) -> dict:
   """Fraction of mixed items acting as positives (d l~(a) / d s(a, v) < 0) for each lambda.
 
   Args:
@@ -123,21 +132,34 @@ def positivity_curve(loss: losses_lib.Loss | str, embeddings: Array, labels: Arr
   if grid.size == 0 or np.any(grid < 0) or np.any(grid > 1):
     raise ValueError(f'lambdas must be a non-empty sequence of values in [0, 1]; got {lambdas!r}.')
   if num_mixed is None and labels.shape[0] > MAX_ALL_PAIRS_BATCH:
-    raise ValueError(f'num_mixed=None (all pairs) needs B <= {MAX_ALL_PAIRS_BATCH} (B^3 masks); got '
-                     f'B = {labels.shape[0]}. Pass num_mixed=K to sample K pairs per anchor, or a smaller batch.')
+    raise ValueError(
+      f'num_mixed=None (all pairs) needs B <= {MAX_ALL_PAIRS_BATCH} (B^3 masks); got '
+      f'B = {labels.shape[0]}. Pass num_mixed=K to sample K pairs per anchor, or a smaller batch.'
+    )
   if num_mixed is not None and key is None:
-    raise ValueError('positivity_curve needs a PRNG key to sample num_mixed pairs per anchor '
-                     '(e.g. jax.random.key(0)), or num_mixed=None for all pairs.')
-  settings = mixup.MixSettings(level='embedding', pair_sets=tuple(pair_sets), num_mixed=num_mixed or 1,
-                               all_pairs=num_mixed is None, mask_mode=mask_mode, renormalize=renormalize)
+    raise ValueError(
+      'positivity_curve needs a PRNG key to sample num_mixed pairs per anchor '
+      '(e.g. jax.random.key(0)), or num_mixed=None for all pairs.'
+    )
+  settings = mixup.MixSettings(
+    level='embedding',
+    pair_sets=tuple(pair_sets),
+    num_mixed=num_mixed or 1,
+    all_pairs=num_mixed is None,
+    mask_mode=mask_mode,
+    renormalize=renormalize,
+  )
   plan = mixup.plan_for(key, loss, labels, settings, embeddings=embeddings, proxies=proxies, lam=0.5)
   dtype = losses_lib.compute_dtype(embeddings)
   empirical, theoretical, count = _curve_fn(loss, renormalize)(
-      embeddings, labels, plan, None if proxies is None else jnp.asarray(proxies),
-      jnp.asarray(grid, dtype))
-  return {'lambdas': grid, 'empirical': np.asarray(empirical, np.float64),
-          'theoretical': (np.asarray(theoretical, np.float64) if loss.name == 'multi_similarity' else None),
-          'num_items': int(np.asarray(count)[0])}
+    embeddings, labels, plan, None if proxies is None else jnp.asarray(proxies), jnp.asarray(grid, dtype)
+  )
+  return {
+    'lambdas': grid,
+    'empirical': np.asarray(empirical, np.float64),
+    'theoretical': (np.asarray(theoretical, np.float64) if loss.name == 'multi_similarity' else None),
+    'num_items': int(np.asarray(count)[0]),
+  }
 
 
 __all__ = ['positivity_curve', 'ms_positive_threshold', 'DEFAULT_LAMBDAS']

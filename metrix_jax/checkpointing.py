@@ -13,6 +13,7 @@ policies at once through Orbax preservation policies. Saves are asynchronous; Or
 directory and renames it when complete, so a process killed mid-save leaves the previous checkpoints intact (the
 half-written temporary directory is removed at the next start). Call `wait()` / `close()` before exiting.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,36 +54,47 @@ def _gather_strings(text: str) -> list[str]:
   lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
   width = int(np.max(lengths))
   padded = np.zeros([width], np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   gathered = multihost_utils.process_allgather(padded)
-  return [bytes(gathered[i, :int(lengths[i, 0])]).decode('utf-8') for i in range(gathered.shape[0])]
+  return [bytes(gathered[i, : int(lengths[i, 0])]).decode('utf-8') for i in range(gathered.shape[0])]
 
 
 def _preservation_options(keep: int, keep_best: int) -> dict[str, Any]:
   cm = getattr(ocp, 'checkpoint_managers', None)
   if cm is not None and hasattr(cm, 'AnyPreservationPolicy'):
-    policy = cm.AnyPreservationPolicy([
+    policy = cm.AnyPreservationPolicy(
+      [
         cm.LatestN(n=keep),
-        cm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best,
-                 keep_checkpoints_without_metrics=False),
-    ])
+        cm.BestN(
+          get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=keep_best, keep_checkpoints_without_metrics=False
+        ),
+      ]
+    )
     return {'preservation_policy': policy}
-  log.warning('This orbax-checkpoint has no preservation policies: keeping the last %d checkpoints only '
-                  '(the best-by-R@1 checkpoint may be deleted).', keep)
+  log.warning(
+    'This orbax-checkpoint has no preservation policies: keeping the last %d checkpoints only '
+    '(the best-by-R@1 checkpoint may be deleted).',
+    keep,
+  )
   return {'max_to_keep': keep}
 
 
 class Checkpointer:
   """Save/restore of (state, data iterator states, metrics) under `directory`."""
 
-  def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str, *, keep: int = 2, keep_best: int = 1, async_save: bool = True, read_only: bool = False
+  ):
     # read_only (evaluation, embedding export): never writes, and leaves the temporary directory of a save in
     # progress alone (a training run may be writing into the same directory).
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        create=not read_only, cleanup_tmp_directories=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save and not read_only, **_preservation_options(keep, keep_best))
+      create=not read_only,
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save and not read_only,
+      **_preservation_options(keep, keep_best),
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data', 'meta'))
 
   def latest_step(self) -> int | None:
@@ -105,26 +117,37 @@ class Checkpointer:
     meta = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     return meta.get('metrics')
 
-  def save(self, step: int, state: Any, *, data_iterator: Checkpointable | None = None,
-           metrics: dict[str, float] | None = None, extra: dict[str, Any] | None = None,
-           force: bool = True) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    data_iterator: Checkpointable | None = None,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    force: bool = True,
+  ) -> bool:
     """Starts an asynchronous save of `state` (+ every host's iterator state) at `step`; returns whether saved.
 
     Every process must call this (Orbax coordinates the hosts); only the primary host writes the JSON items.
     """
     iterator_state = '' if data_iterator is None else json.dumps(_encode_iterator_state(data_iterator.get_state()))
     per_process = _gather_strings(iterator_state)
-    data = {'process_count': len(per_process),
-            'iterators': [json.loads(s) if s else None for s in per_process]}
+    data = {'process_count': len(per_process), 'iterators': [json.loads(s) if s else None for s in per_process]}
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
     meta = {'step': int(step), 'metrics': metrics, **(extra or {})}
     return self._manager.save(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
-                                           meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=force)
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta)
+      ),
+      metrics=metrics,
+      force=force,
+    )
 
-  def restore(self, step: int, abstract_state: Any, *,
-              data_iterator: Checkpointable | None = None) -> tuple[Any, dict[str, Any]]:
+  def restore(
+    self, step: int, abstract_state: Any, *, data_iterator: Checkpointable | None = None
+  ) -> tuple[Any, dict[str, Any]]:
     """Restores the state at `step` into the structure/shardings of `abstract_state` and the iterator in place.
 
     `abstract_state`: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or of arrays (their shardings are used).
@@ -133,15 +156,20 @@ class Checkpointer:
     self._manager.wait_until_finished()
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     restored = self._manager.restore(
-        int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+      ),
+    )
     data = restored['data']
     if data_iterator is not None:
       entries = data['iterators']
       if len(entries) != jax.process_count():
-        raise ValueError(f'Checkpoint {self.directory}/{step} holds data-iterator states of {len(entries)} '
-                         f'processes but this run has {jax.process_count()}; resume with the same number of '
-                         f'hosts (the model and optimiser restore on any device count).')
+        raise ValueError(
+          f'Checkpoint {self.directory}/{step} holds data-iterator states of {len(entries)} '
+          f'processes but this run has {jax.process_count()}; resume with the same number of '
+          f'hosts (the model and optimiser restore on any device count).'
+        )
       entry = entries[jax.process_index()]
       if entry is None:
         raise ValueError(f'Checkpoint {self.directory}/{step} has no data-iterator state.')

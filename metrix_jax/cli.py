@@ -12,6 +12,7 @@ ours and keeps its traceback.
 
 Exit statuses: 0 done, 2 a user mistake (the message says how to fix it), 3 training stopped on a non-finite loss.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,6 +44,7 @@ def configure_logging(*, verbose_libraries: bool = False, process_index: int | N
   """
   if process_index is None:
     import jax  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of jax
+
     process_index = jax.process_index()
   package = logging.getLogger('metrix_jax')
   package.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
@@ -58,6 +60,7 @@ def reject_arguments(argv) -> None:
   """absl's `app.UsageError` for positional arguments (every option of our commands is a --flag)."""
   if len(argv) > 1:
     from absl import app  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of absl
+
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}; every option is a --flag=VALUE.')
 
 
@@ -75,8 +78,9 @@ def report(error: BaseException) -> int:
   return EXIT_USER_ERROR
 
 
-def run_user_command(fn: Callable[[], int | None], *, user_errors: tuple[type[BaseException], ...] = USER_ERRORS
-                     ) -> int:
+def run_user_command(
+  fn: Callable[[], int | None], *, user_errors: tuple[type[BaseException], ...] = USER_ERRORS
+) -> int:
   """`fn()`'s exit status (None -> 0); a user mistake -> one line on stderr and EXIT_USER_ERROR."""
   try:
     status = fn()

@@ -12,6 +12,7 @@ A config is an `ml_collections.ConfigDict` built by `base_config()` and speciali
     config.optim.*  (Adam + coupled L2, clip by value, group lr, schedule, warm-up freezing)
     config.train.batch_size (global) / .num_epochs / .num_steps (> 0 overrides epochs) / eval, checkpoint, log
 """
+
 from __future__ import annotations
 
 import os
@@ -37,12 +38,18 @@ SAMPLERS = ('random', 'balanced')
 # the official code's reduction, or 'paper', per-anchor sums), with the official Metrix code's values where it
 # differs (multi-similarity, spec section 1.4). The keys are the keyword arguments of `losses.get(name, ...)`.
 OFFICIAL_LOSS_HPARAMS = {'multi_similarity': dict(alpha=17.97, beta=75.66, base=0.77, epsilon=0.39)}
-LOSS_DEFAULTS = {name: {**losses.default_hparams(name), **OFFICIAL_LOSS_HPARAMS.get(name, {})}
-                 for name in losses.LOSS_NAMES}
+LOSS_DEFAULTS = {
+  name: {**losses.default_hparams(name), **OFFICIAL_LOSS_HPARAMS.get(name, {})} for name in losses.LOSS_NAMES
+}
 PROXY_LOSSES = tuple(losses.PROXY_LOSS_NAMES)
 # Short names accepted by get_config(arg).
-LOSS_ALIASES = {**{name: name for name in losses.LOSS_NAMES}, 'ms': 'multi_similarity', 'pa': 'proxy_anchor',
-                'nca': 'proxy_nca', 'lifted': 'lifted_structure'}
+LOSS_ALIASES = {
+  **{name: name for name in losses.LOSS_NAMES},
+  'ms': 'multi_similarity',
+  'pa': 'proxy_anchor',
+  'nca': 'proxy_nca',
+  'lifted': 'lifted_structure',
+}
 
 # The Ks of each data set's Recall@K protocol (the data sets and what is known of them: `data.DATASETS`).
 RECALL_KS = {name: spec.recall_ks for name, spec in data.DATASETS.items()}
@@ -131,14 +138,25 @@ def parse_recipe_arg(arg: str | None, *, default_loss: str = 'contrastive') -> t
     elif token == 'metrix':
       mode = 'feature'
     else:
-      raise ValueError(f'Unknown config argument {token!r}: expected a loss ({", ".join(sorted(LOSS_ALIASES))}) '
-                       f'and/or a mix mode ({", ".join(MIX_MODES)} or "metrix" = feature), comma-separated, '
-                       f'e.g. --config=configs/cub200.py:ms,feature')
+      raise ValueError(
+        f'Unknown config argument {token!r}: expected a loss ({", ".join(sorted(LOSS_ALIASES))}) '
+        f'and/or a mix mode ({", ".join(MIX_MODES)} or "metrix" = feature), comma-separated, '
+        f'e.g. --config=configs/cub200.py:ms,feature'
+      )
   return loss, mode
 
 
-def set_recipe(c: config_dict.ConfigDict, *, epochs: int, lr: float, step: int, gamma: float, warm: int,
-               bn_freeze: bool, sampler: str) -> None:
+def set_recipe(
+  c: config_dict.ConfigDict,
+  *,
+  epochs: int,
+  lr: float,
+  step: int,
+  gamma: float,
+  warm: int,
+  bn_freeze: bool,
+  sampler: str,
+) -> None:
   """One row of the spec's recipe table (section 4)."""
   c.train.num_epochs = epochs
   c.optim.lr = lr
@@ -186,23 +204,33 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
   if d.eval_resize is not None:  # None or 0: the pipeline's default for image_size
     _positive(p, 'dataset.eval_resize', d.eval_resize, allow_zero=True, integer=True)
   if isinstance(d.image_size, int) and isinstance(d.eval_resize, int) and 0 < d.eval_resize < d.image_size:
-    p.append(f'dataset.eval_resize={d.eval_resize} must be >= dataset.image_size={d.image_size} (or 0: the '
-             f'default, round(image_size * 256 / 224)).')
+    p.append(
+      f'dataset.eval_resize={d.eval_resize} must be >= dataset.image_size={d.image_size} (or 0: the '
+      f'default, round(image_size * 256 / 224)).'
+    )
   _choice(p, 'dataset.sampler', d.sampler, SAMPLERS)
   _positive(p, 'dataset.classes_per_batch', d.classes_per_batch, integer=True)
   _positive(p, 'dataset.images_per_class', d.images_per_class, integer=True)
   _positive(p, 'dataset.num_workers', d.num_workers, allow_zero=True, integer=True)
   _positive(p, 'dataset.eval_batch_size', d.eval_batch_size, integer=True)
   _positive(p, 'dataset.eval_max_images', d.eval_max_images, allow_zero=True, integer=True)
-  if not isinstance(d.recall_ks, tuple) or not d.recall_ks or not all(
-      isinstance(k, int) and k > 0 for k in d.recall_ks):
+  if (
+    not isinstance(d.recall_ks, tuple) or not d.recall_ks or not all(isinstance(k, int) and k > 0 for k in d.recall_ks)
+  ):
     p.append(f'dataset.recall_ks={d.recall_ks!r} must be a non-empty tuple of positive integers.')
   elif 1 not in d.recall_ks:
     p.append(f'dataset.recall_ks={d.recall_ks!r} must contain 1 (R@1 picks the best checkpoint).')
-  if d.sampler == 'balanced' and isinstance(t.batch_size, int) and isinstance(d.classes_per_batch, int) and (
-      isinstance(d.images_per_class, int)) and d.classes_per_batch * d.images_per_class != t.batch_size:
-    p.append(f'dataset.sampler="balanced" needs classes_per_batch x images_per_class == train.batch_size, got '
-             f'{d.classes_per_batch} x {d.images_per_class} != {t.batch_size}.')
+  if (
+    d.sampler == 'balanced'
+    and isinstance(t.batch_size, int)
+    and isinstance(d.classes_per_batch, int)
+    and (isinstance(d.images_per_class, int))
+    and d.classes_per_batch * d.images_per_class != t.batch_size
+  ):
+    p.append(
+      f'dataset.sampler="balanced" needs classes_per_batch x images_per_class == train.batch_size, got '
+      f'{d.classes_per_batch} x {d.images_per_class} != {t.batch_size}.'
+    )
   if check_files and d.name in data.DATASETS:
     _check_manual_dir(p, d.name, d.manual_dir)
 
@@ -212,9 +240,11 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
   if not isinstance(m.bn_freeze, bool):
     p.append(f'model.bn_freeze={m.bn_freeze!r} must be True or False.')
   if check_files and optional(m.pretrained) and not os.path.isfile(optional(m.pretrained)):
-    p.append(f'model.pretrained={m.pretrained!r} does not exist. Convert torchvision IMAGENET1K_V1 weights once '
-             f'with `python -m metrix_jax.weights convert resnet{m.depth}.pth resnet{m.depth}.npz`, or set '
-             f'--config.model.pretrained=None for random init (results not comparable with the paper).')
+    p.append(
+      f'model.pretrained={m.pretrained!r} does not exist. Convert torchvision IMAGENET1K_V1 weights once '
+      f'with `python -m metrix_jax.weights convert resnet{m.depth}.pth resnet{m.depth}.npz`, or set '
+      f'--config.model.pretrained=None for random init (results not comparable with the paper).'
+    )
 
   _choice(p, 'loss.name', lo.name, tuple(LOSS_DEFAULTS))
   if lo.name in LOSS_DEFAULTS:
@@ -222,8 +252,10 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
 
   _choice(p, 'mix.mode', mx.mode, MIX_MODES)
   if not isinstance(mx.pairs, tuple) or not mx.pairs:
-    p.append(f'mix.pairs={mx.pairs!r} must be a non-empty tuple of pair-set names from {PAIR_SETS} '
-             f"(on the command line: --config.mix.pairs=\"('pos_neg',)\").")
+    p.append(
+      f'mix.pairs={mx.pairs!r} must be a non-empty tuple of pair-set names from {PAIR_SETS} '
+      f'(on the command line: --config.mix.pairs="(\'pos_neg\',)").'
+    )
   else:
     for name in mx.pairs:
       _choice(p, 'mix.pairs[...]', name, PAIR_SETS)
@@ -267,8 +299,10 @@ def _check_manual_dir(problems, name, manual_dir):
   path = optional(manual_dir)
   if data.DATASETS[name].needs_manual_dir and path and not os.path.isdir(path):
     instructions = data.download_instructions(name).replace('\n', '\n    ')
-    problems.append(f'dataset.manual_dir={manual_dir!r} is not a folder; pass the folder that holds the official '
-                    f'archives of {name} with --config.dataset.manual_dir=DIR.\n    {instructions}')
+    problems.append(
+      f'dataset.manual_dir={manual_dir!r} is not a folder; pass the folder that holds the official '
+      f'archives of {name} with --config.dataset.manual_dir=DIR.\n    {instructions}'
+    )
 
 
 def _unknown_keys(config, expected, prefix, problems):
@@ -299,8 +333,10 @@ def steps_per_epoch(num_train_images: int, batch_size: int) -> int:
   """Batches per epoch with drop_last (official: floor(N / B))."""
   spe = num_train_images // batch_size
   if spe < 1:
-    raise ValueError(f'train.batch_size={batch_size} is larger than the training set ({num_train_images} images); '
-                     f'lower --config.train.batch_size.')
+    raise ValueError(
+      f'train.batch_size={batch_size} is larger than the training set ({num_train_images} images); '
+      f'lower --config.train.batch_size.'
+    )
   return spe
 
 

@@ -1,4 +1,6 @@
-r"""Embed a folder of images with a trained model: `python -m metrix_jax.embed --workdir=DIR --images=FOLDER --out=FILE.npz`.
+r"""Embed a folder of images with a trained model.
+
+    python -m metrix_jax.embed --workdir=DIR --images=FOLDER --out=FILE.npz
 
 Every image file under FOLDER (recursively; extensions in `IMAGE_EXTENSIONS`, case-insensitive; hidden files and
 folders skipped) goes through the run's eval preprocessing (`metrix_jax.data.pipeline.eval_transform`: resize the
@@ -12,6 +14,7 @@ The .npz holds
   step        int: the checkpoint step used.
 Load with `np.load(FILE)` (no pickle needed) to build your own retrieval index.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +54,10 @@ def list_images(folder: str) -> list[str]:
       if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
         found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/'))
   if not found:
-    raise ValueError(f'No image files under {folder} (looked recursively for '
-                     f'{", ".join(IMAGE_EXTENSIONS)}). Point --images at the folder that holds them.')
+    raise ValueError(
+      f'No image files under {folder} (looked recursively for '
+      f'{", ".join(IMAGE_EXTENSIONS)}). Point --images at the folder that holds them.'
+    )
   return sorted(found)
 
 
@@ -66,16 +71,26 @@ def _load(folder: str, relative: str, image_size: int, resize_size: int | None) 
     return f'{type(error).__name__}: {error}'
 
 
-def embed_images(model, variables, config, folder: str, paths: Sequence[str], *, batch_size: int | None = None,
-                 num_threads: int | None = None) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+def embed_images(
+  model,
+  variables,
+  config,
+  folder: str,
+  paths: Sequence[str],
+  *,
+  batch_size: int | None = None,
+  num_threads: int | None = None,
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
   """Embeds `paths` (relative to `folder`) -> (kept paths, embeddings float32 [N, D], [(skipped path, why)]).
 
   `batch_size`: global images per step (default `config.dataset.eval_batch_size`), rounded up to a multiple of
   the device count; the last batch is zero-padded and the padding dropped.
   """
   if jax.process_count() > 1:
-    raise ValueError('metrix_jax.embed runs on one host (all its local devices); run it without '
-                     '--config.train.distributed / METRIX_DISTRIBUTED.')
+    raise ValueError(
+      'metrix_jax.embed runs on one host (all its local devices); run it without '
+      '--config.train.distributed / METRIX_DISTRIBUTED.'
+    )
   mesh = sharding.make_mesh()
   batch_size = int(batch_size or config.dataset.eval_batch_size)
   batch_size = -(-batch_size // mesh.size) * mesh.size
@@ -88,7 +103,7 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
   folder = os.path.abspath(os.path.expanduser(folder))
   with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
     for start in range(0, len(paths), batch_size):
-      names = list(paths[start:start + batch_size])
+      names = list(paths[start : start + batch_size])
       loaded = list(pool.map(lambda p: _load(folder, p, image_size, resize_size), names))
       images = []
       for name, item in zip(names, loaded):
@@ -107,28 +122,43 @@ def embed_images(model, variables, config, folder: str, paths: Sequence[str], *,
       chunks.append(np.asarray(embeddings, np.float32)[:count])
       meter.update(len(names))
   if not kept:
-    raise ValueError(f'None of the {len(paths)} image files under {folder} could be read '
-                     f'(first error: {skipped[0][0]}: {skipped[0][1]}).')
+    raise ValueError(
+      f'None of the {len(paths)} image files under {folder} could be read '
+      f'(first error: {skipped[0][0]}: {skipped[0][1]}).'
+    )
   return kept, np.concatenate(chunks), skipped
 
 
-def run(workdir: str, images: str, out: str, *, checkpoint: str | int = 'best', config=None,
-        batch_size: int | None = None, model_factory: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+def run(
+  workdir: str,
+  images: str,
+  out: str,
+  *,
+  checkpoint: str | int = 'best',
+  config=None,
+  batch_size: int | None = None,
+  model_factory: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
   """Embeds every image under `images` with the run in `workdir`; writes `out` (.npz); returns a summary dict."""
   paths = list_images(images)  # fail fast, before restoring the model
   out = os.path.abspath(os.path.expanduser(out))
   if not out.endswith('.npz'):
     raise ValueError(f'--out must be a .npz file path; got {out}.')
-  trained = rundir.load_trained_model(workdir, checkpoint=checkpoint, config=config,
-                                       model_factory=model_factory)
-  kept, embeddings, skipped = embed_images(trained.model, trained.variables, trained.config, images, paths,
-                                           batch_size=batch_size)
+  trained = rundir.load_trained_model(workdir, checkpoint=checkpoint, config=config, model_factory=model_factory)
+  kept, embeddings, skipped = embed_images(
+    trained.model, trained.variables, trained.config, images, paths, batch_size=batch_size
+  )
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = out[:-4] + f'.tmp{os.getpid()}.npz'
   np.savez(tmp, paths=np.asarray(kept, dtype=str), embeddings=embeddings, step=np.int64(trained.step))
   os.replace(tmp, out)
-  return {'out': out, 'num_embedded': len(kept), 'dim': int(embeddings.shape[1]), 'skipped': skipped,
-          'step': trained.step}
+  return {
+    'out': out,
+    'num_embedded': len(kept),
+    'dim': int(embeddings.shape[1]),
+    'skipped': skipped,
+    'step': trained.step,
+  }
 
 
 def main() -> int:
@@ -146,12 +176,20 @@ def main() -> int:
     cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
 
     def work():
-      summary = run(FLAGS.workdir, FLAGS.images, FLAGS.out, checkpoint=FLAGS.checkpoint, config=FLAGS.config,
-                    batch_size=FLAGS.batch_size)
-      print(f"wrote {summary['out']}: {summary['num_embedded']} embeddings of dim {summary['dim']} "
-            f"(checkpoint step {summary['step']})")
+      summary = run(
+        FLAGS.workdir,
+        FLAGS.images,
+        FLAGS.out,
+        checkpoint=FLAGS.checkpoint,
+        config=FLAGS.config,
+        batch_size=FLAGS.batch_size,
+      )
+      print(
+        f'wrote {summary["out"]}: {summary["num_embedded"]} embeddings of dim {summary["dim"]} '
+        f'(checkpoint step {summary["step"]})'
+      )
       if summary['skipped']:
-        print(f"skipped {len(summary['skipped'])} unreadable file(s):")
+        print(f'skipped {len(summary["skipped"])} unreadable file(s):')
         for name, why in summary['skipped']:
           print(f'  {name}: {why}')
 

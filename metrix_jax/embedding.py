@@ -9,6 +9,7 @@ Batches are this host's rows of global eval batches, {'image': uint8 [b, H, W, 3
 'mask': bool [b]} (padding rows have mask False and are dropped). Normalisation (ImageNet mean/std) happens on
 device. Embeddings come back as float32 numpy [N, D] on every host, in batch order.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,9 +32,12 @@ log = logging.getLogger(__name__)
 def create_model(config) -> models.EmbeddingNet:
   """`EmbeddingNet` of `config.model`: ResNet-`depth` -> GAP+GMP -> Dense(`embedding_dim`) -> L2, in `dtype`
   (float32 embeddings); BatchNorm frozen (running statistics, `bn_freeze=True`) or trained."""
-  return models.EmbeddingNet(depth=config.model.depth, embedding_dim=config.model.embedding_dim,
-                             dtype=jnp.dtype(config.model.dtype),
-                             bn_mode='frozen' if config.model.bn_freeze else 'trainable')
+  return models.EmbeddingNet(
+    depth=config.model.depth,
+    embedding_dim=config.model.embedding_dim,
+    dtype=jnp.dtype(config.model.dtype),
+    bn_mode='frozen' if config.model.bn_freeze else 'trainable',
+  )
 
 
 def model_variables(params: Mapping[str, Any], batch_stats: Any) -> dict[str, Any]:
@@ -53,12 +57,16 @@ def make_embed_fn(model, config, mesh):
     embeddings, _ = model.apply(variables, data_lib.normalize_images(images, dtype), train=False)
     return embeddings
 
-  return jax.jit(embed, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return jax.jit(
+    embed,
+    in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
-def embed_dataset(embed_fn, variables, batches: Iterable[Mapping[str, Any]], mesh, max_items: int = 0, *,
-                  what: str = 'embedding') -> tuple[np.ndarray, np.ndarray]:
+def embed_dataset(
+  embed_fn, variables, batches: Iterable[Mapping[str, Any]], mesh, max_items: int = 0, *, what: str = 'embedding'
+) -> tuple[np.ndarray, np.ndarray]:
   """Embeds every valid (mask) item of `batches` -> (embeddings float32 [N, D], labels [N]), on all hosts.
 
   `max_items` > 0 stops after the first `max_items` valid items (the same batches on every host). Logs
@@ -89,8 +97,9 @@ def embed_dataset(embed_fn, variables, batches: Iterable[Mapping[str, Any]], mes
   return embeddings, labels
 
 
-def embed_splits(embed_fn, variables, splits: Mapping[str, Iterable[Mapping[str, Any]]], mesh,
-                 max_items: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def embed_splits(
+  embed_fn, variables, splits: Mapping[str, Iterable[Mapping[str, Any]]], mesh, max_items: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{split: (embeddings float32 [N, D], labels [N])} for every split of `splits` ({'test'} or {'query',
   'gallery'}, optionally 'train'); `max_items` > 0 keeps the first that many items of each split."""
   out = {}

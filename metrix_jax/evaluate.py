@@ -42,10 +42,18 @@ from metrix_jax import rundir
 from metrix_jax import sharding
 
 
-def run(workdir: str, *, checkpoint: str | int = 'best', config=None, out_dir: str | None = None,
-        with_utilization: bool = True, with_positivity: bool = True,
-        model_factory: Callable[[Any], Any] | None = None,
-        eval_data_factory: Callable[..., Mapping[str, Any]] | None = None, verbose: bool = True) -> dict[str, Any]:
+def run(
+  workdir: str,
+  *,
+  checkpoint: str | int = 'best',
+  config=None,
+  out_dir: str | None = None,
+  with_utilization: bool = True,
+  with_positivity: bool = True,
+  model_factory: Callable[[Any], Any] | None = None,
+  eval_data_factory: Callable[..., Mapping[str, Any]] | None = None,
+  verbose: bool = True,
+) -> dict[str, Any]:
   """Loads the checkpoint, embeds, computes every metric, writes eval.json + plots (process 0); returns the report.
 
   Test seams: `model_factory(config)` (default `embedding.create_model`), `eval_data_factory(config,
@@ -56,15 +64,24 @@ def run(workdir: str, *, checkpoint: str | int = 'best', config=None, out_dir: s
   config = trained.config
   eval_data = (eval_data_factory or input_pipeline.build_eval_data)(config, include_train=with_utilization)
   mesh = sharding.make_mesh()
-  embedded = embedding.embed_splits(embedding.make_embed_fn(trained.model, config, mesh),
-                                    sharding.replicate(trained.variables, mesh), eval_data, mesh,
-                                    int(config.dataset.get('eval_max_images', 0) or 0))
-  report = {'run': os.path.basename(workdir), 'dataset': config.dataset.name, 'loss': config.loss.name,
-            'mix': config.mix.mode, 'step': trained.step, 'checkpoint_selection': trained.selection,
-            'train_metrics_at_step': trained.train_metrics,
-            'eval_max_images': int(config.dataset.get('eval_max_images', 0) or 0) or None}
-  report.update(report_lib.compute_metrics(config, embedded, proxies=trained.proxies,
-                                           with_positivity=with_positivity))
+  embedded = embedding.embed_splits(
+    embedding.make_embed_fn(trained.model, config, mesh),
+    sharding.replicate(trained.variables, mesh),
+    eval_data,
+    mesh,
+    int(config.dataset.get('eval_max_images', 0) or 0),
+  )
+  report = {
+    'run': os.path.basename(workdir),
+    'dataset': config.dataset.name,
+    'loss': config.loss.name,
+    'mix': config.mix.mode,
+    'step': trained.step,
+    'checkpoint_selection': trained.selection,
+    'train_metrics_at_step': trained.train_metrics,
+    'eval_max_images': int(config.dataset.get('eval_max_images', 0) or 0) or None,
+  }
+  report.update(report_lib.compute_metrics(config, embedded, proxies=trained.proxies, with_positivity=with_positivity))
   report['devices'] = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
   if jax.process_index() == 0:
     out_dir = os.path.abspath(os.path.expanduser(out_dir or workdir))
@@ -94,8 +111,14 @@ def main() -> int:
 
     def work():
       config_lib.validate(FLAGS.config, check_files=False)
-      run(FLAGS.workdir, checkpoint=FLAGS.checkpoint, config=FLAGS.config, out_dir=FLAGS.out_dir,
-          with_utilization=FLAGS.utilization, with_positivity=FLAGS.positivity)
+      run(
+        FLAGS.workdir,
+        checkpoint=FLAGS.checkpoint,
+        config=FLAGS.config,
+        out_dir=FLAGS.out_dir,
+        with_utilization=FLAGS.utilization,
+        with_positivity=FLAGS.positivity,
+      )
 
     return cli.run_user_command(work)
 

@@ -64,8 +64,7 @@ def l2_normalize(x: jax.Array, *, eps: float = _NORM_EPS) -> jax.Array:
 
 def _similarities(queries: jax.Array, gallery_normalized: jax.Array) -> jax.Array:
   """Cosine similarities [c, n] float32 of raw query rows [c, d] and normalised gallery rows [n, d]."""
-  return jnp.dot(l2_normalize(queries), gallery_normalized.T, precision=_HIGHEST,
-                 preferred_element_type=jnp.float32)
+  return jnp.dot(l2_normalize(queries), gallery_normalized.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _squared_distances(queries: jax.Array, gallery_normalized: jax.Array) -> jax.Array:
@@ -105,7 +104,7 @@ def _retrieval_kernel(queries, query_labels, query_index, gallery, gallery_label
   num_pos = _count(pos)
   best_pos = jnp.max(jnp.where(pos, sim, -jnp.inf), axis=1)
   neg_above_best = _count(neg & (sim > best_pos[:, None]))
-  out = {"num_pos": num_pos, "neg_above_best": neg_above_best}
+  out = {'num_pos': num_pos, 'neg_above_best': neg_above_best}
   if max_r > 0:
     out.update(_average_precision_at_r(sim, pos, neg, num_pos, max_r=max_r))
   return out
@@ -121,7 +120,7 @@ def _average_precision_at_r(sim, pos, neg, num_pos, *, max_r: int):
   pos_top = jax.lax.top_k(jnp.where(pos, sim, -jnp.inf), max_r)[0]  # [c, max_r], descending
   neg_top = jax.lax.top_k(jnp.where(neg, sim, -jnp.inf), max_r)[0]
   # #(neg_top > s_j) = #(-neg_top < -s_j): a left search in the ascending -neg_top.
-  neg_ahead = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left"))(-neg_top, -pos_top)
+  neg_ahead = jax.vmap(lambda a, v: jnp.searchsorted(a, v, side='left'))(-neg_top, -pos_top)
   j = jnp.arange(1, max_r + 1, dtype=jnp.int32)[None, :]
   rank = j + neg_ahead.astype(jnp.int32)
   r = num_pos[:, None]
@@ -129,13 +128,13 @@ def _average_precision_at_r(sim, pos, neg, num_pos, *, max_r: int):
   denom = jnp.maximum(num_pos, 1).astype(jnp.float32)
   ap = jnp.sum(jnp.where(counted, j / rank, 0.0), axis=1) / denom
   r_prec = jnp.sum(counted, axis=1).astype(jnp.float32) / denom
-  return {"ap_at_r": ap, "r_precision": r_prec}
+  return {'ap_at_r': ap, 'r_precision': r_prec}
 
 
 def _min_distance_kernel(queries, query_labels, query_index, gallery, gallery_labels):
   """Per query: min squared distance to the gallery (float32 [c])."""
   del query_labels, query_index, gallery_labels
-  return {"min_sq_dist": jnp.min(_squared_distances(queries, gallery), axis=1)}
+  return {'min_sq_dist': jnp.min(_squared_distances(queries, gallery), axis=1)}
 
 
 def _pair_kernel(queries, query_labels, query_index, gallery, gallery_labels, *, t: float):
@@ -144,10 +143,10 @@ def _pair_kernel(queries, query_labels, query_index, gallery, gallery_labels, *,
   other = ~_self_mask(query_index, gallery.shape[0])
   pos = other & (query_labels[:, None] == gallery_labels[None, :])
   return {
-      "pos_sq_dist_sum": jnp.sum(jnp.where(pos, d, 0.0), axis=1),
-      "num_pos": _count(pos),
-      "lse_neg_t_dist": jax.nn.logsumexp(jnp.where(other, -t * d, -jnp.inf), axis=1),
-      "num_other": _count(other),
+    'pos_sq_dist_sum': jnp.sum(jnp.where(pos, d, 0.0), axis=1),
+    'num_pos': _count(pos),
+    'lse_neg_t_dist': jax.nn.logsumexp(jnp.where(other, -t * d, -jnp.inf), axis=1),
+    'num_other': _count(other),
   }
 
 
@@ -156,8 +155,7 @@ def _pair_kernel(queries, query_labels, query_index, gallery, gallery_labels, *,
 # ----------------------------------------------------------------------------------------------------------
 def default_mesh() -> Mesh:
   """A 1-D mesh ('queries',) over all devices (all processes)."""
-  return jax.make_mesh((jax.device_count(),), ("queries",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), ('queries',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def default_query_chunk_size(num_gallery: int, *, mesh: Mesh | None = None) -> int:
@@ -167,7 +165,7 @@ def default_query_chunk_size(num_gallery: int, *, mesh: Mesh | None = None) -> i
   whose [rows, num_gallery] float32 similarity block fits in 1 GiB, within [16, 4096] (4096 for SOP).
   """
   mesh = default_mesh() if mesh is None else mesh
-  if mesh.devices.flat[0].platform == "cpu":
+  if mesh.devices.flat[0].platform == 'cpu':
     return _CPU_QUERY_CHUNK_SIZE
   rows = _ACCELERATOR_BLOCK_BYTES // (4 * max(num_gallery, 1))
   return int(min(4096, max(16, 2 ** int(math.floor(math.log2(max(rows, 1)))))))
@@ -177,8 +175,9 @@ def default_query_chunk_size(num_gallery: int, *, mesh: Mesh | None = None) -> i
 def _chunk_program(kernel: Callable, mesh: Mesh, static: tuple) -> Callable:
   """jit(shard_map(kernel)): query args sharded over all mesh axes, gallery replicated, rows gathered."""
   rows = P(tuple(mesh.axis_names))
-  mapped = jax.shard_map(functools.partial(kernel, **dict(static)), mesh=mesh,
-                         in_specs=(rows, rows, rows, P(), P()), out_specs=rows)
+  mapped = jax.shard_map(
+    functools.partial(kernel, **dict(static)), mesh=mesh, in_specs=(rows, rows, rows, P(), P()), out_specs=rows
+  )
   return jax.jit(mapped, out_shardings=NamedSharding(mesh, P()))
 
 
@@ -193,22 +192,35 @@ def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _map_query_chunks(kernel: Callable, queries: np.ndarray, query_labels: np.ndarray,
-                      gallery: np.ndarray, gallery_labels: np.ndarray, *, leave_one_out: bool,
-                      query_chunk_size: int | None, mesh: Mesh | None, **static: Any) -> dict[str, np.ndarray]:
+def _map_query_chunks(
+  kernel: Callable,
+  queries: np.ndarray,
+  query_labels: np.ndarray,
+  gallery: np.ndarray,
+  gallery_labels: np.ndarray,
+  *,
+  leave_one_out: bool,
+  query_chunk_size: int | None,
+  mesh: Mesh | None,
+  **static: Any,
+) -> dict[str, np.ndarray]:
   """Runs `kernel` over query chunks; returns its per-row outputs as numpy arrays [num_queries]."""
   if gallery.shape[0] >= _MAX_GALLERY:
-    raise ValueError(f"The reference set has {gallery.shape[0]:,} items; at most {_MAX_GALLERY - 1:,} are "
-                     "supported (float32 counts). Evaluate on a subset or shard the gallery yourself.")
+    raise ValueError(
+      f'The reference set has {gallery.shape[0]:,} items; at most {_MAX_GALLERY - 1:,} are '
+      'supported (float32 counts). Evaluate on a subset or shard the gallery yourself.'
+    )
   mesh = default_mesh() if mesh is None else mesh
-  query_chunk_size = (default_query_chunk_size(gallery.shape[0], mesh=mesh) if query_chunk_size is None
-                      else _check_chunk_size(query_chunk_size))
+  query_chunk_size = (
+    default_query_chunk_size(gallery.shape[0], mesh=mesh)
+    if query_chunk_size is None
+    else _check_chunk_size(query_chunk_size)
+  )
   num_queries = queries.shape[0]
   step_rows = mesh.size * query_chunk_size
   num_steps = -(-num_queries // step_rows)
   pad = num_steps * step_rows - num_queries
-  index = (np.arange(num_queries, dtype=np.int32) if leave_one_out
-           else np.full(num_queries, -1, np.int32))
+  index = np.arange(num_queries, dtype=np.int32) if leave_one_out else np.full(num_queries, -1, np.int32)
   queries = np.pad(queries, ((0, pad), (0, 0)))
   query_labels = np.pad(query_labels, (0, pad), constant_values=-1)
   index = np.pad(index, (0, pad), constant_values=-1)
@@ -221,11 +233,16 @@ def _map_query_chunks(kernel: Callable, queries: np.ndarray, query_labels: np.nd
   outputs = []
   for start in range(0, num_steps * step_rows, step_rows):
     step = slice(start, start + step_rows)
-    outputs.append(program(_global_array(queries[step], rows),
-                           _global_array(query_labels[step], rows),
-                           _global_array(index[step], rows), gallery_normalized, gallery_labels))
-  return {name: np.concatenate([np.asarray(out[name]) for out in outputs])[:num_queries]
-          for name in outputs[0]}
+    outputs.append(
+      program(
+        _global_array(queries[step], rows),
+        _global_array(query_labels[step], rows),
+        _global_array(index[step], rows),
+        gallery_normalized,
+        gallery_labels,
+      )
+    )
+  return {name: np.concatenate([np.asarray(out[name]) for out in outputs])[:num_queries] for name in outputs[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,56 +251,62 @@ def _map_query_chunks(kernel: Callable, queries: np.ndarray, query_labels: np.nd
 def _check_embeddings(x: Any, name: str) -> np.ndarray:
   x = np.asarray(x)
   if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-    raise ValueError(f"{name} must be a non-empty 2-D array [num_items, dim]; got shape {x.shape}.")
+    raise ValueError(f'{name} must be a non-empty 2-D array [num_items, dim]; got shape {x.shape}.')
   if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):  # bf16 included
-    raise ValueError(f"{name} must be numeric; got dtype {x.dtype}.")
+    raise ValueError(f'{name} must be numeric; got dtype {x.dtype}.')
   x = x.astype(np.float32)
   if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} contains NaN or inf ({int(np.sum(~np.isfinite(x)))} entries); "
-                     "check the model output before evaluating.")
+    raise ValueError(
+      f'{name} contains NaN or inf ({int(np.sum(~np.isfinite(x)))} entries); check the model output before evaluating.'
+    )
   return x
 
 
 def _check_labels(labels: Any, num_items: int, name: str, embeddings_name: str) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or labels.shape[0] != num_items:
-    raise ValueError(f"{name} must be 1-D with one label per row of {embeddings_name} ({num_items}); "
-                     f"got shape {labels.shape}.")
+    raise ValueError(
+      f'{name} must be 1-D with one label per row of {embeddings_name} ({num_items}); got shape {labels.shape}.'
+    )
   return labels
 
 
 def _check_chunk_size(query_chunk_size: int) -> int:
   if not isinstance(query_chunk_size, (int, np.integer)) or query_chunk_size < 1:
-    raise ValueError(f"query_chunk_size must be a positive int; got {query_chunk_size!r}.")
+    raise ValueError(f'query_chunk_size must be a positive int; got {query_chunk_size!r}.')
   return int(query_chunk_size)
 
 
 def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
   ks = tuple(ks) if not isinstance(ks, (int, np.integer)) else (ks,)
   if not ks or not all(isinstance(k, (int, np.integer)) and k >= 1 for k in ks):
-    raise ValueError(f"ks must be a non-empty sequence of positive ints; got {ks!r}.")
+    raise ValueError(f'ks must be a non-empty sequence of positive ints; got {ks!r}.')
   return tuple(dict.fromkeys(int(k) for k in ks))
 
 
 def _prepare(embeddings, labels, gallery_embeddings, gallery_labels):
   """Checked float32 queries/gallery and int32 class ids (shared coding); leave_one_out flag."""
-  queries = _check_embeddings(embeddings, "embeddings")
-  query_labels = _check_labels(labels, queries.shape[0], "labels", "embeddings")
+  queries = _check_embeddings(embeddings, 'embeddings')
+  query_labels = _check_labels(labels, queries.shape[0], 'labels', 'embeddings')
   if (gallery_embeddings is None) != (gallery_labels is None):
-    raise ValueError("Pass both gallery_embeddings and gallery_labels (query -> gallery protocol) "
-                     "or neither (leave-one-out over `embeddings`).")
+    raise ValueError(
+      'Pass both gallery_embeddings and gallery_labels (query -> gallery protocol) '
+      'or neither (leave-one-out over `embeddings`).'
+    )
   if gallery_embeddings is None:
     _, codes = np.unique(query_labels, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int32)
     return queries, codes, queries, codes, True
-  gallery = _check_embeddings(gallery_embeddings, "gallery_embeddings")
-  gallery_labels = _check_labels(gallery_labels, gallery.shape[0], "gallery_labels", "gallery_embeddings")
+  gallery = _check_embeddings(gallery_embeddings, 'gallery_embeddings')
+  gallery_labels = _check_labels(gallery_labels, gallery.shape[0], 'gallery_labels', 'gallery_embeddings')
   if gallery.shape[1] != queries.shape[1]:
-    raise ValueError(f"embeddings have dim {queries.shape[1]} but gallery_embeddings have dim "
-                     f"{gallery.shape[1]}; both must come from the same model.")
+    raise ValueError(
+      f'embeddings have dim {queries.shape[1]} but gallery_embeddings have dim '
+      f'{gallery.shape[1]}; both must come from the same model.'
+    )
   _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
   codes = codes.reshape(-1).astype(np.int32)
-  return queries, codes[: queries.shape[0]], gallery, codes[queries.shape[0]:], False
+  return queries, codes[: queries.shape[0]], gallery, codes[queries.shape[0] :], False
 
 
 def _max_r(query_codes: np.ndarray, gallery_codes: np.ndarray, leave_one_out: bool) -> int:
@@ -295,16 +318,23 @@ def _max_r(query_codes: np.ndarray, gallery_codes: np.ndarray, leave_one_out: bo
 
 def _recall_from_rows(rows: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[int, float]:
   """Recall@K from per-query #positives and #negatives above the best positive (lone queries: misses)."""
-  has_pos = rows["num_pos"] > 0
-  return {k: float(np.mean(has_pos & (rows["neg_above_best"] < k))) for k in ks}
+  has_pos = rows['num_pos'] > 0
+  return {k: float(np.mean(has_pos & (rows['neg_above_best'] < k))) for k in ks}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------------------------------------
-def retrieval_metrics(embeddings, labels, ks: Iterable[int] = (1,), *, gallery_embeddings=None,
-                      gallery_labels=None, query_chunk_size: int | None = None,
-                      mesh: Mesh | None = None) -> dict[str, Any]:
+def retrieval_metrics(
+  embeddings,
+  labels,
+  ks: Iterable[int] = (1,),
+  *,
+  gallery_embeddings=None,
+  gallery_labels=None,
+  query_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
+) -> dict[str, Any]:
   """Recall@K, MAP@R, R-Precision and precision@1 in one blockwise pass.
 
   Args:
@@ -325,19 +355,33 @@ def retrieval_metrics(embeddings, labels, ks: Iterable[int] = (1,), *, gallery_e
   """
   ks = _check_ks(ks)
   queries, q_codes, gallery, g_codes, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
-  rows = _map_query_chunks(_retrieval_kernel, queries, q_codes, gallery, g_codes, leave_one_out=loo,
-                           query_chunk_size=query_chunk_size, mesh=mesh,
-                           max_r=_max_r(q_codes, g_codes, loo))
-  has_pos = rows["num_pos"] > 0
-  neg_above = rows["neg_above_best"]
-  result: dict[str, Any] = {"recall": _recall_from_rows(rows, ks), "num_queries": int(queries.shape[0]),
-                            "num_lone_queries": int(np.sum(~has_pos))}
-  for name, values in (("map_at_r", rows.get("ap_at_r")), ("r_precision", rows.get("r_precision")),
-                       ("precision_at_1", (neg_above == 0).astype(np.float64))):
-    result[name] = (float(np.mean(values[has_pos], dtype=np.float64))
-                    if values is not None and np.any(has_pos) else math.nan)
+  rows = _map_query_chunks(
+    _retrieval_kernel,
+    queries,
+    q_codes,
+    gallery,
+    g_codes,
+    leave_one_out=loo,
+    query_chunk_size=query_chunk_size,
+    mesh=mesh,
+    max_r=_max_r(q_codes, g_codes, loo),
+  )
+  has_pos = rows['num_pos'] > 0
+  neg_above = rows['neg_above_best']
+  result: dict[str, Any] = {
+    'recall': _recall_from_rows(rows, ks),
+    'num_queries': int(queries.shape[0]),
+    'num_lone_queries': int(np.sum(~has_pos)),
+  }
+  for name, values in (
+    ('map_at_r', rows.get('ap_at_r')),
+    ('r_precision', rows.get('r_precision')),
+    ('precision_at_1', (neg_above == 0).astype(np.float64)),
+  ):
+    result[name] = (
+      float(np.mean(values[has_pos], dtype=np.float64)) if values is not None and np.any(has_pos) else math.nan
+    )
   return result
-
 
 
 def split_retrieval_metrics(embedded: Mapping[str, tuple[Any, Any]], ks: Iterable[int]) -> dict[str, Any]:
@@ -357,8 +401,17 @@ def split_retrieval_metrics(embedded: Mapping[str, tuple[Any, Any]], ks: Iterabl
   test, test_labels = embedded['test']
   return {**retrieval_metrics(test, test_labels, ks), 'protocol': 'leave-one-out', 'num_test': len(test)}
 
-def recall_at_k(embeddings, labels, ks: Iterable[int], *, gallery_embeddings=None, gallery_labels=None,
-                query_chunk_size: int | None = None, mesh: Mesh | None = None) -> dict[int, float]:
+
+def recall_at_k(
+  embeddings,
+  labels,
+  ks: Iterable[int],
+  *,
+  gallery_embeddings=None,
+  gallery_labels=None,
+  query_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
+) -> dict[int, float]:
   """Recall@K {k: fraction of queries in [0, 1]} of cosine retrieval (spec section 6).
 
   A query is a hit at K iff it has a same-class reference item and fewer than K different-class items
@@ -369,90 +422,143 @@ def recall_at_k(embeddings, labels, ks: Iterable[int], *, gallery_embeddings=Non
   """
   ks = _check_ks(ks)
   queries, q_codes, gallery, g_codes, loo = _prepare(embeddings, labels, gallery_embeddings, gallery_labels)
-  rows = _map_query_chunks(_retrieval_kernel, queries, q_codes, gallery, g_codes, leave_one_out=loo,
-                           query_chunk_size=query_chunk_size, mesh=mesh, max_r=0)
+  rows = _map_query_chunks(
+    _retrieval_kernel,
+    queries,
+    q_codes,
+    gallery,
+    g_codes,
+    leave_one_out=loo,
+    query_chunk_size=query_chunk_size,
+    mesh=mesh,
+    max_r=0,
+  )
   return _recall_from_rows(rows, ks)
 
 
-def mean_average_precision_at_r(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
-                                query_chunk_size: int | None = None,
-                                mesh: Mesh | None = None) -> float:
+def mean_average_precision_at_r(
+  embeddings,
+  labels,
+  *,
+  gallery_embeddings=None,
+  gallery_labels=None,
+  query_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
+) -> float:
   """MAP@R (Musgrave et al. 2020; PML `mean_average_precision_at_r`), float in [0, 1].
 
   Per query, R = #same-class reference items (own row excluded) and AP@R = (1/R) sum_{i<=R} P(i) rel(i)
   over the R nearest; averaged over queries with R >= 1. Arguments as in `retrieval_metrics`.
   """
-  return retrieval_metrics(embeddings, labels, (1,), gallery_embeddings=gallery_embeddings,
-                           gallery_labels=gallery_labels, query_chunk_size=query_chunk_size,
-                           mesh=mesh)["map_at_r"]
+  return retrieval_metrics(
+    embeddings,
+    labels,
+    (1,),
+    gallery_embeddings=gallery_embeddings,
+    gallery_labels=gallery_labels,
+    query_chunk_size=query_chunk_size,
+    mesh=mesh,
+  )['map_at_r']
 
 
-def r_precision(embeddings, labels, *, gallery_embeddings=None, gallery_labels=None,
-                query_chunk_size: int | None = None, mesh: Mesh | None = None) -> float:
+def r_precision(
+  embeddings,
+  labels,
+  *,
+  gallery_embeddings=None,
+  gallery_labels=None,
+  query_chunk_size: int | None = None,
+  mesh: Mesh | None = None,
+) -> float:
   """R-Precision (PML `r_precision`): mean over queries with R >= 1 of (#same-class among the R nearest) / R."""
-  return retrieval_metrics(embeddings, labels, (1,), gallery_embeddings=gallery_embeddings,
-                           gallery_labels=gallery_labels, query_chunk_size=query_chunk_size,
-                           mesh=mesh)["r_precision"]
+  return retrieval_metrics(
+    embeddings,
+    labels,
+    (1,),
+    gallery_embeddings=gallery_embeddings,
+    gallery_labels=gallery_labels,
+    query_chunk_size=query_chunk_size,
+    mesh=mesh,
+  )['r_precision']
 
 
-def utilization(test_embeddings, train_embeddings, *, query_chunk_size: int | None = None,
-                mesh: Mesh | None = None) -> float:
+def utilization(
+  test_embeddings, train_embeddings, *, query_chunk_size: int | None = None, mesh: Mesh | None = None
+) -> float:
   """Utilization u(Q, X) = (1/|Q|) sum_{q in Q} min_{x in X} ||f(q) - f(x)||^2 (spec section 6, poster).
 
   Q = `test_embeddings` [n_q, d], X = `train_embeddings` [n_x, d] (clean training set), both L2-normalised
   here, so u is in [0, 4] (squared chordal distance; lower = training examples closer to test examples).
   """
-  queries = _check_embeddings(test_embeddings, "test_embeddings")
-  gallery = _check_embeddings(train_embeddings, "train_embeddings")
+  queries = _check_embeddings(test_embeddings, 'test_embeddings')
+  gallery = _check_embeddings(train_embeddings, 'train_embeddings')
   if gallery.shape[1] != queries.shape[1]:
-    raise ValueError(f"test_embeddings have dim {queries.shape[1]} but train_embeddings have dim "
-                     f"{gallery.shape[1]}; both must come from the same model.")
-  rows = _map_query_chunks(_min_distance_kernel, queries, np.zeros(len(queries), np.int32), gallery,
-                           np.zeros(len(gallery), np.int32), leave_one_out=False,
-                           query_chunk_size=query_chunk_size, mesh=mesh)
-  return float(np.mean(rows["min_sq_dist"], dtype=np.float64))
+    raise ValueError(
+      f'test_embeddings have dim {queries.shape[1]} but train_embeddings have dim '
+      f'{gallery.shape[1]}; both must come from the same model.'
+    )
+  rows = _map_query_chunks(
+    _min_distance_kernel,
+    queries,
+    np.zeros(len(queries), np.int32),
+    gallery,
+    np.zeros(len(gallery), np.int32),
+    leave_one_out=False,
+    query_chunk_size=query_chunk_size,
+    mesh=mesh,
+  )
+  return float(np.mean(rows['min_sq_dist'], dtype=np.float64))
 
 
 def _pair_statistics(embeddings, labels, *, t: float, query_chunk_size: int | None, mesh: Mesh | None):
-  queries = _check_embeddings(embeddings, "embeddings")
+  queries = _check_embeddings(embeddings, 'embeddings')
   if labels is None:
     codes = np.zeros(len(queries), np.int32)
   else:
-    labels = _check_labels(labels, len(queries), "labels", "embeddings")
+    labels = _check_labels(labels, len(queries), 'labels', 'embeddings')
     codes = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int32)
-  return _map_query_chunks(_pair_kernel, queries, codes, queries, codes, leave_one_out=True,
-                           query_chunk_size=query_chunk_size, mesh=mesh, t=float(t))
+  return _map_query_chunks(
+    _pair_kernel,
+    queries,
+    codes,
+    queries,
+    codes,
+    leave_one_out=True,
+    query_chunk_size=query_chunk_size,
+    mesh=mesh,
+    t=float(t),
+  )
 
 
 def _alignment_from_rows(rows: dict[str, np.ndarray]) -> float:
-  num_pairs = int(np.sum(rows["num_pos"], dtype=np.int64))
+  num_pairs = int(np.sum(rows['num_pos'], dtype=np.int64))
   if num_pairs == 0:
-    raise ValueError("alignment needs at least one positive pair: no class has two items.")
-  return float(np.sum(rows["pos_sq_dist_sum"], dtype=np.float64) / num_pairs)
+    raise ValueError('alignment needs at least one positive pair: no class has two items.')
+  return float(np.sum(rows['pos_sq_dist_sum'], dtype=np.float64) / num_pairs)
 
 
 def _uniformity_from_rows(rows: dict[str, np.ndarray]) -> float:
-  num_pairs = int(np.sum(rows["num_other"], dtype=np.int64))
+  num_pairs = int(np.sum(rows['num_other'], dtype=np.int64))
   if num_pairs == 0:
-    raise ValueError("uniformity needs at least two embeddings.")
-  lse = rows["lse_neg_t_dist"].astype(np.float64)
+    raise ValueError('uniformity needs at least two embeddings.')
+  lse = rows['lse_neg_t_dist'].astype(np.float64)
   top = lse.max()
   return float(top + np.log(np.sum(np.exp(lse - top))) - np.log(num_pairs))
 
 
-def alignment_and_uniformity(embeddings, labels, *, t: float = 2.0, query_chunk_size: int | None = None,
-                             mesh: Mesh | None = None) -> tuple[float | None, float]:
+def alignment_and_uniformity(
+  embeddings, labels, *, t: float = 2.0, query_chunk_size: int | None = None, mesh: Mesh | None = None
+) -> tuple[float | None, float]:
   """(`alignment(embeddings, labels)`, `uniformity(embeddings, t=t)`) from one blockwise pass (half the work
   of calling both). Alignment is None when no class has two items."""
   if not t > 0:
-    raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
+    raise ValueError(f'uniformity needs t > 0; got t={t!r}.')
   rows = _pair_statistics(embeddings, labels, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
-  align = _alignment_from_rows(rows) if np.any(rows["num_pos"] > 0) else None
+  align = _alignment_from_rows(rows) if np.any(rows['num_pos'] > 0) else None
   return align, _uniformity_from_rows(rows)
 
 
-def alignment(embeddings, labels, *, query_chunk_size: int | None = None,
-              mesh: Mesh | None = None) -> float:
+def alignment(embeddings, labels, *, query_chunk_size: int | None = None, mesh: Mesh | None = None) -> float:
   """Alignment (Wang & Isola 2020, alpha = 2): E over positive pairs ||f(x) - f(x+)||^2, in [0, 4].
 
   Positive pairs: distinct items i != j of `embeddings` [n, d] with equal `labels` [n] (each unordered pair
@@ -463,8 +569,7 @@ def alignment(embeddings, labels, *, query_chunk_size: int | None = None,
   return _alignment_from_rows(rows)
 
 
-def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = None,
-               mesh: Mesh | None = None) -> float:
+def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = None, mesh: Mesh | None = None) -> float:
   """Uniformity (Wang & Isola 2020): log E over distinct pairs exp(-t ||f(x) - f(y)||^2), in [-4t, 0].
 
   Pairs: all i != j of `embeddings` [n, d] (n >= 2), L2-normalised here. Accumulated as per-row float32
@@ -472,12 +577,22 @@ def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = Non
   Lower = more uniform on the sphere.
   """
   if not t > 0:
-    raise ValueError(f"uniformity needs t > 0; got t={t!r}.")
+    raise ValueError(f'uniformity needs t > 0; got t={t!r}.')
   rows = _pair_statistics(embeddings, None, t=t, query_chunk_size=query_chunk_size, mesh=mesh)
   return _uniformity_from_rows(rows)
 
 
 __all__ = [
-    "alignment", "alignment_and_uniformity", "default_mesh", "default_query_chunk_size", "l2_normalize", "mean_average_precision_at_r", "r_precision",
-    "recall_at_k", "retrieval_metrics", "split_retrieval_metrics", "uniformity", "utilization",
+  'alignment',
+  'alignment_and_uniformity',
+  'default_mesh',
+  'default_query_chunk_size',
+  'l2_normalize',
+  'mean_average_precision_at_r',
+  'r_precision',
+  'recall_at_k',
+  'retrieval_metrics',
+  'split_retrieval_metrics',
+  'uniformity',
+  'utilization',
 ]

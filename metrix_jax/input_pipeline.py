@@ -15,6 +15,7 @@ every global batch). Eval batches add 'mask': bool [b] (False on the padding of 
 dropped; 'label' -1 there) and 'index': int32 [b] (position in the split, -1 on padding), with
 b = `config.dataset.eval_batch_size` / `jax.process_count()`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,6 +37,7 @@ class DataBundle:
   eval_sets: callable -> {'test': iterable} (leave-one-out) or {'query': ..., 'gallery': ...}; batches add
     'mask': bool [b] (padding); fresh iterables on every call.
   """
+
   train_iterator: Any
   eval_sets: Callable[[], dict[str, Any]]
   num_train_images: int
@@ -60,11 +62,22 @@ def build_train_data(config) -> DataBundle:
   d = config.dataset
   info = prepare(config)
   train_iterator = data.create_train_iterator(
-      d.name, global_batch_size=config.train.batch_size, image_size=d.image_size, seed=config.seed,
-      sampler=d.sampler, classes_per_batch=d.classes_per_batch, images_per_class=d.images_per_class,
-      **_where(d), **_hosts(d))
-  return DataBundle(train_iterator=train_iterator, eval_sets=lambda: _eval_sets(config, info.eval_splits),
-                    num_train_images=info.num_train_examples, num_train_classes=info.num_classes_train)
+    d.name,
+    global_batch_size=config.train.batch_size,
+    image_size=d.image_size,
+    seed=config.seed,
+    sampler=d.sampler,
+    classes_per_batch=d.classes_per_batch,
+    images_per_class=d.images_per_class,
+    **_where(d),
+    **_hosts(d),
+  )
+  return DataBundle(
+    train_iterator=train_iterator,
+    eval_sets=lambda: _eval_sets(config, info.eval_splits),
+    num_train_images=info.num_train_examples,
+    num_train_classes=info.num_classes_train,
+  )
 
 
 def build_eval_data(config, *, include_train: bool = False) -> dict[str, pipeline.EvalIterable]:
@@ -85,8 +98,15 @@ def _eval_sets(config, splits: tuple[str, ...]) -> dict[str, pipeline.EvalIterab
 def _eval_iterator(config, split: str) -> pipeline.EvalIterable:
   """The one place eval batches of a split are made from `config.dataset`."""
   d = config.dataset
-  return data.create_eval_iterator(d.name, split, global_batch_size=d.eval_batch_size, image_size=d.image_size,
-                                   resize_size=eval_resize(config), **_where(d), **_hosts(d))
+  return data.create_eval_iterator(
+    d.name,
+    split,
+    global_batch_size=d.eval_batch_size,
+    image_size=d.image_size,
+    resize_size=eval_resize(config),
+    **_where(d),
+    **_hosts(d),
+  )
 
 
 def _where(d) -> dict[str, str | None]:

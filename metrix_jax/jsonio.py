@@ -94,6 +94,7 @@ def write_json(path: str | os.PathLike, value: Any) -> str:
   text = dumps(value) + '\n'  # serialise first: an unwritable value leaves no file behind
   if is_remote(path):
     from etils import epath  # pylint: disable=g-import-not-at-top
+
     epath.Path(str(path)).write_text(text)
     return str(path)
   path = os.fspath(path)
@@ -113,8 +114,11 @@ def write_json(path: str | os.PathLike, value: Any) -> str:
 
 def _reject_token(path: str):
   def reject(token: str):
-    raise ValueError(f'{path} is not strict JSON: it holds the token {token} (NaN/Infinity are not JSON; '
-                     f'metrix_jax.jsonio writes null for them). Replace {token} with null in the file.')
+    raise ValueError(
+      f'{path} is not strict JSON: it holds the token {token} (NaN/Infinity are not JSON; '
+      f'metrix_jax.jsonio writes null for them). Replace {token} with null in the file.'
+    )
+
   return reject
 
 
@@ -127,6 +131,7 @@ def read_json(path: str | os.PathLike) -> Any:
   """
   if is_remote(path):
     from etils import epath  # pylint: disable=g-import-not-at-top
+
     text = epath.Path(str(path)).read_text()
   else:
     with open(os.fspath(path), encoding='utf-8') as f:

@@ -24,6 +24,7 @@ per-anchor form (`form='paper'`: per-anchor sums, mean over anchors; spec sectio
 For Metrix, `get(name, **hparams)` returns a `Loss` whose `clean_terms` and `from_similarity` expose the
 pieces (see DESIGN.md): the Metrix objective is `from_similarity(clean) + w * from_similarity(mixed)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,6 +90,7 @@ class Exponential:
   MS (PML alpha/beta/base): rho_pos = Exponential(-alpha, base), rho_neg = Exponential(beta, base);
   Proxy Anchor: rho_pos = Exponential(-alpha, margin), rho_neg = Exponential(alpha, -margin).
   """
+
   scale: float
   offset: float = 0.0
 
@@ -102,6 +104,7 @@ class Exponential:
 @dataclasses.dataclass(frozen=True)
 class CirclePos:
   """Circle loss positive: log rho(s) = -gamma [1 + m - sg(s)]_+ (s - (1 - m)) (PML CircleLoss, sg = detach)."""
+
   m: float
   gamma: float
 
@@ -116,6 +119,7 @@ class CirclePos:
 @dataclasses.dataclass(frozen=True)
 class CircleNeg:
   """Circle loss negative: log rho(s) = gamma [sg(s) + m]_+ (s - m) (PML CircleLoss)."""
+
   m: float
   gamma: float
 
@@ -130,6 +134,7 @@ class CircleNeg:
 @dataclasses.dataclass(frozen=True)
 class ExpDistance:
   """rho(s) = exp(sign * (d(s) - margin)), d the Euclidean distance of unit vectors (lifted structure)."""
+
   sign: float
   margin: float
 
@@ -143,6 +148,7 @@ class ExpDistance:
 @dataclasses.dataclass(frozen=True)
 class DistanceHinge:
   """rho(s) = [d(s) - margin]_+ (contrastive positive, PML ContrastiveLoss pos_calc; decreasing in s)."""
+
   margin: float = 0.0
 
   def __call__(self, s: Array) -> Array:
@@ -152,6 +158,7 @@ class DistanceHinge:
 @dataclasses.dataclass(frozen=True)
 class MarginMinusDistance:
   """rho(s) = [margin - d(s)]_+ (contrastive negative, PML ContrastiveLoss neg_calc; increasing in s)."""
+
   margin: float = 0.5
 
   def __call__(self, s: Array) -> Array:
@@ -169,6 +176,7 @@ class NegSimilarity:
 @dataclasses.dataclass(frozen=True)
 class SimilarityHinge:
   """rho(s) = [s - margin]_+ (the paper's contrastive negative, spec section 1.1)."""
+
   margin: float
 
   def __call__(self, s: Array) -> Array:
@@ -181,6 +189,7 @@ class SimilarityHinge:
 @dataclasses.dataclass(frozen=True)
 class Log1p:
   """sigma(x) = log(1 + x) / scale (MS: scale = alpha or beta; Proxy Anchor: scale = 1). Empty sum -> 0."""
+
   scale: float = 1.0
 
   def __call__(self, x: Array) -> Array:
@@ -194,6 +203,7 @@ class Log:
   Circle: Log() with tau = softplus (empty side -> loss 0, as PML zeroes such rows). PML's masked
   logsumexp convention (empty -> 0, lifted structure) is Log(empty=0.0). ProxyNCA: sigma_pos = Log(-1).
   """
+
   scale: float = 1.0
   empty: Optional[float] = None
 
@@ -255,13 +265,22 @@ def _side(sim: Array, weights: Array, rho: Callable, sigma: Optional[Callable]) 
 def _check_same_shape(sim, targets, mask) -> None:
   shapes = {'sim': jnp.shape(sim), 'targets': jnp.shape(targets), 'mask': jnp.shape(mask)}
   if len(set(shapes.values())) != 1 or len(shapes['sim']) < 1:
-    raise ValueError(f'generic_loss needs sim, targets and mask of one shape [..., A, N]; got {shapes}. '
-                     'Broadcast targets/mask to sim.shape before the call (e.g. jnp.broadcast_to).')
+    raise ValueError(
+      f'generic_loss needs sim, targets and mask of one shape [..., A, N]; got {shapes}. '
+      'Broadcast targets/mask to sim.shape before the call (e.g. jnp.broadcast_to).'
+    )
 
 
-def generic_terms(sim: Array, targets: Array, mask: Array, *, rho_pos: Callable, rho_neg: Callable,
-                  sigma_pos: Optional[Callable] = None,
-                  sigma_neg: Optional[Callable] = None) -> tuple[Array, Array]:
+def generic_terms(
+  sim: Array,
+  targets: Array,
+  mask: Array,
+  *,
+  rho_pos: Callable,
+  rho_neg: Callable,
+  sigma_pos: Optional[Callable] = None,
+  sigma_neg: Optional[Callable] = None,
+) -> tuple[Array, Array]:
   """The two sides of the generic loss: (sigma_pos(sum mask*y*rho_pos), sigma_neg(sum mask*(1-y)*rho_neg)).
 
   Args/shapes as `generic_loss`; returns two [..., A] arrays (float32, or float64 for float64 inputs).
@@ -276,9 +295,17 @@ def generic_terms(sim: Array, targets: Array, mask: Array, *, rho_pos: Callable,
   return _side(sim, w_pos, rho_pos, sigma_pos), _side(sim, w_neg, rho_neg, sigma_neg)
 
 
-def generic_loss(sim: Array, targets: Array, mask: Array, *, rho_pos: Callable, rho_neg: Callable,
-                 sigma_pos: Optional[Callable] = None, sigma_neg: Optional[Callable] = None,
-                 tau: Optional[Callable] = None) -> Array:
+def generic_loss(
+  sim: Array,
+  targets: Array,
+  mask: Array,
+  *,
+  rho_pos: Callable,
+  rho_neg: Callable,
+  sigma_pos: Optional[Callable] = None,
+  sigma_neg: Optional[Callable] = None,
+  tau: Optional[Callable] = None,
+) -> Array:
   """Per-anchor generic loss (paper, spec section 1.1) with soft labels.
 
       l(a) = tau( sigma_pos( sum_j mask*y*rho_pos(s_aj) ) + sigma_neg( sum_j mask*(1-y)*rho_neg(s_aj) ) )
@@ -296,8 +323,9 @@ def generic_loss(sim: Array, targets: Array, mask: Array, *, rho_pos: Callable, 
     [..., A] per-anchor loss. An empty masked sum contributes rho-sum 0 (so Log1p gives 0, Log gives -inf
     or its `empty` value). jit/grad/vmap safe; no NaN from masked entries.
   """
-  pos, neg = generic_terms(sim, targets, mask, rho_pos=rho_pos, rho_neg=rho_neg, sigma_pos=sigma_pos,
-                           sigma_neg=sigma_neg)
+  pos, neg = generic_terms(
+    sim, targets, mask, rho_pos=rho_pos, rho_neg=rho_neg, sigma_pos=sigma_pos, sigma_neg=sigma_neg
+  )
   total = pos + neg
   return total if tau is None else tau(total)
 
@@ -322,19 +350,23 @@ def _masked_mean(values: Array, keep: Array) -> Array:
 def _check_embeddings(embeddings, labels, proxies=None) -> None:
   e_shape, l_shape = jnp.shape(embeddings), jnp.shape(labels)
   if len(e_shape) != 2:
-    raise ValueError(f'embeddings must be [B, D]; got shape {e_shape}. Flatten extra axes first '
-                     '(embeddings.reshape(-1, D)).')
+    raise ValueError(
+      f'embeddings must be [B, D]; got shape {e_shape}. Flatten extra axes first (embeddings.reshape(-1, D)).'
+    )
   if len(l_shape) != 1 or l_shape[0] != e_shape[0]:
-    raise ValueError(f'labels must be [B] with B = embeddings.shape[0] = {e_shape[0]}; got shape {l_shape}. '
-                     'Pass one integer class label per embedding row.')
+    raise ValueError(
+      f'labels must be [B] with B = embeddings.shape[0] = {e_shape[0]}; got shape {l_shape}. '
+      'Pass one integer class label per embedding row.'
+    )
   if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-    raise ValueError(f'labels must be integers; got dtype {jnp.asarray(labels).dtype}. '
-                     'Use labels.astype(jnp.int32).')
+    raise ValueError(f'labels must be integers; got dtype {jnp.asarray(labels).dtype}. Use labels.astype(jnp.int32).')
   if proxies is not None:
     p_shape = jnp.shape(proxies)
     if len(p_shape) != 2 or p_shape[1] != e_shape[1]:
-      raise ValueError(f'proxies must be [C, D] with D = embeddings.shape[1] = {e_shape[1]}; got shape '
-                       f'{p_shape}. Create them with losses.init_proxies(key, num_classes, embedding_dim).')
+      raise ValueError(
+        f'proxies must be [C, D] with D = embeddings.shape[1] = {e_shape[1]}; got shape '
+        f'{p_shape}. Create them with losses.init_proxies(key, num_classes, embedding_dim).'
+      )
 
 
 def same_label(labels: Array, other_labels: Optional[Array] = None) -> Array:
@@ -389,8 +421,10 @@ def init_proxies(key: Array, num_classes: int, embedding_dim: int, *, dtype=jnp.
 # ----------------------------------------------------------------------------------------------------------
 def _check_form(form: str) -> None:
   if form not in FORMS:
-    raise ValueError(f'form={form!r} is not one of {FORMS}: "pml" matches pytorch-metric-learning (official '
-                     'code), "paper" is per-anchor sums with a mean over anchors (spec section 9).')
+    raise ValueError(
+      f'form={form!r} is not one of {FORMS}: "pml" matches pytorch-metric-learning (official '
+      'code), "paper" is per-anchor sums with a mean over anchors (spec section 9).'
+    )
 
 
 def _dtype_sim(sim, targets, mask):
@@ -406,13 +440,16 @@ def contrastive_pieces(*, pos_margin: float = 0.0, neg_margin: float = 0.5, form
   if form == 'pml':
     return dict(rho_pos=DistanceHinge(pos_margin), rho_neg=MarginMinusDistance(neg_margin))
   if pos_margin != 0.0:
-    raise ValueError(f'form="paper" contrastive uses rho_pos(s) = -s (no positive margin); got pos_margin='
-                     f'{pos_margin}. Use pos_margin=0.0, or form="pml".')
-  return dict(rho_pos=NegSimilarity(), rho_neg=SimilarityHinge(1.0 - neg_margin ** 2 / 2.0))
+    raise ValueError(
+      f'form="paper" contrastive uses rho_pos(s) = -s (no positive margin); got pos_margin='
+      f'{pos_margin}. Use pos_margin=0.0, or form="pml".'
+    )
+  return dict(rho_pos=NegSimilarity(), rho_neg=SimilarityHinge(1.0 - neg_margin**2 / 2.0))
 
 
-def contrastive_from_similarity(sim: Array, targets: Array, mask: Array, *, pos_margin: float = 0.0,
-                                neg_margin: float = 0.5, form: str = 'pml') -> Array:
+def contrastive_from_similarity(
+  sim: Array, targets: Array, mask: Array, *, pos_margin: float = 0.0, neg_margin: float = 0.5, form: str = 'pml'
+) -> Array:
   """Contrastive reduction. pml: AvgNonZero over positive pair terms + AvgNonZero over negative pair terms
   (PML ContrastiveLoss + AvgNonZeroReducer; pair terms y*rho_pos, (1-y)*rho_neg). paper: per-anchor sums
   (generic_loss, sigma = tau = id), mean over anchors."""
@@ -430,8 +467,9 @@ def contrastive_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Arra
   return all_pairs_terms(embeddings, labels)
 
 
-def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.0, neg_margin: float = 0.5,
-                     form: str = 'pml') -> Array:
+def contrastive_loss(
+  embeddings: Array, labels: Array, *, pos_margin: float = 0.0, neg_margin: float = 0.5, form: str = 'pml'
+) -> Array:
   """Contrastive loss, scalar. embeddings [B, D] float, labels [B] int.
 
   form='pml': PML ContrastiveLoss(pos_margin, neg_margin) with LpDistance (Euclidean, normalised) and its
@@ -439,20 +477,30 @@ def contrastive_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.
   (spec 1.3; the official code uses neg_margin 0.5). form='paper': per-anchor sum of -s over positives and
   [s - (1 - neg_margin^2/2)]_+ over negatives, mean over anchors (spec 1.1, section 9).
   """
-  return contrastive_from_similarity(*all_pairs_terms(embeddings, labels), pos_margin=pos_margin,
-                                     neg_margin=neg_margin, form=form)
+  return contrastive_from_similarity(
+    *all_pairs_terms(embeddings, labels), pos_margin=pos_margin, neg_margin=neg_margin, form=form
+  )
 
 
 # Multi-Similarity ----------------------------------------------------------------------------------------
 def multi_similarity_pieces(*, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5) -> dict:
   """MS in generic form: rho_pos = e^{-alpha(s-base)}, rho_neg = e^{beta(s-base)}, sigma = log(1+x)/scale."""
-  return dict(rho_pos=Exponential(-alpha, base), rho_neg=Exponential(beta, base), sigma_pos=Log1p(alpha),
-              sigma_neg=Log1p(beta))
+  return dict(
+    rho_pos=Exponential(-alpha, base), rho_neg=Exponential(beta, base), sigma_pos=Log1p(alpha), sigma_neg=Log1p(beta)
+  )
 
 
-def multi_similarity_from_similarity(sim, targets, mask, *, alpha: float = 2.0, beta: float = 50.0,
-                                     base: float = 0.5, epsilon: Optional[float] = 0.1,
-                                     form: str = 'pml') -> Array:
+def multi_similarity_from_similarity(
+  sim,
+  targets,
+  mask,
+  *,
+  alpha: float = 2.0,
+  beta: float = 50.0,
+  base: float = 0.5,
+  epsilon: Optional[float] = 0.1,
+  form: str = 'pml',
+) -> Array:
   """MS reduction: mean over all A rows of the per-anchor generic loss (PML MultiSimilarityLoss with its
   MeanReducer; identical to the paper form). `mask` should already be mined (see clean_terms)."""
   del epsilon
@@ -461,8 +509,9 @@ def multi_similarity_from_similarity(sim, targets, mask, *, alpha: float = 2.0, 
   return jnp.mean(generic_loss(sim, targets, mask, **multi_similarity_pieces(alpha=alpha, beta=beta, base=base)))
 
 
-def multi_similarity_clean_terms(embeddings, labels, proxies=None, *, epsilon: Optional[float] = 0.1,
-                                 **_) -> tuple[Array, Array, Array]:
+def multi_similarity_clean_terms(
+  embeddings, labels, proxies=None, *, epsilon: Optional[float] = 0.1, **_
+) -> tuple[Array, Array, Array]:
   """All pairs, then the MS miner (epsilon=None: no mining)."""
   del proxies
   sim, targets, mask = all_pairs_terms(embeddings, labels)
@@ -471,8 +520,16 @@ def multi_similarity_clean_terms(embeddings, labels, proxies=None, *, epsilon: O
   return sim, targets, mask
 
 
-def multi_similarity_loss(embeddings: Array, labels: Array, *, alpha: float = 2.0, beta: float = 50.0,
-                          base: float = 0.5, epsilon: Optional[float] = 0.1, form: str = 'pml') -> Array:
+def multi_similarity_loss(
+  embeddings: Array,
+  labels: Array,
+  *,
+  alpha: float = 2.0,
+  beta: float = 50.0,
+  base: float = 0.5,
+  epsilon: Optional[float] = 0.1,
+  form: str = 'pml',
+) -> Array:
   """Multi-Similarity loss, scalar: PML MultiSimilarityLoss(alpha, beta, base) fed by
   MultiSimilarityMiner(epsilon) (epsilon=None: all pairs). Per anchor
   (1/alpha) log(1 + sum_p e^{-alpha(s-base)}) + (1/beta) log(1 + sum_n e^{beta(s-base)}), mean over all rows
@@ -484,12 +541,14 @@ def multi_similarity_loss(embeddings: Array, labels: Array, *, alpha: float = 2.
 
 # Proxy Anchor --------------------------------------------------------------------------------------------
 def proxy_anchor_pieces(*, alpha: float = 32.0, margin: float = 0.1) -> dict:
-  return dict(rho_pos=Exponential(-alpha, margin), rho_neg=Exponential(alpha, -margin), sigma_pos=Log1p(),
-              sigma_neg=Log1p())
+  return dict(
+    rho_pos=Exponential(-alpha, margin), rho_neg=Exponential(alpha, -margin), sigma_pos=Log1p(), sigma_neg=Log1p()
+  )
 
 
-def proxy_anchor_from_similarity(sim, targets, mask, *, alpha: float = 32.0, margin: float = 0.1,
-                                 form: str = 'pml') -> Array:
+def proxy_anchor_from_similarity(
+  sim, targets, mask, *, alpha: float = 32.0, margin: float = 0.1, form: str = 'pml'
+) -> Array:
   """Proxy Anchor reduction on sim [C, N] (proxies are the anchors). pml (PML ProxyAnchorLoss +
   DivisorReducer): sum_c pos(c) / |P+| + sum_c neg(c) / C, P+ = proxies with a positive (mask*y > 0);
   paper: mean over the C proxies of pos(c) + neg(c)."""
@@ -509,8 +568,9 @@ def proxy_anchor_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Arr
   return proxy_terms(embeddings, labels, proxies)
 
 
-def proxy_anchor_loss(embeddings: Array, labels: Array, proxies: Array, *, alpha: float = 32.0,
-                      margin: float = 0.1, form: str = 'pml') -> Array:
+def proxy_anchor_loss(
+  embeddings: Array, labels: Array, proxies: Array, *, alpha: float = 32.0, margin: float = 0.1, form: str = 'pml'
+) -> Array:
   """Proxy Anchor loss, scalar: PML ProxyAnchorLoss(margin, alpha). embeddings [B, D], labels [B] int in
   [0, C), proxies [C, D] (normalised inside). Spec 1.5:
   (1/|P+|) sum_{c in P+} log(1 + sum_{x in c} e^{-alpha(s-margin)}) + (1/C) sum_c log(1 + sum_{x not in c}
@@ -522,12 +582,12 @@ def proxy_anchor_loss(embeddings: Array, labels: Array, proxies: Array, *, alpha
 # Circle --------------------------------------------------------------------------------------------------
 def circle_pieces(*, m: float = 0.4, gamma: float = 80.0) -> dict:
   """Circle in generic form: rho = CirclePos/CircleNeg, sigma = log, tau = softplus."""
-  return dict(rho_pos=CirclePos(m, gamma), rho_neg=CircleNeg(m, gamma), sigma_pos=Log(), sigma_neg=Log(),
-              tau=jax.nn.softplus)
+  return dict(
+    rho_pos=CirclePos(m, gamma), rho_neg=CircleNeg(m, gamma), sigma_pos=Log(), sigma_neg=Log(), tau=jax.nn.softplus
+  )
 
 
-def circle_from_similarity(sim, targets, mask, *, m: float = 0.4, gamma: float = 80.0,
-                           form: str = 'pml') -> Array:
+def circle_from_similarity(sim, targets, mask, *, m: float = 0.4, gamma: float = 80.0, form: str = 'pml') -> Array:
   """Circle reduction: pml: AvgNonZero over anchors (PML CircleLoss + AvgNonZeroReducer; anchors missing a
   positive or a negative give 0); paper: mean over anchors."""
   _check_form(form)
@@ -541,8 +601,7 @@ def circle_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Array, Ar
   return all_pairs_terms(embeddings, labels)
 
 
-def circle_loss(embeddings: Array, labels: Array, *, m: float = 0.4, gamma: float = 80.0,
-                form: str = 'pml') -> Array:
+def circle_loss(embeddings: Array, labels: Array, *, m: float = 0.4, gamma: float = 80.0, form: str = 'pml') -> Array:
   """Circle loss (Sun et al. 2020), scalar: PML CircleLoss(m, gamma). Per anchor
   softplus(logsumexp_p(-gamma [1+m-s]_+ (s-1+m)) + logsumexp_n(gamma [s+m]_+ (s-m))) (weights detached)."""
   return circle_from_similarity(*all_pairs_terms(embeddings, labels), m=m, gamma=gamma, form=form)
@@ -561,8 +620,9 @@ def proxy_nca_from_similarity(sim, targets, mask, *, softmax_scale: float = 1.0,
   rows that have a positive (PML NCALoss drops rows whose positive probability is 0; both forms)."""
   _check_form(form)
   sim, targets, mask = _dtype_sim(sim, targets, mask)
-  pos, neg = generic_terms(sim, targets, mask, **{k: v for k, v in proxy_nca_pieces(
-      softmax_scale=softmax_scale).items() if k != 'tau'})
+  pos, neg = generic_terms(
+    sim, targets, mask, **{k: v for k, v in proxy_nca_pieces(softmax_scale=softmax_scale).items() if k != 'tau'}
+  )
   has_pos = jnp.any(mask & (targets > 0), axis=-1)
   per_row = jax.nn.softplus(jnp.where(has_pos, pos, 0.0) + neg)
   return _masked_mean(per_row, has_pos)
@@ -575,8 +635,9 @@ def proxy_nca_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Array,
   return sim.T, targets.T, mask.T
 
 
-def proxy_nca_loss(embeddings: Array, labels: Array, proxies: Array, *, softmax_scale: float = 1.0,
-                   form: str = 'pml') -> Array:
+def proxy_nca_loss(
+  embeddings: Array, labels: Array, proxies: Array, *, softmax_scale: float = 1.0, form: str = 'pml'
+) -> Array:
   """ProxyNCA (Movshovitz-Attias et al. 2017), scalar: PML ProxyNCALoss(softmax_scale) with its default
   LpDistance(power=2) on normalised embeddings and proxies: mean_x -log softmax_c(-k ||x - p_c||^2)[y_x]."""
   terms = proxy_nca_clean_terms(embeddings, labels, proxies)
@@ -587,17 +648,24 @@ def proxy_nca_loss(embeddings: Array, labels: Array, proxies: Array, *, softmax_
 def lifted_structure_pieces(*, pos_margin: float = 0.0, neg_margin: float = 1.0) -> dict:
   """Generalized lifted structure in generic form: rho_pos = e^{d - pos_margin}, rho_neg = e^{neg_margin - d},
   sigma = log with PML's empty -> 0, tau = relu."""
-  return dict(rho_pos=ExpDistance(1.0, pos_margin), rho_neg=ExpDistance(-1.0, neg_margin),
-              sigma_pos=Log(empty=0.0), sigma_neg=Log(empty=0.0), tau=jax.nn.relu)
+  return dict(
+    rho_pos=ExpDistance(1.0, pos_margin),
+    rho_neg=ExpDistance(-1.0, neg_margin),
+    sigma_pos=Log(empty=0.0),
+    sigma_neg=Log(empty=0.0),
+    tau=jax.nn.relu,
+  )
 
 
-def lifted_structure_from_similarity(sim, targets, mask, *, pos_margin: float = 0.0, neg_margin: float = 1.0,
-                                     form: str = 'pml') -> Array:
+def lifted_structure_from_similarity(
+  sim, targets, mask, *, pos_margin: float = 0.0, neg_margin: float = 1.0, form: str = 'pml'
+) -> Array:
   """Mean over all rows of relu(log sum_p e^{d-pos_margin} + log sum_n e^{neg_margin-d}) (both forms)."""
   _check_form(form)
   sim, targets, mask = _dtype_sim(sim, targets, mask)
-  return jnp.mean(generic_loss(sim, targets, mask, **lifted_structure_pieces(pos_margin=pos_margin,
-                                                                             neg_margin=neg_margin)))
+  return jnp.mean(
+    generic_loss(sim, targets, mask, **lifted_structure_pieces(pos_margin=pos_margin, neg_margin=neg_margin))
+  )
 
 
 def lifted_structure_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Array, Array, Array]:
@@ -605,12 +673,14 @@ def lifted_structure_clean_terms(embeddings, labels, proxies=None, **_) -> tuple
   return all_pairs_terms(embeddings, labels)
 
 
-def lifted_structure_loss(embeddings: Array, labels: Array, *, pos_margin: float = 0.0,
-                          neg_margin: float = 1.0, form: str = 'pml') -> Array:
+def lifted_structure_loss(
+  embeddings: Array, labels: Array, *, pos_margin: float = 0.0, neg_margin: float = 1.0, form: str = 'pml'
+) -> Array:
   """Generalized lifted structure loss (Hermans et al. 2017, eq. 4), scalar: PML
   GeneralizedLiftedStructureLoss(neg_margin, pos_margin) with Euclidean distance and MeanReducer."""
-  return lifted_structure_from_similarity(*all_pairs_terms(embeddings, labels), pos_margin=pos_margin,
-                                          neg_margin=neg_margin, form=form)
+  return lifted_structure_from_similarity(
+    *all_pairs_terms(embeddings, labels), pos_margin=pos_margin, neg_margin=neg_margin, form=form
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -634,6 +704,7 @@ class Loss:
     from_similarity(sim, targets, mask) -> scalar, the loss's own reduction (soft targets allowed).
     __call__(embeddings, labels, proxies=None) -> scalar = from_similarity(*clean_terms(...)).
   """
+
   name: str
   hparams: tuple
   uses_proxies: bool
@@ -671,18 +742,26 @@ class _Entry:
 
 
 _REGISTRY = {
-    'contrastive': _Entry(contrastive_clean_terms, contrastive_from_similarity,
-                          dict(pos_margin=0.0, neg_margin=0.5, form='pml'), ()),
-    'multi_similarity': _Entry(multi_similarity_clean_terms, multi_similarity_from_similarity,
-                               dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, form='pml'), ('epsilon',),
-                               miner_key='epsilon'),
-    'proxy_anchor': _Entry(proxy_anchor_clean_terms, proxy_anchor_from_similarity,
-                           dict(alpha=32.0, margin=0.1, form='pml'), (), True, True),
-    'circle': _Entry(circle_clean_terms, circle_from_similarity, dict(m=0.4, gamma=80.0, form='pml'), ()),
-    'proxy_nca': _Entry(proxy_nca_clean_terms, proxy_nca_from_similarity,
-                        dict(softmax_scale=1.0, form='pml'), (), True, False),
-    'lifted_structure': _Entry(lifted_structure_clean_terms, lifted_structure_from_similarity,
-                               dict(pos_margin=0.0, neg_margin=1.0, form='pml'), ()),
+  'contrastive': _Entry(
+    contrastive_clean_terms, contrastive_from_similarity, dict(pos_margin=0.0, neg_margin=0.5, form='pml'), ()
+  ),
+  'multi_similarity': _Entry(
+    multi_similarity_clean_terms,
+    multi_similarity_from_similarity,
+    dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, form='pml'),
+    ('epsilon',),
+    miner_key='epsilon',
+  ),
+  'proxy_anchor': _Entry(
+    proxy_anchor_clean_terms, proxy_anchor_from_similarity, dict(alpha=32.0, margin=0.1, form='pml'), (), True, True
+  ),
+  'circle': _Entry(circle_clean_terms, circle_from_similarity, dict(m=0.4, gamma=80.0, form='pml'), ()),
+  'proxy_nca': _Entry(
+    proxy_nca_clean_terms, proxy_nca_from_similarity, dict(softmax_scale=1.0, form='pml'), (), True, False
+  ),
+  'lifted_structure': _Entry(
+    lifted_structure_clean_terms, lifted_structure_from_similarity, dict(pos_margin=0.0, neg_margin=1.0, form='pml'), ()
+  ),
 }
 LOSS_NAMES = tuple(_REGISTRY)
 PROXY_LOSS_NAMES = tuple(n for n, e in _REGISTRY.items() if e.uses_proxies)
@@ -708,26 +787,59 @@ def get(name: str, **hparams) -> Loss:
   entry = _entry(name)
   unknown = sorted(set(hparams) - set(entry.defaults))
   if unknown:
-    raise ValueError(f'Loss {name!r} got unknown hyperparameters {unknown}; valid: '
-                     f'{", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())}.')
+    raise ValueError(
+      f'Loss {name!r} got unknown hyperparameters {unknown}; valid: '
+      f'{", ".join(f"{k}={v!r}" for k, v in entry.defaults.items())}.'
+    )
   full = {**entry.defaults, **hparams}
   _check_form(full['form'])
   if name == 'contrastive':
     contrastive_pieces(pos_margin=full['pos_margin'], neg_margin=full['neg_margin'], form=full['form'])
   clean_kwargs = {k: full[k] for k in entry.clean_keys}
   sim_kwargs = {k: v for k, v in full.items() if k not in entry.clean_keys}
-  return Loss(name=name, hparams=tuple(sorted(full.items())), uses_proxies=entry.uses_proxies,
-              proxies_are_anchors=entry.proxies_are_anchors,
-              mines=entry.miner_key is not None and full[entry.miner_key] is not None,
-              _clean_terms=functools.partial(entry.clean_terms, **clean_kwargs),
-              _from_similarity=functools.partial(entry.from_similarity, **sim_kwargs))
+  return Loss(
+    name=name,
+    hparams=tuple(sorted(full.items())),
+    uses_proxies=entry.uses_proxies,
+    proxies_are_anchors=entry.proxies_are_anchors,
+    mines=entry.miner_key is not None and full[entry.miner_key] is not None,
+    _clean_terms=functools.partial(entry.clean_terms, **clean_kwargs),
+    _from_similarity=functools.partial(entry.from_similarity, **sim_kwargs),
+  )
 
 
 __all__ = [
-    'generic_loss', 'generic_terms', 'Exponential', 'CirclePos', 'CircleNeg', 'ExpDistance', 'DistanceHinge',
-    'MarginMinusDistance', 'NegSimilarity', 'SimilarityHinge', 'Log1p', 'Log', 'avg_non_zero',
-    'cosine_similarity', 'distance_from_similarity', 'l2_normalize', 'same_label', 'all_pairs_terms',
-    'proxy_terms', 'multi_similarity_mining', 'init_proxies', 'contrastive_loss', 'multi_similarity_loss',
-    'proxy_anchor_loss', 'circle_loss', 'proxy_nca_loss', 'lifted_structure_loss', 'Loss', 'get',
-    'default_hparams', 'LOSS_NAMES', 'PROXY_LOSS_NAMES', 'FORMS',
+  'generic_loss',
+  'generic_terms',
+  'Exponential',
+  'CirclePos',
+  'CircleNeg',
+  'ExpDistance',
+  'DistanceHinge',
+  'MarginMinusDistance',
+  'NegSimilarity',
+  'SimilarityHinge',
+  'Log1p',
+  'Log',
+  'avg_non_zero',
+  'cosine_similarity',
+  'distance_from_similarity',
+  'l2_normalize',
+  'same_label',
+  'all_pairs_terms',
+  'proxy_terms',
+  'multi_similarity_mining',
+  'init_proxies',
+  'contrastive_loss',
+  'multi_similarity_loss',
+  'proxy_anchor_loss',
+  'circle_loss',
+  'proxy_nca_loss',
+  'lifted_structure_loss',
+  'Loss',
+  'get',
+  'default_hparams',
+  'LOSS_NAMES',
+  'PROXY_LOSS_NAMES',
+  'FORMS',
 ]

@@ -8,6 +8,7 @@ Any config value can be overridden on the command line, e.g.
 Running the same command again resumes from the latest checkpoint in --workdir. Multi-host (every host of a TPU
 pod, or several GPU hosts): add `--config.train.distributed=True` (or set METRIX_DISTRIBUTED=1) on every host.
 """
+
 import os
 import sys
 
@@ -24,8 +25,9 @@ from metrix_jax import train
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, config.json and results.json.')
 flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
-config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/demo.py or configs/cub200.py:ms,feature.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Config file, e.g. configs/demo.py or configs/cub200.py:ms,feature.', lock_config=True
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,6 +41,7 @@ def main(argv) -> int:
     return status
   cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
   import jax  # pylint: disable=g-import-not-at-top  # after the distributed initialisation
+
   absl_logging.info('process %d/%d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
   try:
     train.train_and_evaluate(config, os.path.expanduser(FLAGS.workdir))

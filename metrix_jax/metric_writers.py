@@ -11,6 +11,7 @@ WORKDIR may be a cloud path (gs://bucket/run, for TPU pods: every host sees the 
 cannot be appended to, so TensorBoard events and metrics.jsonl are then written to a local mirror
 (`local_dir`, under $TMPDIR) and copied to WORKDIR at every `flush()`/`close()`.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,6 +57,7 @@ class MetricWriter:
       self._jsonl = open(os.path.join(self.local_dir, 'metrics.jsonl'), 'a', buffering=1)
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self._tb = SummaryWriter(logdir=self.local_dir, flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -88,6 +90,7 @@ class MetricWriter:
     if not (self.enabled and is_remote(self.workdir)):
       return
     from etils import epath  # pylint: disable=g-import-not-at-top
+
     target = epath.Path(self.workdir)
     for name in os.listdir(self.local_dir):
       source = os.path.join(self.local_dir, name)

@@ -28,6 +28,7 @@ Trainer recipe (feature level; one backbone forward):
 
 Notebook: `mixup.metrix_loss(loss, embeddings, labels, key, ...)` (embedding level).
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,6 +56,7 @@ class MixPlan(NamedTuple):
   batch anchor a; mask [B, M] bool: which items each batch anchor sees ('own': its M(a), 'all': every valid
   item with its own soft label).
   """
+
   first: Array
   second: Array
   lam: Array
@@ -88,8 +90,9 @@ def _check_pair_sets(pair_sets: Sequence[str]) -> tuple:
     pair_sets = (pair_sets,)
   pair_sets = tuple(pair_sets)
   if not pair_sets or any(p not in PAIR_SETS for p in pair_sets):
-    raise ValueError(f'pair_sets={pair_sets!r} must be a non-empty selection of {PAIR_SETS}, '
-                     "e.g. ('pos_neg', 'anc_neg').")
+    raise ValueError(
+      f"pair_sets={pair_sets!r} must be a non-empty selection of {PAIR_SETS}, e.g. ('pos_neg', 'anc_neg')."
+    )
   return tuple(p for p in PAIR_SETS if p in pair_sets)  # canonical order, no duplicates
 
 
@@ -105,16 +108,19 @@ def _check_masks(labels, pos_mask, neg_mask):
     raise ValueError('Pass both pos_mask and neg_mask (e.g. from mixup.pair_masks), or neither (all pairs).')
   for name, m in (('pos_mask', pos_mask), ('neg_mask', neg_mask)):
     if jnp.shape(m) != (b, b):
-      raise ValueError(f'{name} must be [B, B] = {(b, b)} for labels of shape {labels.shape}; got '
-                       f'{jnp.shape(m)}. Build it with mixup.pair_masks(loss, embeddings, labels).')
+      raise ValueError(
+        f'{name} must be [B, B] = {(b, b)} for labels of shape {labels.shape}; got '
+        f'{jnp.shape(m)}. Build it with mixup.pair_masks(loss, embeddings, labels).'
+      )
   return labels, jnp.asarray(pos_mask, bool), jnp.asarray(neg_mask, bool)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pair sets.
 # ----------------------------------------------------------------------------------------------------------
-def pair_masks(loss: losses_lib.Loss, embeddings: Optional[Array], labels: Array,
-               proxies: Optional[Array] = None) -> tuple[Array, Array]:
+def pair_masks(
+  loss: losses_lib.Loss, embeddings: Optional[Array], labels: Array, proxies: Optional[Array] = None
+) -> tuple[Array, Array]:
   """P(a), N(a) as [B, B] bool masks for the pair sets: the loss's mined clean pairs when the loss mines
   (`loss.mines`: Multi-Similarity mixes its mined pairs, no re-mining; needs `embeddings` [B, D]), the pairs of
   the labels otherwise (every other loss's clean pairs are exactly these). No gradient flows."""
@@ -137,6 +143,7 @@ class MixSettings(NamedTuple):
   alpha: Beta(alpha, alpha) for lambda; lambda_mode: 'batch' | 'item'; mask_mode: 'own' | 'all';
   weight: w of clean + w * mixed; renormalize: re-normalise mixed embeddings.
   """
+
   level: str = 'embedding'
   pair_sets: tuple = ('pos_neg', 'anc_neg')
   num_mixed: int = 8
@@ -148,9 +155,16 @@ class MixSettings(NamedTuple):
   renormalize: bool = True
 
 
-def plan_for(key: Optional[Array], loss: losses_lib.Loss, labels: Array, settings: MixSettings, *,
-             embeddings: Optional[Array] = None, proxies: Optional[Array] = None,
-             lam: Optional[Array] = None) -> MixPlan:
+def plan_for(
+  key: Optional[Array],
+  loss: losses_lib.Loss,
+  labels: Array,
+  settings: MixSettings,
+  *,
+  embeddings: Optional[Array] = None,
+  proxies: Optional[Array] = None,
+  lam: Optional[Array] = None,
+) -> MixPlan:
   """THE Metrix plan of a batch, for every level and caller (train step, `metrix_loss`, positivity analysis).
 
   Pair sets from `pair_masks` (mined pairs when `loss.mines`: pass the clean `embeddings` [B, D]; the labels
@@ -159,11 +173,20 @@ def plan_for(key: Optional[Array], loss: losses_lib.Loss, labels: Array, setting
   """
   _check_choice('level', settings.level, LEVELS)
   if settings.all_pairs and settings.level != 'embedding':
-    raise ValueError(f'all_pairs mixes embeddings through the closed form; level {settings.level!r} mixes '
-                     f'{settings.level}s: sample num_mixed items per anchor instead.')
+    raise ValueError(
+      f'all_pairs mixes embeddings through the closed form; level {settings.level!r} mixes '
+      f'{settings.level}s: sample num_mixed items per anchor instead.'
+    )
   pos, neg = pair_masks(loss, embeddings, labels, proxies)
-  kwargs = dict(pos_mask=pos, neg_mask=neg, pair_sets=settings.pair_sets, alpha=settings.alpha,
-                lambda_mode=settings.lambda_mode, mask_mode=settings.mask_mode, lam=lam)
+  kwargs = dict(
+    pos_mask=pos,
+    neg_mask=neg,
+    pair_sets=settings.pair_sets,
+    alpha=settings.alpha,
+    lambda_mode=settings.lambda_mode,
+    mask_mode=settings.mask_mode,
+    lam=lam,
+  )
   if settings.all_pairs:
     return all_pairs_plan(key, labels, **kwargs)
   return make_plan(key, labels, num_mixed=settings.num_mixed, **kwargs)
@@ -172,8 +195,12 @@ def plan_for(key: Optional[Array], loss: losses_lib.Loss, labels: Array, setting
 def _anchor_sets(a, pos_row, neg_row, pair_sets):
   """For one anchor: first-candidate masks [S, B], second-candidate masks [S, B], distinct flags [S]."""
   own = jnp.arange(pos_row.shape[0]) == a
-  table = {'pos_neg': (pos_row, neg_row, False), 'anc_neg': (own, neg_row, False),
-           'pos_pos': (pos_row, pos_row, True), 'neg_neg': (neg_row, neg_row, True)}
+  table = {
+    'pos_neg': (pos_row, neg_row, False),
+    'anc_neg': (own, neg_row, False),
+    'pos_pos': (pos_row, pos_row, True),
+    'neg_neg': (neg_row, neg_row, True),
+  }
   firsts = jnp.stack([table[p][0] for p in pair_sets])
   seconds = jnp.stack([table[p][1] for p in pair_sets])
   distinct = jnp.array([table[p][2] for p in pair_sets])
@@ -194,8 +221,15 @@ def pair_set_tensor(pos_mask: Array, neg_mask: Array, *, pair_sets: Sequence[str
   return jax.vmap(one)(jnp.arange(b), pos_mask, neg_mask)
 
 
-def sample_pairs(key: Array, pos_mask: Array, neg_mask: Array, *, pair_sets: Sequence[str] = ('pos_neg',),
-                 num_mixed: int = 8, balance_sets: bool = False) -> tuple[Array, Array, Array]:
+def sample_pairs(
+  key: Array,
+  pos_mask: Array,
+  neg_mask: Array,
+  *,
+  pair_sets: Sequence[str] = ('pos_neg',),
+  num_mixed: int = 8,
+  balance_sets: bool = False,
+) -> tuple[Array, Array, Array]:
   """K = num_mixed pairs (x, x') per anchor from M(a), on device, with replacement.
 
   Args:
@@ -210,7 +244,8 @@ def sample_pairs(key: Array, pos_mask: Array, neg_mask: Array, *, pair_sets: Seq
   _check_num_mixed(num_mixed)
   b, num_sets = pos_mask.shape[0], len(pair_sets)
   firsts, seconds, distinct = jax.vmap(lambda a, p, n: _anchor_sets(a, p, n, pair_sets))(
-      jnp.arange(b), pos_mask, neg_mask)  # [B, S, B], [B, S, B], [B, S]
+    jnp.arange(b), pos_mask, neg_mask
+  )  # [B, S, B], [B, S, B], [B, S]
   n_first = jnp.sum(firsts, axis=-1).astype(jnp.float32)
   n_second = jnp.sum(seconds, axis=-1).astype(jnp.float32)
   sizes = n_first * n_second - jnp.where(distinct, n_first, 0.0)  # distinct sets: ordered pairs x != x'
@@ -221,10 +256,10 @@ def sample_pairs(key: Array, pos_mask: Array, neg_mask: Array, *, pair_sets: Seq
   set_idx = jnp.argmax(set_logits[:, None, :] + noise[..., :num_sets], axis=-1)  # [B, K]
   rows = jnp.arange(b)[:, None]
   first_ok = firsts[rows, set_idx]  # [B, K, B]
-  first = jnp.argmax(jnp.where(first_ok, 0.0, -jnp.inf) + noise[..., num_sets:num_sets + b], axis=-1)
+  first = jnp.argmax(jnp.where(first_ok, 0.0, -jnp.inf) + noise[..., num_sets : num_sets + b], axis=-1)
   own_first = jnp.arange(b)[None, None, :] == first[..., None]
   second_ok = seconds[rows, set_idx] & ~(distinct[rows, set_idx][..., None] & own_first)
-  second = jnp.argmax(jnp.where(second_ok, 0.0, -jnp.inf) + noise[..., num_sets + b:], axis=-1)
+  second = jnp.argmax(jnp.where(second_ok, 0.0, -jnp.inf) + noise[..., num_sets + b :], axis=-1)
   valid = jnp.broadcast_to(jnp.any(nonempty, axis=-1)[:, None], (b, num_mixed))
   return first.astype(jnp.int32), second.astype(jnp.int32), valid
 
@@ -258,10 +293,20 @@ def soft_targets(anchor_labels: Array, labels: Array, first: Array, second: Arra
 # ----------------------------------------------------------------------------------------------------------
 # Plans.
 # ----------------------------------------------------------------------------------------------------------
-def make_plan(key: Array, labels: Array, *, pos_mask: Optional[Array] = None, neg_mask: Optional[Array] = None,
-              pair_sets: Sequence[str] = ('pos_neg', 'anc_neg'), num_mixed: int = 8, alpha: float = 2.0,
-              lambda_mode: str = 'batch', mask_mode: str = 'own', balance_sets: bool = False,
-              lam: Optional[Array] = None) -> MixPlan:
+def make_plan(
+  key: Array,
+  labels: Array,
+  *,
+  pos_mask: Optional[Array] = None,
+  neg_mask: Optional[Array] = None,
+  pair_sets: Sequence[str] = ('pos_neg', 'anc_neg'),
+  num_mixed: int = 8,
+  alpha: float = 2.0,
+  lambda_mode: str = 'batch',
+  mask_mode: str = 'own',
+  balance_sets: bool = False,
+  lam: Optional[Array] = None,
+) -> MixPlan:
   """Sampled plan: K = num_mixed items per anchor (M = B * K, anchor-major: item a * K + k).
 
   Args:
@@ -275,25 +320,41 @@ def make_plan(key: Array, labels: Array, *, pos_mask: Optional[Array] = None, ne
   _check_lambda(alpha, lambda_mode)
   _check_num_mixed(num_mixed)
   labels, pos_mask, neg_mask = _check_masks(labels, pos_mask, neg_mask)
-  return _make_plan(key, labels, pos_mask, neg_mask, lam, pair_sets=_check_pair_sets(pair_sets),
-                    num_mixed=num_mixed, alpha=float(alpha), lambda_mode=lambda_mode, mask_mode=mask_mode,
-                    balance_sets=bool(balance_sets))
+  return _make_plan(
+    key,
+    labels,
+    pos_mask,
+    neg_mask,
+    lam,
+    pair_sets=_check_pair_sets(pair_sets),
+    num_mixed=num_mixed,
+    alpha=float(alpha),
+    lambda_mode=lambda_mode,
+    mask_mode=mask_mode,
+    balance_sets=bool(balance_sets),
+  )
 
 
-@functools.partial(jax.jit, static_argnames=('pair_sets', 'num_mixed', 'alpha', 'lambda_mode', 'mask_mode',
-                                             'balance_sets'))
-def _make_plan(key, labels, pos_mask, neg_mask, lam, *, pair_sets, num_mixed, alpha, lambda_mode, mask_mode,
-               balance_sets) -> MixPlan:
+@functools.partial(
+  jax.jit, static_argnames=('pair_sets', 'num_mixed', 'alpha', 'lambda_mode', 'mask_mode', 'balance_sets')
+)
+def _make_plan(
+  key, labels, pos_mask, neg_mask, lam, *, pair_sets, num_mixed, alpha, lambda_mode, mask_mode, balance_sets
+) -> MixPlan:
   """make_plan after validation; jitted (one compilation per configuration when called eagerly, inlined
   inside an outer jit)."""
   b = labels.shape[0]
   k_pairs, k_lam = jax.random.split(key)
-  first, second, valid = sample_pairs(k_pairs, pos_mask, neg_mask, pair_sets=pair_sets, num_mixed=num_mixed,
-                                      balance_sets=balance_sets)
+  first, second, valid = sample_pairs(
+    k_pairs, pos_mask, neg_mask, pair_sets=pair_sets, num_mixed=num_mixed, balance_sets=balance_sets
+  )
   first, second, valid = first.reshape(-1), second.reshape(-1), valid.reshape(-1)
   m = first.shape[0]
-  lam = (sample_lambda(k_lam, (m,), alpha=alpha, lambda_mode=lambda_mode) if lam is None
-         else jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (m,)))
+  lam = (
+    sample_lambda(k_lam, (m,), alpha=alpha, lambda_mode=lambda_mode)
+    if lam is None
+    else jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (m,))
+  )
   anchor = jnp.repeat(jnp.arange(b, dtype=jnp.int32), num_mixed)
   targets = soft_targets(labels, labels, first, second, lam)
   if mask_mode == 'own':
@@ -303,10 +364,18 @@ def _make_plan(key, labels, pos_mask, neg_mask, lam, *, pair_sets, num_mixed, al
   return MixPlan(first, second, lam, anchor, valid, targets, mask)
 
 
-def all_pairs_plan(key: Optional[Array], labels: Array, *, pos_mask: Optional[Array] = None,
-                   neg_mask: Optional[Array] = None, pair_sets: Sequence[str] = ('pos_neg', 'anc_neg'),
-                   alpha: float = 2.0, lambda_mode: str = 'batch', mask_mode: str = 'own',
-                   lam: Optional[Array] = None) -> MixPlan:
+def all_pairs_plan(
+  key: Optional[Array],
+  labels: Array,
+  *,
+  pos_mask: Optional[Array] = None,
+  neg_mask: Optional[Array] = None,
+  pair_sets: Sequence[str] = ('pos_neg', 'anc_neg'),
+  alpha: float = 2.0,
+  lambda_mode: str = 'batch',
+  mask_mode: str = 'own',
+  lam: Optional[Array] = None,
+) -> MixPlan:
   """All B^2 ordered pairs (x, x') as items (item x * B + x'), each anchor masked to its M(a) ('own') or to
   the union of all M(a) ('all'). lam: one per batch, or one per pair (x, x') ('item'; shared by the anchors,
   since the mixed embedding is). Use with `closed_form_similarity` (embedding level): B^3 masks, no B^3
@@ -316,8 +385,17 @@ def all_pairs_plan(key: Optional[Array], labels: Array, *, pos_mask: Optional[Ar
   labels, pos_mask, neg_mask = _check_masks(labels, pos_mask, neg_mask)
   if lam is None and key is None:
     raise ValueError('all_pairs_plan needs a key to sample lambda, or a fixed lam.')
-  return _all_pairs_plan(key, labels, pos_mask, neg_mask, lam, pair_sets=_check_pair_sets(pair_sets),
-                         alpha=float(alpha), lambda_mode=lambda_mode, mask_mode=mask_mode)
+  return _all_pairs_plan(
+    key,
+    labels,
+    pos_mask,
+    neg_mask,
+    lam,
+    pair_sets=_check_pair_sets(pair_sets),
+    alpha=float(alpha),
+    lambda_mode=lambda_mode,
+    mask_mode=mask_mode,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('pair_sets', 'alpha', 'lambda_mode', 'mask_mode'))
@@ -347,8 +425,9 @@ def mix(x: Array, plan: MixPlan) -> Array:
   """
   x = jnp.asarray(x)
   if x.ndim < 1 or x.shape[0] != plan.targets.shape[0]:
-    raise ValueError(f'mix needs an array with leading batch axis B = {plan.targets.shape[0]} (the plan\'s '
-                     f'batch); got shape {x.shape}.')
+    raise ValueError(
+      f"mix needs an array with leading batch axis B = {plan.targets.shape[0]} (the plan's batch); got shape {x.shape}."
+    )
   dtype = losses_lib.compute_dtype(x)
   lam = plan.lam.astype(dtype).reshape((-1,) + (1,) * (x.ndim - 1))
   mixed = lam * x[plan.first].astype(dtype) + (1.0 - lam) * x[plan.second].astype(dtype)
@@ -365,8 +444,10 @@ def mix_embeddings(embeddings: Array, plan: MixPlan, *, renormalize: bool = True
 def _references(loss, embeddings, proxies):
   if loss is not None and loss.uses_proxies:
     if proxies is None:
-      raise ValueError(f'{loss.name} needs proxies [C, D] for its mixed term (the same proxies as the clean '
-                       'term); create them with losses.init_proxies(key, C, D).')
+      raise ValueError(
+        f'{loss.name} needs proxies [C, D] for its mixed term (the same proxies as the clean '
+        'term); create them with losses.init_proxies(key, C, D).'
+      )
     return proxies
   return embeddings
 
@@ -382,8 +463,7 @@ def similarity_to_mixed(references: Array, mixed_embeddings: Array, *, renormali
   return jnp.matmul(refs, mixed.T, precision=_HIGHEST)
 
 
-def closed_form_similarity(references: Array, embeddings: Array, plan: MixPlan, *,
-                           renormalize: bool = True) -> Array:
+def closed_form_similarity(references: Array, embeddings: Array, plan: MixPlan, *, renormalize: bool = True) -> Array:
   """Exact s(r, v) [A, M] for embedding mixing without materialising the mixed embeddings:
   (lam s_rx + (1-lam) s_rx') / sqrt(lam^2 + (1-lam)^2 + 2 lam (1-lam) s_xx') (denominator 1 without
   re-normalisation). references [A, D]: the clean embeddings themselves or proxies; embeddings [B, D]."""
@@ -393,12 +473,13 @@ def closed_form_similarity(references: Array, embeddings: Array, plan: MixPlan, 
   numerator = lam[None, :] * s_ref[:, plan.first] + (1.0 - lam[None, :]) * s_ref[:, plan.second]
   if not renormalize:
     return numerator
-  sq_norm = lam ** 2 + (1.0 - lam) ** 2 + 2.0 * lam * (1.0 - lam) * s_batch[plan.first, plan.second]
+  sq_norm = lam**2 + (1.0 - lam) ** 2 + 2.0 * lam * (1.0 - lam) * s_batch[plan.first, plan.second]
   return numerator / jnp.sqrt(jnp.maximum(sq_norm, 1e-24))  # = max(||v||, 1e-12) as l2_normalize
 
 
-def mixed_terms(loss: losses_lib.Loss, labels: Array, plan: MixPlan, sim_to_mixed: Array,
-                num_classes: Optional[int] = None) -> tuple[Array, Array, Array]:
+def mixed_terms(
+  loss: losses_lib.Loss, labels: Array, plan: MixPlan, sim_to_mixed: Array, num_classes: Optional[int] = None
+) -> tuple[Array, Array, Array]:
   """(sim, targets, mask) of the mixed term in the loss's orientation.
 
   Embedding-anchor losses: sim_to_mixed [B, M] (clean anchors x mixed items) with the plan's targets/mask.
@@ -408,13 +489,15 @@ def mixed_terms(loss: losses_lib.Loss, labels: Array, plan: MixPlan, sim_to_mixe
   labels = jnp.asarray(labels)
   if not loss.uses_proxies:
     if sim_to_mixed.shape != plan.targets.shape:
-      raise ValueError(f'sim_to_mixed must be [B, M] = {plan.targets.shape} (clean anchors x mixed items); '
-                       f'got {sim_to_mixed.shape}.')
+      raise ValueError(
+        f'sim_to_mixed must be [B, M] = {plan.targets.shape} (clean anchors x mixed items); got {sim_to_mixed.shape}.'
+      )
     return sim_to_mixed, plan.targets.astype(sim_to_mixed.dtype), plan.mask
   c = sim_to_mixed.shape[0] if num_classes is None else num_classes
   if sim_to_mixed.shape != (c, plan.first.shape[0]):
-    raise ValueError(f'sim_to_mixed must be [C, M] = {(c, plan.first.shape[0])} (proxies x mixed items); '
-                     f'got {sim_to_mixed.shape}.')
+    raise ValueError(
+      f'sim_to_mixed must be [C, M] = {(c, plan.first.shape[0])} (proxies x mixed items); got {sim_to_mixed.shape}.'
+    )
   targets = soft_targets(jnp.arange(c), labels, plan.first, plan.second, plan.lam).astype(sim_to_mixed.dtype)
   mask = jnp.broadcast_to(plan.valid[None, :], targets.shape)
   if loss.proxies_are_anchors:
@@ -425,9 +508,16 @@ def mixed_terms(loss: losses_lib.Loss, labels: Array, plan: MixPlan, sim_to_mixe
 # ----------------------------------------------------------------------------------------------------------
 # The objective.
 # ----------------------------------------------------------------------------------------------------------
-def mixed_loss(loss: losses_lib.Loss, embeddings: Array, labels: Array, plan: MixPlan, *,
-               mixed_embeddings: Optional[Array] = None, proxies: Optional[Array] = None,
-               renormalize: bool = True) -> Array:
+def mixed_loss(
+  loss: losses_lib.Loss,
+  embeddings: Array,
+  labels: Array,
+  plan: MixPlan,
+  *,
+  mixed_embeddings: Optional[Array] = None,
+  proxies: Optional[Array] = None,
+  renormalize: bool = True,
+) -> Array:
   """The mixed term from_similarity(mixed) (= mean_a l~(a) for per-anchor-mean reductions), scalar.
 
   mixed_embeddings [M, D] (input/feature level: the head's output on mixed images/maps); None: embedding
@@ -441,23 +531,44 @@ def mixed_loss(loss: losses_lib.Loss, embeddings: Array, labels: Array, plan: Mi
   return loss.from_similarity(*mixed_terms(loss, labels, plan, sim))
 
 
-def objective(loss: losses_lib.Loss, embeddings: Array, labels: Array, plan: MixPlan, *,
-              mixed_embeddings: Optional[Array] = None, proxies: Optional[Array] = None, weight: float = 0.4,
-              renormalize: bool = True) -> tuple[Array, dict]:
+def objective(
+  loss: losses_lib.Loss,
+  embeddings: Array,
+  labels: Array,
+  plan: MixPlan,
+  *,
+  mixed_embeddings: Optional[Array] = None,
+  proxies: Optional[Array] = None,
+  weight: float = 0.4,
+  renormalize: bool = True,
+) -> tuple[Array, dict]:
   """Metrix objective (paper): from_similarity(clean) + weight * from_similarity(mixed), same proxies for both.
 
   Returns (total scalar, {'clean': scalar, 'mixed': scalar}). weight = 0 gives the clean loss exactly.
   """
   clean = loss(embeddings, labels, proxies)
-  mixed = mixed_loss(loss, embeddings, labels, plan, mixed_embeddings=mixed_embeddings, proxies=proxies,
-                     renormalize=renormalize)
+  mixed = mixed_loss(
+    loss, embeddings, labels, plan, mixed_embeddings=mixed_embeddings, proxies=proxies, renormalize=renormalize
+  )
   return clean + weight * mixed, {'clean': clean, 'mixed': mixed}
 
 
-def metrix_loss(loss: losses_lib.Loss | str, embeddings: Array, labels: Array, key: Array, *,
-                proxies: Optional[Array] = None, pair_sets: Sequence[str] = ('pos_neg', 'anc_neg'),
-                num_mixed: int = 8, all_pairs: bool = False, alpha: float = 2.0, lambda_mode: str = 'batch',
-                mask_mode: str = 'own', weight: float = 0.4, renormalize: bool = True) -> Array:
+def metrix_loss(
+  loss: losses_lib.Loss | str,
+  embeddings: Array,
+  labels: Array,
+  key: Array,
+  *,
+  proxies: Optional[Array] = None,
+  pair_sets: Sequence[str] = ('pos_neg', 'anc_neg'),
+  num_mixed: int = 8,
+  all_pairs: bool = False,
+  alpha: float = 2.0,
+  lambda_mode: str = 'batch',
+  mask_mode: str = 'own',
+  weight: float = 0.4,
+  renormalize: bool = True,
+) -> Array:
   """Notebook API: Metrix at embedding level for any loss, scalar (jit-safe with static keyword arguments).
 
   loss: a `losses.Loss` or a registry name (default hyperparameters). embeddings [B, D], labels [B] int,
@@ -465,15 +576,43 @@ def metrix_loss(loss: losses_lib.Loss | str, embeddings: Array, labels: Array, k
   """
   if isinstance(loss, str):
     loss = losses_lib.get(loss)
-  settings = MixSettings(level='embedding', pair_sets=tuple(pair_sets), num_mixed=num_mixed,
-                         all_pairs=bool(all_pairs), alpha=alpha, lambda_mode=lambda_mode, mask_mode=mask_mode,
-                         weight=weight, renormalize=renormalize)
+  settings = MixSettings(
+    level='embedding',
+    pair_sets=tuple(pair_sets),
+    num_mixed=num_mixed,
+    all_pairs=bool(all_pairs),
+    alpha=alpha,
+    lambda_mode=lambda_mode,
+    mask_mode=mask_mode,
+    weight=weight,
+    renormalize=renormalize,
+  )
   plan = plan_for(key, loss, labels, settings, embeddings=embeddings, proxies=proxies)
   total, _ = objective(loss, embeddings, labels, plan, proxies=proxies, weight=weight, renormalize=renormalize)
   return total
 
 
-__all__ = ['MixPlan', 'MixSettings', 'PAIR_SETS', 'LAMBDA_MODES', 'MASK_MODES', 'LEVELS', 'pair_masks', 'plan_for',
-           'pair_set_tensor', 'sample_pairs', 'sample_lambda', 'soft_targets', 'make_plan', 'all_pairs_plan',
-           'mix', 'mix_embeddings', 'similarity_to_mixed', 'closed_form_similarity', 'mixed_terms',
-           'mixed_loss', 'objective', 'metrix_loss']
+__all__ = [
+  'MixPlan',
+  'MixSettings',
+  'PAIR_SETS',
+  'LAMBDA_MODES',
+  'MASK_MODES',
+  'LEVELS',
+  'pair_masks',
+  'plan_for',
+  'pair_set_tensor',
+  'sample_pairs',
+  'sample_lambda',
+  'soft_targets',
+  'make_plan',
+  'all_pairs_plan',
+  'mix',
+  'mix_embeddings',
+  'similarity_to_mixed',
+  'closed_form_similarity',
+  'mixed_terms',
+  'mixed_loss',
+  'objective',
+  'metrix_loss',
+]

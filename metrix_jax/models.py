@@ -40,9 +40,9 @@ BN_MODES = ('frozen', 'trainable')
 
 # depth -> (block type, blocks per stage)
 RESNET_STAGES = {
-    18: ('basic', (2, 2, 2, 2)),
-    34: ('basic', (3, 4, 6, 3)),
-    50: ('bottleneck', (3, 4, 6, 3)),
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
 BN_MOMENTUM = 0.9  # Flax convention: running = momentum * running + (1 - momentum) * batch (torch 0.1).
@@ -74,8 +74,9 @@ def _check_bn_mode(bn_mode: str) -> None:
 def _make_layers(dtype: Dtype, use_running_average: bool):
   """Conv (bias-free, Kaiming fan-out) and BatchNorm (torch epsilon/momentum) factories."""
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=kaiming_normal_fan_out)
-  norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average, momentum=BN_MOMENTUM,
-                           epsilon=BN_EPSILON, dtype=dtype)
+  norm = functools.partial(
+    nn.BatchNorm, use_running_average=use_running_average, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype
+  )
   return conv, norm
 
 
@@ -84,6 +85,7 @@ class BasicBlock(nn.Module):
 
   Input [B, H, W, C_in] -> output [B, ceil(H / stride), ceil(W / stride), width] in `dtype`.
   """
+
   width: int
   stride: int = 1
   dtype: Dtype = jnp.float32
@@ -108,6 +110,7 @@ class Bottleneck(nn.Module):
 
   Input [B, H, W, C_in] -> output [B, ceil(H / stride), ceil(W / stride), 4 * width] in `dtype`.
   """
+
   width: int
   stride: int = 1
   dtype: Dtype = jnp.float32
@@ -142,6 +145,7 @@ class ResNet(nn.Module):
   [B, H', W', C] in `dtype`, C = `feature_channels(depth)`, H' = H / 32 for multiples of 32 (in general the
   PyTorch output size of the same strided stack, e.g. 8 for H = 225).
   """
+
   depth: int = 50
   dtype: Dtype = jnp.float32
   bn_mode: str = 'frozen'
@@ -161,8 +165,9 @@ class ResNet(nn.Module):
     for stage, (num_blocks, width) in enumerate(zip(stage_sizes, STAGE_WIDTHS), start=1):
       for block in range(num_blocks):
         stride = 2 if stage > 1 and block == 0 else 1
-        x = block_cls(width, stride=stride, dtype=self.dtype, use_running_average=use_running_average,
-                      name=f'layer{stage}_{block}')(x)
+        x = block_cls(
+          width, stride=stride, dtype=self.dtype, use_running_average=use_running_average, name=f'layer{stage}_{block}'
+        )(x)
     return x
 
 
@@ -195,6 +200,7 @@ class EmbeddingNet(nn.Module):
     `head(feature_map) -> embeddings` (e.g. on mixed feature maps);
     `project(pooled [B, C]) -> embeddings` (Dense + L2 on already pooled features).
   """
+
   depth: int = 50
   embedding_dim: int = 512
   dtype: Dtype = jnp.float32
@@ -202,8 +208,13 @@ class EmbeddingNet(nn.Module):
 
   def setup(self):
     self.backbone = ResNet(depth=self.depth, dtype=self.dtype, bn_mode=self.bn_mode)
-    self.head_dense = nn.Dense(self.embedding_dim, dtype=jnp.float32, kernel_init=kaiming_normal_fan_out,
-                               bias_init=nn.initializers.zeros, name='head')
+    self.head_dense = nn.Dense(
+      self.embedding_dim,
+      dtype=jnp.float32,
+      kernel_init=kaiming_normal_fan_out,
+      bias_init=nn.initializers.zeros,
+      name='head',
+    )
 
   def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, 3] float images -> last feature map [B, H', W', C] in `dtype`."""

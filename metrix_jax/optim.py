@@ -20,6 +20,7 @@ BatchNorm gamma/beta are backbone parameters: frozen during warm-up, trained aft
 unfreezes them when `warmup_epochs == 0` and `bn_freeze` is set (`freeze_bn_affine=True` reproduces that).
 Running statistics are the model's business (`bn_mode='frozen'`), not the optimiser's.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,22 +34,26 @@ GROUPS = ('backbone', 'head', 'proxies')
 BN_AFFINE_NAMES = ('scale', 'bias')  # the backbone's convs are bias-free: these leaves are BatchNorm gamma/beta
 
 
-def make_schedule(*, lr: float, schedule: str, steps_per_epoch: int, total_steps: int, step_epochs: int = 10,
-                  gamma: float = 0.1) -> Callable[[jax.Array], jax.Array]:
+def make_schedule(
+  *, lr: float, schedule: str, steps_per_epoch: int, total_steps: int, step_epochs: int = 10, gamma: float = 0.1
+) -> Callable[[jax.Array], jax.Array]:
   """Learning rate as a pure function of the global step (0-based).
 
   'step': lr * gamma ** floor(epoch / step_epochs) with epoch = step // steps_per_epoch (torch StepLR stepped once
   per epoch); 'cosine': lr * (1 + cos(pi * step / total_steps)) / 2 per step; 'constant': lr.
   """
   if schedule == 'step':
+
     def fn(step):
       epoch = jnp.asarray(step) // steps_per_epoch
       return lr * jnp.power(gamma, (epoch // step_epochs).astype(jnp.float32))
   elif schedule == 'cosine':
+
     def fn(step):
       t = jnp.minimum(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 1.0)
       return lr * 0.5 * (1.0 + jnp.cos(math.pi * t))
   elif schedule == 'constant':
+
     def fn(step):
       return jnp.full((), lr, jnp.float32) + 0.0 * jnp.asarray(step, jnp.float32)
   else:
@@ -67,6 +72,7 @@ def frozen_until(inner: optax.GradientTransformation, start_step: int) -> optax.
   `inner` sees its first update at the unfreeze step, so Adam's moments and its bias-correction count start
   there (PyTorch semantics for parameters without gradients until then).
   """
+
   def init_fn(params):
     return FrozenUntilState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
 
@@ -80,8 +86,9 @@ def frozen_until(inner: optax.GradientTransformation, start_step: int) -> optax.
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _group_transform(*, name: str, schedule_fn, weight_decay: float, clip_value: float, b1: float, b2: float,
-                     eps: float, frozen_steps: int) -> optax.GradientTransformation:
+def _group_transform(
+  *, name: str, schedule_fn, weight_decay: float, clip_value: float, b1: float, b2: float, eps: float, frozen_steps: int
+) -> optax.GradientTransformation:
   """clip -> (coupled L2) -> Adam -> (decoupled decay), frozen for `frozen_steps`, then -lr(step)."""
   parts = []
   if clip_value > 0:
@@ -109,13 +116,15 @@ def param_labels(params: dict[str, Any], *, freeze_bn_affine: bool = False) -> d
       if group == 'backbone' and freeze_bn_affine and getattr(path[-1], 'key', None) in BN_AFFINE_NAMES:
         return 'frozen'
       return group
+
     return fn
 
   return {g: jax.tree_util.tree_map_with_path(label(g), p) for g, p in params.items()}
 
 
-def make_optimizer(optim_config, *, params: dict[str, Any], steps_per_epoch: int, total_steps: int,
-                   freeze_bn_affine: bool = False) -> optax.GradientTransformation:
+def make_optimizer(
+  optim_config, *, params: dict[str, Any], steps_per_epoch: int, total_steps: int, freeze_bn_affine: bool = False
+) -> optax.GradientTransformation:
   """The trainer's optimiser from `config.optim` for params {'backbone', 'head'[, 'proxies']}.
 
   The returned transformation's state is a pure function of the step count it holds: the freeze, the schedule
@@ -125,19 +134,28 @@ def make_optimizer(optim_config, *, params: dict[str, Any], steps_per_epoch: int
   frozen_steps = int(o.warmup_epochs) * int(steps_per_epoch)
 
   def schedule(mult):
-    base = make_schedule(lr=float(o.lr), schedule=o.schedule, steps_per_epoch=steps_per_epoch,
-                         total_steps=total_steps, step_epochs=int(o.step_epochs), gamma=float(o.gamma))
+    base = make_schedule(
+      lr=float(o.lr),
+      schedule=o.schedule,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      step_epochs=int(o.step_epochs),
+      gamma=float(o.gamma),
+    )
     return lambda step: mult * base(step)
 
   common = dict(name=o.name, clip_value=float(o.clip_value), b1=float(o.b1), b2=float(o.b2), eps=float(o.eps))
   transforms = {
-      'backbone': _group_transform(schedule_fn=schedule(1.0), weight_decay=float(o.weight_decay),
-                                   frozen_steps=frozen_steps, **common),
-      'head': _group_transform(schedule_fn=schedule(float(o.head_lr_mult)), weight_decay=float(o.weight_decay),
-                               frozen_steps=0, **common),
-      'proxies': _group_transform(schedule_fn=schedule(float(o.proxy_lr_mult)),
-                                  weight_decay=float(o.proxy_weight_decay), frozen_steps=0, **common),
-      'frozen': optax.set_to_zero(),
+    'backbone': _group_transform(
+      schedule_fn=schedule(1.0), weight_decay=float(o.weight_decay), frozen_steps=frozen_steps, **common
+    ),
+    'head': _group_transform(
+      schedule_fn=schedule(float(o.head_lr_mult)), weight_decay=float(o.weight_decay), frozen_steps=0, **common
+    ),
+    'proxies': _group_transform(
+      schedule_fn=schedule(float(o.proxy_lr_mult)), weight_decay=float(o.proxy_weight_decay), frozen_steps=0, **common
+    ),
+    'frozen': optax.set_to_zero(),
   }
   labels = param_labels(params, freeze_bn_affine=freeze_bn_affine)
   used = set(jax.tree.leaves(labels))
@@ -147,8 +165,19 @@ def make_optimizer(optim_config, *, params: dict[str, Any], steps_per_epoch: int
 def learning_rates(optim_config, *, steps_per_epoch: int, total_steps: int, step: int) -> dict[str, float]:
   """Group learning rates at `step` (for logging); the backbone's is 0 while frozen."""
   o = optim_config
-  base = float(make_schedule(lr=float(o.lr), schedule=o.schedule, steps_per_epoch=steps_per_epoch,
-                             total_steps=total_steps, step_epochs=int(o.step_epochs), gamma=float(o.gamma))(step))
+  base = float(
+    make_schedule(
+      lr=float(o.lr),
+      schedule=o.schedule,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      step_epochs=int(o.step_epochs),
+      gamma=float(o.gamma),
+    )(step)
+  )
   frozen = step < int(o.warmup_epochs) * steps_per_epoch
-  return {'lr_backbone': 0.0 if frozen else base, 'lr_head': base * float(o.head_lr_mult),
-          'lr_proxies': base * float(o.proxy_lr_mult)}
+  return {
+    'lr_backbone': 0.0 if frozen else base,
+    'lr_head': base * float(o.head_lr_mult),
+    'lr_proxies': base * float(o.proxy_lr_mult),
+  }

@@ -28,11 +28,9 @@ from metrix_jax import jsonio
 def _as_curve(values: Any, name: str, length: int | None = None) -> np.ndarray:
   array = np.asarray(values, dtype=np.float64)
   if array.ndim != 1 or array.size == 0:
-    raise ValueError(f"{name} must be a non-empty 1-D array (one value per lambda bin); got shape "
-                     f"{array.shape}.")
+    raise ValueError(f'{name} must be a non-empty 1-D array (one value per lambda bin); got shape {array.shape}.')
   if length is not None and array.size != length:
-    raise ValueError(f"{name} has {array.size} values but lambdas has {length}: pass one value per "
-                     "lambda bin.")
+    raise ValueError(f'{name} has {array.size} values but lambdas has {length}: pass one value per lambda bin.')
   return array
 
 
@@ -48,10 +46,12 @@ def positivity_record(lambdas: Any, empirical: Any, theoretical: Any = None) -> 
   Returns:
     {"lambda": [B floats], "empirical": [B floats or None], "theoretical": [B floats or None] or None}.
   """
-  lambdas = _as_curve(lambdas, "lambdas")
-  record = {"lambda": lambdas, "empirical": _as_curve(empirical, "empirical", lambdas.size),
-            "theoretical": None if theoretical is None
-            else _as_curve(theoretical, "theoretical", lambdas.size)}
+  lambdas = _as_curve(lambdas, 'lambdas')
+  record = {
+    'lambda': lambdas,
+    'empirical': _as_curve(empirical, 'empirical', lambdas.size),
+    'theoretical': None if theoretical is None else _as_curve(theoretical, 'theoretical', lambdas.size),
+  }
   return jsonio.to_jsonable(record)
 
 
@@ -71,32 +71,31 @@ def _save(figure, path: str | os.PathLike) -> str:
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   figure.tight_layout()
-  figure.savefig(path, format="png")
+  figure.savefig(path, format='png')
   return path
 
 
 def _recall_series(recalls: Mapping) -> dict[str, tuple[list[int], list[float]]]:
   """{name: (ks, recalls)} from {k: recall} or {name: {k: recall}}, ks sorted."""
   if not recalls:
-    raise ValueError("recalls is empty: pass {k: recall} or {name: {k: recall}}.")
+    raise ValueError('recalls is empty: pass {k: recall} or {name: {k: recall}}.')
   nested = all(isinstance(value, Mapping) for value in recalls.values())
-  series = recalls if nested else {"": recalls}
+  series = recalls if nested else {'': recalls}
   out = {}
   for name, curve in series.items():
     if not curve:
-      raise ValueError(f"recalls[{name!r}] is empty.")
+      raise ValueError(f'recalls[{name!r}] is empty.')
     try:
       pairs = sorted((int(k), float(v)) for k, v in curve.items())
     except (TypeError, ValueError) as error:
-      raise ValueError(f"recalls must map positive int K to a recall in [0, 1]; got {dict(curve)!r}."
-                       ) from error
+      raise ValueError(f'recalls must map positive int K to a recall in [0, 1]; got {dict(curve)!r}.') from error
     if pairs[0][0] < 1:
-      raise ValueError(f"Recall@K needs K >= 1; got K={pairs[0][0]}.")
+      raise ValueError(f'Recall@K needs K >= 1; got K={pairs[0][0]}.')
     out[str(name)] = ([k for k, _ in pairs], [v for _, v in pairs])
   return out
 
 
-def plot_recall_at_k(recalls: Mapping, path: str | os.PathLike, *, title: str = "Recall@K") -> str:
+def plot_recall_at_k(recalls: Mapping, path: str | os.PathLike, *, title: str = 'Recall@K') -> str:
   """Recall@K (in %) against K on a log axis, one line per series; writes a PNG and returns its path.
 
   Args:
@@ -109,14 +108,14 @@ def plot_recall_at_k(recalls: Mapping, path: str | os.PathLike, *, title: str = 
   axes = figure.add_subplot()
   all_ks: set[int] = set()
   for name, (ks, values) in series.items():
-    axes.plot(ks, [100.0 * v for v in values], marker="o", label=name or None)
+    axes.plot(ks, [100.0 * v for v in values], marker='o', label=name or None)
     all_ks.update(ks)
-  axes.set_xscale("log")
+  axes.set_xscale('log')
   axes.set_xticks(sorted(all_ks))
   axes.set_xticklabels([str(k) for k in sorted(all_ks)])
   axes.minorticks_off()
-  axes.set_xlabel("K")
-  axes.set_ylabel("Recall@K (%)")
+  axes.set_xlabel('K')
+  axes.set_ylabel('Recall@K (%)')
   axes.set_ylim(0, 100)
   axes.grid(True, alpha=0.3)
   axes.set_title(title)
@@ -125,8 +124,14 @@ def plot_recall_at_k(recalls: Mapping, path: str | os.PathLike, *, title: str = 
   return _save(figure, path)
 
 
-def plot_positivity(lambdas: Any, empirical: Any, theoretical: Any, path: str | os.PathLike, *,
-                    title: str = "Positivity of mixed embeddings") -> str:
+def plot_positivity(
+  lambdas: Any,
+  empirical: Any,
+  theoretical: Any,
+  path: str | os.PathLike,
+  *,
+  title: str = 'Positivity of mixed embeddings',
+) -> str:
   """Fraction of mixed items that act as positives vs lambda, empirical and theoretical; writes a PNG.
 
   Args: as `positivity_record` (`theoretical` may be None); path: output .png path. Returns the path.
@@ -135,11 +140,11 @@ def plot_positivity(lambdas: Any, empirical: Any, theoretical: Any, path: str | 
   nan = lambda values: [math.nan if v is None else v for v in values]  # noqa: E731
   figure = _new_figure()
   axes = figure.add_subplot()
-  axes.plot(record["lambda"], nan(record["empirical"]), marker="o", linestyle="-", label="empirical")
-  if record["theoretical"] is not None:
-    axes.plot(record["lambda"], nan(record["theoretical"]), linestyle="--", label="theoretical")
-  axes.set_xlabel("lambda")
-  axes.set_ylabel("P(positive)")
+  axes.plot(record['lambda'], nan(record['empirical']), marker='o', linestyle='-', label='empirical')
+  if record['theoretical'] is not None:
+    axes.plot(record['lambda'], nan(record['theoretical']), linestyle='--', label='theoretical')
+  axes.set_xlabel('lambda')
+  axes.set_ylabel('P(positive)')
   axes.set_xlim(0, 1)
   axes.set_ylim(-0.02, 1.02)
   axes.grid(True, alpha=0.3)
@@ -148,4 +153,4 @@ def plot_positivity(lambdas: Any, empirical: Any, theoretical: Any, path: str | 
   return _save(figure, path)
 
 
-__all__ = ["plot_positivity", "plot_recall_at_k", "positivity_record"]
+__all__ = ['plot_positivity', 'plot_recall_at_k', 'positivity_record']

@@ -5,6 +5,7 @@ time excluded (`with timer.paused():`), so images/s is the train step's rate and
 `LoopProgress` logs `<what>: done/total (rate, ETA)` at most every `every_s` seconds, so a loop that takes
 minutes (embedding an evaluation set) never looks hung.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,8 +78,15 @@ class TrainTimer:
 class LoopProgress:
   """`update(n)` after each item batch; logs '<what>: done/total (x/s, ETA)' at most every `every_s` seconds."""
 
-  def __init__(self, what: str, total: int | None, *, unit: str = 'images', every_s: float = 10.0,
-               logger: logging.Logger | None = None):
+  def __init__(
+    self,
+    what: str,
+    total: int | None,
+    *,
+    unit: str = 'images',
+    every_s: float = 10.0,
+    logger: logging.Logger | None = None,
+  ):
     self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
     self.done = 0
     self._log = logger or log
@@ -92,7 +100,14 @@ class LoopProgress:
     self._last = now
     rate = self.done / max(now - self._start, 1e-9)
     if self.total:
-      self._log.info('%s: %d/%d %s (%.0f/s, ETA %s)', self.what, self.done, self.total, self.unit, rate,
-                     format_eta((self.total - self.done) / rate if rate > 0 else math.inf))
+      self._log.info(
+        '%s: %d/%d %s (%.0f/s, ETA %s)',
+        self.what,
+        self.done,
+        self.total,
+        self.unit,
+        rate,
+        format_eta((self.total - self.done) / rate if rate > 0 else math.inf),
+      )
     else:
       self._log.info('%s: %d %s (%.0f/s)', self.what, self.done, self.unit, rate)

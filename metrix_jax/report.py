@@ -13,6 +13,7 @@
 `format_table(report)` prints it; `write_outputs(report, out_dir)` writes eval.json (strict JSON) and the plots.
 `python -m metrix_jax.evaluate` (the CLI) restores a checkpoint, embeds and calls these.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,9 @@ class TooFewClassesError(ValueError):
   """The test split has fewer than two classes with enough items for a balanced positivity batch."""
 
 
-def _balanced_batches(labels: np.ndarray, rng: np.random.Generator, *, classes_per_batch: int,
-                      images_per_class: int, num_batches: int) -> list[np.ndarray]:
+def _balanced_batches(
+  labels: np.ndarray, rng: np.random.Generator, *, classes_per_batch: int, images_per_class: int, num_batches: int
+) -> list[np.ndarray]:
   """Index batches of `classes_per_batch` classes x `images_per_class` items (classes with enough items)."""
   classes, counts = np.unique(labels, return_counts=True)
   images_per_class = max(2, min(images_per_class, int(counts.max())))  # small test sets: fewer per class
@@ -52,14 +54,23 @@ def _balanced_batches(labels: np.ndarray, rng: np.random.Generator, *, classes_p
   batches = []
   for _ in range(num_batches):
     chosen = rng.choice(eligible, take, replace=False)
-    batches.append(np.concatenate([rng.choice(np.flatnonzero(labels == c), images_per_class, replace=False)
-                                   for c in chosen]))
+    batches.append(
+      np.concatenate([rng.choice(np.flatnonzero(labels == c), images_per_class, replace=False) for c in chosen])
+    )
   return batches
 
 
-def positivity(config, embeddings: np.ndarray, labels: np.ndarray, *, proxies: np.ndarray | None = None,
-               lambdas: Sequence[float] = DEFAULT_LAMBDAS, pair_sets: Sequence[str] = ('pos_neg',),
-               num_batches: int = 8, seed: int | None = None) -> dict[str, Any]:
+def positivity(
+  config,
+  embeddings: np.ndarray,
+  labels: np.ndarray,
+  *,
+  proxies: np.ndarray | None = None,
+  lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+  pair_sets: Sequence[str] = ('pos_neg',),
+  num_batches: int = 8,
+  seed: int | None = None,
+) -> dict[str, Any]:
   """Positivity curve of the configured loss on balanced batches of `embeddings` [N, D] with `labels` [N].
 
   Batches: `config.dataset.classes_per_batch` x `images_per_class` test items (like a balanced train batch),
@@ -75,9 +86,13 @@ def positivity(config, embeddings: np.ndarray, labels: np.ndarray, *, proxies: n
   loss = step_lib.create_loss(config)
   labels = np.asarray(labels)
   rng = np.random.default_rng([seed, 0x905])
-  batches = _balanced_batches(labels, rng, classes_per_batch=int(config.dataset.classes_per_batch),
-                              images_per_class=max(2, int(config.dataset.images_per_class)),
-                              num_batches=num_batches)
+  batches = _balanced_batches(
+    labels,
+    rng,
+    classes_per_batch=int(config.dataset.classes_per_batch),
+    images_per_class=max(2, int(config.dataset.images_per_class)),
+    num_batches=num_batches,
+  )
   if not batches:
     raise TooFewClassesError('positivity needs at least two classes with images_per_class test items each.')
   key = jax.random.key(seed)
@@ -86,9 +101,16 @@ def positivity(config, embeddings: np.ndarray, labels: np.ndarray, *, proxies: n
   weights = {'empirical': np.zeros(len(lambdas)), 'theoretical': np.zeros(len(lambdas))}
   has_theory, num_items = False, 0
   for i, index in enumerate(batches):
-    curve = analysis.positivity_curve(loss, embeddings[index], labels[index], jax.random.fold_in(key, i),
-                                      lambdas=lambdas, pair_sets=tuple(pair_sets), proxies=proxies,
-                                      mask_mode=str(config.mix.mask_mode))
+    curve = analysis.positivity_curve(
+      loss,
+      embeddings[index],
+      labels[index],
+      jax.random.fold_in(key, i),
+      lambdas=lambdas,
+      pair_sets=tuple(pair_sets),
+      proxies=proxies,
+      mask_mode=str(config.mix.mask_mode),
+    )
     count = int(curve.get('num_items', 1))
     num_items += count
     for name in sums:
@@ -101,24 +123,40 @@ def positivity(config, embeddings: np.ndarray, labels: np.ndarray, *, proxies: n
       weights[name][finite] += count
   with np.errstate(invalid='ignore', divide='ignore'):
     mean = {name: np.where(weights[name] > 0, sums[name] / weights[name], np.nan) for name in sums}
-  return {'lambda': lambdas, 'empirical': mean['empirical'],
-          'theoretical': mean['theoretical'] if has_theory else None, 'num_batches': len(batches),
-          'batch_size': int(len(batches[0])), 'num_items': num_items, 'pair_sets': list(pair_sets)}
+  return {
+    'lambda': lambdas,
+    'empirical': mean['empirical'],
+    'theoretical': mean['theoretical'] if has_theory else None,
+    'num_batches': len(batches),
+    'batch_size': int(len(batches[0])),
+    'num_items': num_items,
+    'pair_sets': list(pair_sets),
+  }
 
 
-def compute_metrics(config, embedded: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
-                    proxies: np.ndarray | None = None, with_positivity: bool = True) -> dict[str, Any]:
+def compute_metrics(
+  config,
+  embedded: Mapping[str, tuple[np.ndarray, np.ndarray]],
+  *,
+  proxies: np.ndarray | None = None,
+  with_positivity: bool = True,
+) -> dict[str, Any]:
   """Every metric from embedded splits ({'test'} or {'query', 'gallery'}, optional 'train')."""
   retrieval = evaluation.split_retrieval_metrics(embedded, tuple(int(k) for k in config.dataset.recall_ks))
-  report: dict[str, Any] = {k: retrieval[k] for k in ('protocol', 'num_query', 'num_gallery', 'num_test')
-                            if k in retrieval}
+  report: dict[str, Any] = {
+    k: retrieval[k] for k in ('protocol', 'num_query', 'num_gallery', 'num_test') if k in retrieval
+  }
   if 'gallery' in embedded:
     test, test_labels = (np.concatenate([embedded['query'][i], embedded['gallery'][i]]) for i in (0, 1))
   else:
     test, test_labels = embedded['test']
-  report.update(recall={int(k): v for k, v in retrieval['recall'].items()}, map_at_r=retrieval['map_at_r'],
-                r_precision=retrieval['r_precision'], precision_at_1=retrieval['precision_at_1'],
-                num_lone_queries=retrieval['num_lone_queries'])
+  report.update(
+    recall={int(k): v for k, v in retrieval['recall'].items()},
+    map_at_r=retrieval['map_at_r'],
+    r_precision=retrieval['r_precision'],
+    precision_at_1=retrieval['precision_at_1'],
+    num_lone_queries=retrieval['num_lone_queries'],
+  )
   if 'train' in embedded:
     report['utilization'] = evaluation.utilization(test, embedded['train'][0])
     report['num_train'] = len(embedded['train'][0])
@@ -134,8 +172,10 @@ def compute_metrics(config, embedded: Mapping[str, tuple[np.ndarray, np.ndarray]
       report['positivity_split'], data = 'train', embedded.get('train')
     try:
       if data is None:
-        raise TooFewClassesError(f'{config.loss.name} has proxies for the training classes only: its positivity is '
-                                 'measured on the train split (run with --utilization=True to embed it).')
+        raise TooFewClassesError(
+          f'{config.loss.name} has proxies for the training classes only: its positivity is '
+          'measured on the train split (run with --utilization=True to embed it).'
+        )
       report['positivity'] = positivity(config, *data, proxies=proxies)
     except TooFewClassesError as error:
       report['positivity_note'] = f'positivity analysis skipped: {error}'
@@ -153,10 +193,13 @@ def _plain(value: Any, digits: int = 4) -> str:
 def format_table(report: Mapping[str, Any]) -> str:
   """The report as an aligned two-column text table (recall, MAP@R, R-Precision in %)."""
   rows = [(f'Recall@{k} (%)', _percent(v)) for k, v in sorted(report['recall'].items())]
-  rows += [('MAP@R (%)', _percent(report['map_at_r'])), ('R-Precision (%)', _percent(report['r_precision'])),
-           ('utilization (lower: test closer to train)', _plain(report.get('utilization'))),
-           ('alignment (lower: classes tighter)', _plain(report.get('alignment'))),
-           ('uniformity (lower: more uniform)', _plain(report.get('uniformity')))]
+  rows += [
+    ('MAP@R (%)', _percent(report['map_at_r'])),
+    ('R-Precision (%)', _percent(report['r_precision'])),
+    ('utilization (lower: test closer to train)', _plain(report.get('utilization'))),
+    ('alignment (lower: classes tighter)', _plain(report.get('alignment'))),
+    ('uniformity (lower: more uniform)', _plain(report.get('uniformity'))),
+  ]
   pos = report.get('positivity')
   if pos is not None:
     lam, emp = np.asarray(pos['lambda']), np.asarray(pos['empirical'], np.float64)
@@ -164,16 +207,23 @@ def format_table(report: Mapping[str, Any]) -> str:
       i = int(np.argmin(np.abs(lam - target)))
       theory = '' if pos['theoretical'] is None else f' (theory {_plain(pos["theoretical"][i], 3)})'
       rows.append((f'P(positive) at lambda={lam[i]:.2f}', _plain(emp[i], 3) + theory))
-  head = (f"{report.get('dataset', '')} step {report.get('step', '?')} ({report.get('protocol', '')}, "
-          + ', '.join(f'{n} {report[k]:,}' for n, k in (('queries', 'num_query'), ('gallery', 'num_gallery'),
-                                                        ('test', 'num_test'), ('train', 'num_train'))
-                      if report.get(k) is not None) + ')')
+  head = (
+    f'{report.get("dataset", "")} step {report.get("step", "?")} ({report.get("protocol", "")}, '
+    + ', '.join(
+      f'{n} {report[k]:,}'
+      for n, k in (('queries', 'num_query'), ('gallery', 'num_gallery'), ('test', 'num_test'), ('train', 'num_train'))
+      if report.get(k) is not None
+    )
+    + ')'
+  )
   width = max(len(name) for name, _ in rows)
   lines = [head, '-' * max(len(head), width + 12)]
   lines += [f'{name:<{width}}  {value:>10}' for name, value in rows]
   if report.get('eval_max_images'):
-    lines.append(f"note: only the first {report['eval_max_images']:,} images of each split "
-                 '(dataset.eval_max_images): not comparable with full evaluations')
+    lines.append(
+      f'note: only the first {report["eval_max_images"]:,} images of each split '
+      '(dataset.eval_max_images): not comparable with full evaluations'
+    )
   for note in ('positivity_note', 'alignment_note'):
     if report.get(note):
       lines.append(f'note: {report[note]}')
@@ -182,20 +232,28 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:
   """eval.json and the PNG plots into `out_dir`; returns {'json', 'recall_plot'[, 'positivity_plot']}."""
-  paths = {'recall_plot': plots.plot_recall_at_k(
-      report['recall'], os.path.join(out_dir, rundir.EVAL_RECALL_PNG),
-      title=f"Recall@K, {report.get('dataset', '')} step {report.get('step', '?')}")}
+  paths = {
+    'recall_plot': plots.plot_recall_at_k(
+      report['recall'],
+      os.path.join(out_dir, rundir.EVAL_RECALL_PNG),
+      title=f'Recall@K, {report.get("dataset", "")} step {report.get("step", "?")}',
+    )
+  }
   pos = report.get('positivity')
   if pos is not None:
     paths['positivity_plot'] = plots.plot_positivity(
-        pos['lambda'], pos['empirical'], pos['theoretical'], os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG),
-        title=f"Positivity ({report.get('loss', '')}, {report.get('positivity_split', 'test')} embeddings)")
-    report['positivity'] = {**plots.positivity_record(pos['lambda'], pos['empirical'], pos['theoretical']),
-                            **{k: pos[k] for k in ('num_batches', 'batch_size', 'num_items', 'pair_sets')}}
+      pos['lambda'],
+      pos['empirical'],
+      pos['theoretical'],
+      os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG),
+      title=f'Positivity ({report.get("loss", "")}, {report.get("positivity_split", "test")} embeddings)',
+    )
+    report['positivity'] = {
+      **plots.positivity_record(pos['lambda'], pos['empirical'], pos['theoretical']),
+      **{k: pos[k] for k in ('num_batches', 'batch_size', 'num_items', 'pair_sets')},
+    }
   elif os.path.exists(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG)):  # not from this evaluation: would mislead
     os.remove(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG))
   report['files'] = {name: os.path.basename(path) for name, path in paths.items()}  # no machine paths
   paths['json'] = jsonio.write_json(os.path.join(out_dir, rundir.EVAL_FILE), report)
   return paths
-
-

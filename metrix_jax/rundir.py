@@ -10,6 +10,7 @@ Readers (`evaluate`, `embed`, `scripts/study.py`, notebooks): `load_config(workd
 `select_step(ckpt, 'best' | 'latest' | step)` and `load_trained_model(workdir)` -> `TrainedModel`. A missing
 workdir, config or checkpoint raises `cli.UserError` with the command that fixes it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,9 @@ def check_workdir(workdir: str) -> str:
   """The absolute path of an existing run directory; cli.UserError (with the training command) otherwise."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
-    raise cli.UserError(f'Workdir {workdir} does not exist. Train a model into it first, e.g. '
-                        f'`{_train_command(workdir)}`.')
+    raise cli.UserError(
+      f'Workdir {workdir} does not exist. Train a model into it first, e.g. `{_train_command(workdir)}`.'
+    )
   return workdir
 
 
@@ -83,8 +85,10 @@ def load_config(workdir: str) -> config_dict.ConfigDict:
   workdir = check_workdir(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise cli.UserError(f'{path} is missing: {workdir} is not a training workdir (the trainer writes '
-                        f'{CONFIG_FILE} at start). Train into it with `{_train_command(workdir)}`.')
+    raise cli.UserError(
+      f'{path} is missing: {workdir} is not a training workdir (the trainer writes '
+      f'{CONFIG_FILE} at start). Train into it with `{_train_command(workdir)}`.'
+    )
   config = config_lib.base_config()
   _merge(config, jsonio.read_json(path))
   return config
@@ -95,14 +99,18 @@ def open_checkpoints(workdir: str) -> checkpointing.Checkpointer:
   workdir = check_workdir(workdir)
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory) or not os.listdir(directory):
-    raise cli.UserError(f'No checkpoint in {directory}. Train first (the trainer checkpoints every '
-                        f'`train.checkpoint_every_steps`, at each evaluation and at the end): '
-                        f'`{_train_command(workdir)}`; rerunning it resumes.')
+    raise cli.UserError(
+      f'No checkpoint in {directory}. Train first (the trainer checkpoints every '
+      f'`train.checkpoint_every_steps`, at each evaluation and at the end): '
+      f'`{_train_command(workdir)}`; rerunning it resumes.'
+    )
   ckpt = checkpointing.Checkpointer(directory, read_only=True)
   if ckpt.latest_step() is None:
     ckpt.close()
-    raise cli.UserError(f'No complete checkpoint in {directory} (only unfinished saves?). Rerun the training '
-                        f'command to resume and save one: `{_train_command(workdir)}`.')
+    raise cli.UserError(
+      f'No complete checkpoint in {directory} (only unfinished saves?). Rerun the training '
+      f'command to resume and save one: `{_train_command(workdir)}`.'
+    )
   return ckpt
 
 
@@ -128,6 +136,7 @@ def select_step(ckpt: checkpointing.Checkpointer, checkpoint: str | int = 'best'
 @dataclasses.dataclass
 class TrainedModel:
   """A model restored from a workdir: `model.apply(variables, images, train=False)` -> (embeddings, map)."""
+
   config: Any
   model: Any
   variables: dict[str, Any]  # `embedding.model_variables` layout, numpy arrays
@@ -137,8 +146,9 @@ class TrainedModel:
   train_metrics: dict[str, float] | None  # what the trainer measured at that step
 
 
-def load_trained_model(workdir: str, *, checkpoint: str | int = 'best', config=None,
-                       model_factory: Callable[[Any], Any] | None = None) -> TrainedModel:
+def load_trained_model(
+  workdir: str, *, checkpoint: str | int = 'best', config=None, model_factory: Callable[[Any], Any] | None = None
+) -> TrainedModel:
   """Config, model and variables of the chosen checkpoint of a run directory.
 
   `config`: use this instead of WORKDIR/config.json; `model_factory(config)`: a model other than
@@ -153,10 +163,15 @@ def load_trained_model(workdir: str, *, checkpoint: str | int = 'best', config=N
   finally:
     ckpt.close()
   params, batch_stats = jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, batch_stats)
-  return TrainedModel(config=config, model=(model_factory or embedding.create_model)(config),
-                      variables=embedding.model_variables(params, batch_stats),
-                      proxies=np.asarray(params['proxies']) if 'proxies' in params else None, step=int(step),
-                      selection=selection, train_metrics=train_metrics)
+  return TrainedModel(
+    config=config,
+    model=(model_factory or embedding.create_model)(config),
+    variables=embedding.model_variables(params, batch_stats),
+    proxies=np.asarray(params['proxies']) if 'proxies' in params else None,
+    step=int(step),
+    selection=selection,
+    train_metrics=train_metrics,
+  )
 
 
 def _workdir_from_argv(argv: Sequence[str]) -> str | None:
@@ -175,8 +190,9 @@ def define_config_flag(argv: Sequence[str], *, example: str) -> None:
   workdir = _workdir_from_argv(argv)
   if workdir is None:
     return
-  config_flags.DEFINE_config_dict('config', load_config(workdir), "The run's config; override values with "
-                                  f'--config.KEY=VALUE (e.g. {example}).')
+  config_flags.DEFINE_config_dict(
+    'config', load_config(workdir), f"The run's config; override values with --config.KEY=VALUE (e.g. {example})."
+  )
 
 
 def define_run_flags(argv: Sequence[str], *, example: str) -> int:

@@ -9,6 +9,7 @@ query, and its auto-detection can pick up a scheduler you did not mean. Enable i
 `--config.train.distributed=True` or `METRIX_DISTRIBUTED=1`; on Cloud TPU VMs and SLURM nothing else is needed,
 elsewhere set `METRIX_COORDINATOR=host:port`, `METRIX_NUM_PROCESSES` and `METRIX_PROCESS_ID`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,9 +37,11 @@ def maybe_initialize_distributed(flag: bool = False) -> bool:
     return _initialized
   kwargs = {}
   if os.environ.get('METRIX_COORDINATOR'):
-    kwargs = dict(coordinator_address=os.environ['METRIX_COORDINATOR'],
-                  num_processes=int(os.environ['METRIX_NUM_PROCESSES']),
-                  process_id=int(os.environ['METRIX_PROCESS_ID']))
+    kwargs = dict(
+      coordinator_address=os.environ['METRIX_COORDINATOR'],
+      num_processes=int(os.environ['METRIX_NUM_PROCESSES']),
+      process_id=int(os.environ['METRIX_PROCESS_ID']),
+    )
   jax.distributed.initialize(**kwargs)
   _initialized = True
   return True
@@ -62,8 +65,10 @@ def per_host_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   """The slice of the global batch this host loads; checks that it splits evenly over hosts and devices."""
   num_devices, num_hosts = mesh.devices.size, jax.process_count()
   if global_batch_size % num_devices:
-    raise ValueError(f'The global batch size {global_batch_size} must be divisible by the number of devices '
-                     f'({num_devices}); set --config.train.batch_size to a multiple of {num_devices}.')
+    raise ValueError(
+      f'The global batch size {global_batch_size} must be divisible by the number of devices '
+      f'({num_devices}); set --config.train.batch_size to a multiple of {num_devices}.'
+    )
   return global_batch_size // num_hosts
 
 
@@ -87,9 +92,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def describe(mesh: Mesh) -> str:
   local = jax.local_devices()
-  return (f'process {jax.process_index()}/{jax.process_count()}; mesh {dict(mesh.shape)} over '
-          f'{mesh.devices.size} {jax.default_backend()} devices ({len(local)} local: '
-          f'{", ".join(str(d) for d in local[:8])}{" ..." if len(local) > 8 else ""})')
+  return (
+    f'process {jax.process_index()}/{jax.process_count()}; mesh {dict(mesh.shape)} over '
+    f'{mesh.devices.size} {jax.default_backend()} devices ({len(local)} local: '
+    f'{", ".join(str(d) for d in local[:8])}{" ..." if len(local) > 8 else ""})'
+  )
 
 
 def log_startup(mesh: Mesh) -> None:

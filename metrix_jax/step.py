@@ -21,6 +21,7 @@ Metrix levels (`config.mix.mode`, spec section 2.3; the plan of every level come
 The objective is `loss.from_similarity(clean) + w * loss.from_similarity(mixed)` (`mixup.objective`), with
 proxies as their own parameter group for proxy-based losses. Per-step randomness: `fold_in(state.rng, step)`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,6 +44,7 @@ from metrix_jax.config_lib import optional
 @flax.struct.dataclass
 class TrainState:
   """Everything a resumed run needs besides the data iterator (checkpointed together with it)."""
+
   step: jax.Array  # int32 scalar: steps done
   params: dict[str, Any]  # {'backbone', 'head'[, 'proxies' [C, D]]}
   batch_stats: dict[str, Any]  # {'backbone': ...} BN running statistics
@@ -66,14 +68,20 @@ def mix_settings(mix) -> mixup.MixSettings | None:
   if mix.mode == 'none':
     return None
   return mixup.MixSettings(
-      level=mix.mode, pair_sets=tuple(mix.pairs),
-      num_mixed=int(mix.input_items_per_anchor if mix.mode == 'input' else mix.items_per_anchor),
-      all_pairs=bool(mix.all_pairs) and mix.mode == 'embedding', alpha=float(mix.alpha),
-      lambda_mode=mix.lambda_mode, mask_mode=mix.mask_mode, weight=float(mix.weight))
+    level=mix.mode,
+    pair_sets=tuple(mix.pairs),
+    num_mixed=int(mix.input_items_per_anchor if mix.mode == 'input' else mix.items_per_anchor),
+    all_pairs=bool(mix.all_pairs) and mix.mode == 'embedding',
+    alpha=float(mix.alpha),
+    lambda_mode=mix.lambda_mode,
+    mask_mode=mix.mask_mode,
+    weight=float(mix.weight),
+  )
 
 
-def init_state(config, model, loss_fn: losses.Loss, tx_factory: Callable[[Any], optax.GradientTransformation],
-               num_classes: int, mesh) -> TrainState:
+def init_state(
+  config, model, loss_fn: losses.Loss, tx_factory: Callable[[Any], optax.GradientTransformation], num_classes: int, mesh
+) -> TrainState:
   """Parameters from the seed (+ pretrained backbone), replicated over the mesh; identical on every host.
 
   tx_factory(params) -> the optimiser (it may depend on the parameter tree: groups). num_classes: proxies [C, D]
@@ -81,16 +89,22 @@ def init_state(config, model, loss_fn: losses.Loss, tx_factory: Callable[[Any], 
   """
   key = jax.random.key(config.seed)
   model_key, proxy_key = jax.random.split(jax.random.fold_in(key, 1))
-  variables = weights.init_embedding_variables(model, model_key, pretrained=optional(config.model.pretrained),
-                                               image_size=min(64, config.dataset.image_size))
+  variables = weights.init_embedding_variables(
+    model, model_key, pretrained=optional(config.model.pretrained), image_size=min(64, config.dataset.image_size)
+  )
   params = {'backbone': variables['params']['backbone'], 'head': variables['params']['head']}
   if loss_fn.uses_proxies:
     params['proxies'] = losses.init_proxies(proxy_key, num_classes, config.model.embedding_dim)
   tx = tx_factory(params)
 
   def make(params, batch_stats):
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-                      opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(key, 2)))
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.fold_in(key, 2)),
+    )
 
   return jax.jit(make, out_shardings=sharding.replicated(mesh))(params, variables['batch_stats'])
 
@@ -103,8 +117,18 @@ def _apply(model, variables, x, *, train_bn: bool, method=None):
   return model.apply(variables, x, train=False, method=method), variables['batch_stats']
 
 
-def compute_loss(params, batch_stats, images, labels, key, *, model, loss_fn: losses.Loss,
-                 mix: mixup.MixSettings | None, train_bn: bool):
+def compute_loss(
+  params,
+  batch_stats,
+  images,
+  labels,
+  key,
+  *,
+  model,
+  loss_fn: losses.Loss,
+  mix: mixup.MixSettings | None,
+  train_bn: bool,
+):
   """The objective of one global batch and what it measured.
 
   images: normalised float [B, H, W, 3]; labels: int32 [B]; key: this step's PRNG key.
@@ -129,26 +153,45 @@ def compute_loss(params, batch_stats, images, labels, key, *, model, loss_fn: lo
     else:  # pair sets from the labels: clean and mixed maps through the head together
       plan = plan_for()
       both = head(jnp.concatenate([feature_map, mixup.mix(feature_map, plan)]))
-      embeddings, mixed_embeddings = both[:images.shape[0]], both[images.shape[0]:]
+      embeddings, mixed_embeddings = both[: images.shape[0]], both[images.shape[0] :]
   else:
     (embeddings, _), new_stats = _apply(model, variables, images, train_bn=train_bn)
     plan = plan_for(embeddings=embeddings)
     if mix.level == 'input':  # the mixed images in a second forward. Trainable BN: they are normalised by their
       # own batch statistics and the running statistics follow the clean images only.
       (mixed_embeddings, _), _ = _apply(model, variables, mixup.mix(images, plan), train_bn=train_bn)
-  loss, parts = mixup.objective(loss_fn, embeddings, labels, plan, mixed_embeddings=mixed_embeddings,
-                                proxies=proxies, weight=mix.weight)
+  loss, parts = mixup.objective(
+    loss_fn, embeddings, labels, plan, mixed_embeddings=mixed_embeddings, proxies=proxies, weight=mix.weight
+  )
   return loss, (new_stats, {'clean_loss': parts['clean'], 'mix_loss': parts['mixed']})
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, loss_fn: losses.Loss, tx,
-               mix: mixup.MixSettings | None, train_bn: bool, dtype) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model,
+  loss_fn: losses.Loss,
+  tx,
+  mix: mixup.MixSettings | None,
+  train_bn: bool,
+  dtype,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on the global batch (module docstring: shapes); pure."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = data_lib.normalize_images(batch['image'], dtype)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-  (loss, (new_stats, aux)), grads = grad_fn(state.params, state.batch_stats, images, batch['label'], key,
-                                             model=model, loss_fn=loss_fn, mix=mix, train_bn=train_bn)
+  (loss, (new_stats, aux)), grads = grad_fn(
+    state.params,
+    state.batch_stats,
+    images,
+    batch['label'],
+    key,
+    model=model,
+    loss_fn=loss_fn,
+    mix=mix,
+    train_bn=train_bn,
+  )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, **aux, 'grad_norm': optax.tree.norm(grads)}
@@ -158,8 +201,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, loss_fn
 def make_train_step(config, model, loss_fn: losses.Loss, tx, mesh):
   """`train_step` of `config` jitted over `mesh`: (state replicated, batch sharded on 'data') -> (state,
   metrics) replicated; the state is donated."""
-  fn = functools.partial(train_step, model=model, loss_fn=loss_fn, tx=tx, mix=mix_settings(config.mix),
-                         train_bn=not config.model.bn_freeze, dtype=jnp.dtype(config.model.dtype))
+  fn = functools.partial(
+    train_step,
+    model=model,
+    loss_fn=loss_fn,
+    tx=tx,
+    mix=mix_settings(config.mix),
+    train_bn=not config.model.bn_freeze,
+    dtype=jnp.dtype(config.model.dtype),
+  )
   replicated = sharding.replicated(mesh)
-  return jax.jit(fn, in_shardings=(replicated, sharding.batch_sharding(mesh)), out_shardings=(replicated, replicated),
-                 donate_argnums=0)
+  return jax.jit(
+    fn,
+    in_shardings=(replicated, sharding.batch_sharding(mesh)),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )

@@ -7,6 +7,7 @@ uninterrupted run. SIGTERM (pre-emption) saves a checkpoint after the step in fl
 command resumes. Evaluation (Recall@K, MAP@R, R-Precision on the test split(s)) runs every
 `train.eval_every_epochs` and at the end.
 """
+
 from __future__ import annotations
 
 import logging
@@ -89,53 +90,81 @@ class _FiniteCheck:
       if not np.all(np.isfinite(v)):
         good = 'none' if self.last_good is None else f'{rundir.checkpoint_dir(self.workdir)}/{self.last_good}'
         raise NonFiniteLossError(
-            f'Loss became {float(v[0])} (gradient norm {float(v[1])}) at step {s} (checked window: steps '
-            f'{self._pending[0][0]}-{self._pending[-1][0]}; last finite checkpoint: {good}). Lower '
-            '--config.optim.lr or check the data; rerunning resumes from that checkpoint.')
+          f'Loss became {float(v[0])} (gradient norm {float(v[1])}) at step {s} (checked window: steps '
+          f'{self._pending[0][0]}-{self._pending[-1][0]}; last finite checkpoint: {good}). Lower '
+          '--config.optim.lr or check the data; rerunning resumes from that checkpoint.'
+        )
     self.last_loss = float(values[-1][0])
     self._pending = []
 
 
 def evaluate(state: step_lib.TrainState, embed_fn, data: input_pipeline.DataBundle, config, mesh) -> dict[str, float]:
   """{'recall@K', 'map_at_r', 'r_precision'} on the test split(s): leave-one-out, or query -> gallery (In-Shop)."""
-  embedded = embedding.embed_splits(embed_fn, state.variables(), data.eval_sets(), mesh,
-                                    int(config.dataset.eval_max_images))
+  embedded = embedding.embed_splits(
+    embed_fn, state.variables(), data.eval_sets(), mesh, int(config.dataset.eval_max_images)
+  )
   result = evaluation.split_retrieval_metrics(embedded, tuple(config.dataset.recall_ks))
-  return {**{f'recall@{k}': float(v) for k, v in result['recall'].items()},
-          'map_at_r': float(result['map_at_r']), 'r_precision': float(result['r_precision'])}
+  return {
+    **{f'recall@{k}': float(v) for k, v in result['recall'].items()},
+    'map_at_r': float(result['map_at_r']),
+    'r_precision': float(result['r_precision']),
+  }
 
 
-def _results(config, step: int, spe: int, final: dict[str, float], best, train_loss: float,
-             images_per_second: float, wall_s: float) -> dict[str, Any]:
+def _results(
+  config, step: int, spe: int, final: dict[str, float], best, train_loss: float, images_per_second: float, wall_s: float
+) -> dict[str, Any]:
   """results.json of a finished run: the last step's metrics, throughput, and the variant that produced them."""
   return {
-      'dataset': config.dataset.name, 'loss': config.loss.name, 'mix': config.mix.mode,
-      'steps': int(step), 'epochs': step / spe, 'train_loss': train_loss,
-      'recall': {k.split('@')[1]: v for k, v in final.items() if k.startswith('recall@')},
-      'map_at_r': final.get('map_at_r'), 'r_precision': final.get('r_precision'),
-      'images_per_second': images_per_second, 'wall_s': wall_s,
-      'model_selection': 'last step (the recall above); best-on-test below is optimistic (spec defect 8)',
-      'best_on_test': None if best is None else {'step': best[0], **best[1]},
-      'variant': {
-          'loss_hparams': config.loss[config.loss.name].to_dict(),
-          'mix': config.mix.to_dict() if config.mix.mode != 'none' else {'mode': 'none'},
-          'model': {'depth': config.model.depth, 'pretrained': config_lib.optional(config.model.pretrained),
-                    'embedding_dim': config.model.embedding_dim, 'dtype': config.model.dtype,
-                    'bn_freeze': config.model.bn_freeze},
-          'optim': config.optim.to_dict(), 'batch_size': config.train.batch_size, 'seed': config.seed,
-          'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} process(es))',
+    'dataset': config.dataset.name,
+    'loss': config.loss.name,
+    'mix': config.mix.mode,
+    'steps': int(step),
+    'epochs': step / spe,
+    'train_loss': train_loss,
+    'recall': {k.split('@')[1]: v for k, v in final.items() if k.startswith('recall@')},
+    'map_at_r': final.get('map_at_r'),
+    'r_precision': final.get('r_precision'),
+    'images_per_second': images_per_second,
+    'wall_s': wall_s,
+    'model_selection': 'last step (the recall above); best-on-test below is optimistic (spec defect 8)',
+    'best_on_test': None if best is None else {'step': best[0], **best[1]},
+    'variant': {
+      'loss_hparams': config.loss[config.loss.name].to_dict(),
+      'mix': config.mix.to_dict() if config.mix.mode != 'none' else {'mode': 'none'},
+      'model': {
+        'depth': config.model.depth,
+        'pretrained': config_lib.optional(config.model.pretrained),
+        'embedding_dim': config.model.embedding_dim,
+        'dtype': config.model.dtype,
+        'bn_freeze': config.model.bn_freeze,
       },
+      'optim': config.optim.to_dict(),
+      'batch_size': config.train.batch_size,
+      'seed': config.seed,
+      'devices': f'{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} process(es))',
+    },
   }
 
 
 def _log_step(writer, timer: progress.TrainTimer, config, scalars, step: int, total: int, spe: int) -> None:
   images_per_second, steps_per_second = timer.window()
   lrs = optim.learning_rates(config.optim, steps_per_epoch=spe, total_steps=total, step=step - 1)
-  writer.write_scalars(step, {**{k: float(v) for k, v in scalars.items()}, 'images_per_second': images_per_second,
-                              'epoch': step / spe, **lrs})
-  log.info('step %d/%d (epoch %.2f)  loss %.4f (clean %.4f, mix %.4f)  %.1f img/s  ETA %s', step, total, step / spe,
-           scalars['loss'], scalars['clean_loss'], scalars['mix_loss'], images_per_second,
-           progress.format_eta((total - step) / steps_per_second))
+  writer.write_scalars(
+    step,
+    {**{k: float(v) for k, v in scalars.items()}, 'images_per_second': images_per_second, 'epoch': step / spe, **lrs},
+  )
+  log.info(
+    'step %d/%d (epoch %.2f)  loss %.4f (clean %.4f, mix %.4f)  %.1f img/s  ETA %s',
+    step,
+    total,
+    step / spe,
+    scalars['loss'],
+    scalars['clean_loss'],
+    scalars['mix_loss'],
+    images_per_second,
+    progress.format_eta((total - step) / steps_per_second),
+  )
 
 
 class _Profiler:
@@ -153,8 +182,9 @@ class _Profiler:
       return
     jax.block_until_ready(metrics['loss'])
     jax.profiler.stop_trace()
-    log.info('profiled steps %d-%d -> %s (tensorboard --logdir %s)', self.start + 1, step, self.directory,
-             self.directory)
+    log.info(
+      'profiled steps %d-%d -> %s (tensorboard --logdir %s)', self.start + 1, step, self.directory, self.directory
+    )
 
 
 class _Setup(NamedTuple):
@@ -181,14 +211,27 @@ def _setup(config, workdir: str, data_factory, model_factory) -> _Setup:
   model, loss_fn = (model_factory or embedding.create_model)(config), step_lib.create_loss(config)
 
   def tx_factory(params):
-    return optim.make_optimizer(config.optim, params=params, steps_per_epoch=spe, total_steps=total,
-                                freeze_bn_affine=bool(config.model.bn_freeze) and int(config.optim.warmup_epochs) == 0)
+    return optim.make_optimizer(
+      config.optim,
+      params=params,
+      steps_per_epoch=spe,
+      total_steps=total,
+      freeze_bn_affine=bool(config.model.bn_freeze) and int(config.optim.warmup_epochs) == 0,
+    )
 
   state = step_lib.init_state(config, model, loss_fn, tx_factory, data.num_train_classes, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  log.info('%s + %s loss, mix=%s; %s parameters; global batch %d (%d per host); %d steps/epoch, %d steps.',
-           f'ResNet-{config.model.depth}', config.loss.name, config.mix.mode, f'{num_params:,}',
-           config.train.batch_size, per_host, spe, total)
+  log.info(
+    '%s + %s loss, mix=%s; %s parameters; global batch %d (%d per host); %d steps/epoch, %d steps.',
+    f'ResNet-{config.model.depth}',
+    config.loss.name,
+    config.mix.mode,
+    f'{num_params:,}',
+    config.train.batch_size,
+    per_host,
+    spe,
+    total,
+  )
   ckpt = checkpointing.Checkpointer(rundir.checkpoint_dir(workdir), keep=config.train.keep)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -198,9 +241,14 @@ def _setup(config, workdir: str, data_factory, model_factory) -> _Setup:
   return _Setup(mesh, data, spe, total, model, state, step_fn, ckpt, latest)
 
 
-def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], input_pipeline.DataBundle] | None = None,
-                       model_factory: Callable[[Any], Any] | None = None, stop_after_steps: int | None = None
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+  config,
+  workdir: str,
+  *,
+  data_factory: Callable[[Any], input_pipeline.DataBundle] | None = None,
+  model_factory: Callable[[Any], Any] | None = None,
+  stop_after_steps: int | None = None,
+) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the results dict.
 
   Test seams: `data_factory(config) -> DataBundle` replaces the project's pipelines, `model_factory(config)` the
@@ -221,8 +269,13 @@ def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], in
   def save(step, metrics=None):
     with timer.paused():
       finite.check()
-      ckpt.save(step, state, data_iterator=data.train_iterator, metrics=metrics,
-                extra={'epoch': step / spe, 'dataset': config.dataset.name})
+      ckpt.save(
+        step,
+        state,
+        data_iterator=data.train_iterator,
+        metrics=metrics,
+        extra={'epoch': step / spe, 'dataset': config.dataset.name},
+      )
       finite.last_good = step
       writer.flush()
 
@@ -234,8 +287,13 @@ def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], in
       if history['best'] is None or metrics['recall@1'] > history['best'][1]['recall@1']:
         history['best'] = (step, metrics)
       writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
-      log.info('eval @ step %d (epoch %.2f, %.1fs): %s', step, step / spe, time.time() - t0,
-               '  '.join(f'{k} {100 * v:.2f}' for k, v in metrics.items()))
+      log.info(
+        'eval @ step %d (epoch %.2f, %.1fs): %s',
+        step,
+        step / spe,
+        time.time() - t0,
+        '  '.join(f'{k} {100 * v:.2f}' for k, v in metrics.items()),
+      )
     return metrics
 
   log.info('compiling the train step (first step)...')
@@ -278,11 +336,24 @@ def train_and_evaluate(config, workdir: str, *, data_factory: Callable[[Any], in
     ckpt.close()
     writer.flush()
 
-  results = _results(config, step, spe, history['eval'].get(step) or {}, history['best'], finite.last_loss,
-                     timer.images_per_second, time.time() - start_time)
+  results = _results(
+    config,
+    step,
+    spe,
+    history['eval'].get(step) or {},
+    history['best'],
+    finite.last_loss,
+    timer.images_per_second,
+    time.time() - start_time,
+  )
   writer.write_json(rundir.RESULTS_FILE, results)
   writer.close()
-  log.info('results: R@%s  (%s img/s, %.0fs) -> %s/%s', '  R@'.join(f'{k} {100 * v:.2f}' for k, v in
-                                                                     results['recall'].items()),
-           f'{results["images_per_second"]:.1f}', results['wall_s'], workdir, rundir.RESULTS_FILE)
+  log.info(
+    'results: R@%s  (%s img/s, %.0fs) -> %s/%s',
+    '  R@'.join(f'{k} {100 * v:.2f}' for k, v in results['recall'].items()),
+    f'{results["images_per_second"]:.1f}',
+    results['wall_s'],
+    workdir,
+    rundir.RESULTS_FILE,
+  )
   return results

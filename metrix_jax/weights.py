@@ -11,7 +11,8 @@ Convert once on a machine with torch, then train anywhere without it:
 
 Producing the paper's weights (torchvision ImageNet-1k V1, top-1 76.13) on a machine with internet:
 
-    python -c "import torch, torchvision; torch.save(torchvision.models.resnet50(weights='IMAGENET1K_V1').state_dict(), 'resnet50.pth')"
+    python -c "import torch, torchvision as tv
+    torch.save(tv.models.resnet50(weights='IMAGENET1K_V1').state_dict(), 'resnet50.pth')"
 
 Porting: conv OIHW -> HWIO; BN weight/bias -> params scale/bias, running_mean/var -> batch_stats mean/var;
 `fc.*` and `num_batches_tracked` dropped. Keys and shapes are validated against the Flax model.
@@ -31,27 +32,44 @@ import numpy as np
 # jax/flax/models are imported inside the functions that need them so that the `convert` CLI stays light.
 
 IGNORED_KEY = re.compile(r'(^fc\.(weight|bias)$)|(num_batches_tracked$)')
-_BN_LEAVES = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
-              'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
-_TORCH_STAGES = {(2, 2, 2, 2, 'basic'): 18, (3, 4, 6, 3, 'basic'): 34, (3, 4, 6, 3, 'bottleneck'): 50,
-                 (3, 4, 23, 3, 'bottleneck'): 101, (3, 8, 36, 3, 'bottleneck'): 152}
+_BN_LEAVES = {
+  'weight': ('params', 'scale'),
+  'bias': ('params', 'bias'),
+  'running_mean': ('batch_stats', 'mean'),
+  'running_var': ('batch_stats', 'var'),
+}
+_TORCH_STAGES = {
+  (2, 2, 2, 2, 'basic'): 18,
+  (3, 4, 6, 3, 'basic'): 34,
+  (3, 4, 6, 3, 'bottleneck'): 50,
+  (3, 4, 23, 3, 'bottleneck'): 101,
+  (3, 8, 36, 3, 'bottleneck'): 152,
+}
 
 
 def how_to_produce(path: str, depth: int = 50) -> str:
   """Instructions for producing the torchvision ImageNet V1 weights file `path`."""
   stem = os.path.splitext(os.path.basename(path))[0] or f'resnet{depth}'
-  save = (f'  python -c "import torch, torchvision; torch.save(torchvision.models.resnet{depth}('
-          f"weights='IMAGENET1K_V1').state_dict(), '{stem}.pth')\"\n")
+  save = (
+    f'  python -c "import torch, torchvision; torch.save(torchvision.models.resnet{depth}('
+    f"weights='IMAGENET1K_V1').state_dict(), '{stem}.pth')\"\n"
+  )
   convert = f'  python -m metrix_jax.weights convert {stem}.pth {stem}.npz\n'
   if os.path.splitext(path)[1].lower() in ('.pth', '.pt'):
-    steps = (f'{save}and copy {stem}.pth to {path!r}. Training machines without torch: convert it once\n'
-             f'{convert}and point the config at the .npz.')
+    steps = (
+      f'{save}and copy {stem}.pth to {path!r}. Training machines without torch: convert it once\n'
+      f'{convert}and point the config at the .npz.'
+    )
   else:
-    steps = (f'{save}then convert it once (needs torch, not torchvision) so that training machines need no '
-             f'torch:\n{convert}and copy {stem}.npz to {path!r} (or point the config at it).')
-  return (f'Produce it (torchvision ImageNet-1k V1 ResNet-{depth}) on a machine with internet and '
-          f'torchvision:\n{steps} For random init, pass pretrained=None (results are then not comparable '
-          f'with the paper).')
+    steps = (
+      f'{save}then convert it once (needs torch, not torchvision) so that training machines need no '
+      f'torch:\n{convert}and copy {stem}.npz to {path!r} (or point the config at it).'
+    )
+  return (
+    f'Produce it (torchvision ImageNet-1k V1 ResNet-{depth}) on a machine with internet and '
+    f'torchvision:\n{steps} For random init, pass pretrained=None (results are then not comparable '
+    f'with the paper).'
+  )
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -70,30 +88,37 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     try:
       from safetensors.numpy import load_file
     except ImportError as e:
-      raise ImportError(f'Reading {path!r} needs the safetensors package (pip install safetensors), or '
-                        f'convert the file to .npz on a machine that has it.') from e
+      raise ImportError(
+        f'Reading {path!r} needs the safetensors package (pip install safetensors), or '
+        f'convert the file to .npz on a machine that has it.'
+      ) from e
     state = dict(load_file(path))
   elif ext in ('.pth', '.pt'):
     try:
       import torch
     except ImportError as e:
       raise ImportError(
-          f'Reading {path!r} needs torch, which is not installed. Convert it to .npz once on a machine '
-          f'with torch: python -m metrix_jax.weights convert {path} '
-          f'{os.path.splitext(path)[0]}.npz, then load the .npz (no torch needed).') from e
+        f'Reading {path!r} needs torch, which is not installed. Convert it to .npz once on a machine '
+        f'with torch: python -m metrix_jax.weights convert {path} '
+        f'{os.path.splitext(path)[0]}.npz, then load the .npz (no torch needed).'
+      ) from e
     obj = torch.load(path, map_location='cpu', weights_only=True)
     for wrapper in ('state_dict', 'model'):
       if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-      raise ValueError(f'{path!r} holds a {type(obj).__name__}, not a state dict; save '
-                       f'`model.state_dict()`, not the model.')
-    state = {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
-             for k, v in obj.items() if isinstance(v, torch.Tensor)}
+      raise ValueError(
+        f'{path!r} holds a {type(obj).__name__}, not a state dict; save `model.state_dict()`, not the model.'
+      )
+    state = {
+      k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
+      for k, v in obj.items()
+      if isinstance(v, torch.Tensor)
+    }
   else:
     raise ValueError(f'Unknown weights format {ext!r} for {path!r}; expected .pth, .pt, .npz or .safetensors.')
   if state and all(k.startswith('module.') for k in state):
-    state = {k[len('module.'):]: v for k, v in state.items()}
+    state = {k[len('module.') :]: v for k, v in state.items()}
   return state
 
 
@@ -174,13 +199,22 @@ def convert_state_dict(state: Mapping[str, np.ndarray], *, depth: int = 50, sour
   missing, unexpected = set(layout) - present, present - set(layout)
   if missing or unexpected:
     found = infer_depth(state.keys())
-    hint = (f' The checkpoint looks like a ResNet-{found}, but depth={depth} was requested: '
-            f'pass depth={found} or use a ResNet-{depth} checkpoint.' if found not in (None, depth) else '')
-    raise ValueError(f'{source} does not match torchvision ResNet-{depth}.{hint}'
-                     + (f'\n  missing keys ({len(missing)}): {_list(missing)}' if missing else '')
-                     + (f'\n  unexpected keys ({len(unexpected)}): {_list(unexpected)}' if unexpected else ''))
-  bad = [f'{k}: {tuple(np.shape(state[k]))} (expected {shape})'
-         for k, (_, _, shape) in layout.items() if tuple(np.shape(state[k])) != shape]
+    hint = (
+      f' The checkpoint looks like a ResNet-{found}, but depth={depth} was requested: '
+      f'pass depth={found} or use a ResNet-{depth} checkpoint.'
+      if found not in (None, depth)
+      else ''
+    )
+    raise ValueError(
+      f'{source} does not match torchvision ResNet-{depth}.{hint}'
+      + (f'\n  missing keys ({len(missing)}): {_list(missing)}' if missing else '')
+      + (f'\n  unexpected keys ({len(unexpected)}): {_list(unexpected)}' if unexpected else '')
+    )
+  bad = [
+    f'{k}: {tuple(np.shape(state[k]))} (expected {shape})'
+    for k, (_, _, shape) in layout.items()
+    if tuple(np.shape(state[k])) != shape
+  ]
   if bad:
     raise ValueError(f'{source}: wrong shapes for torchvision ResNet-{depth}:\n  ' + '\n  '.join(bad[:12]))
 
@@ -240,13 +274,16 @@ def init_embedding_variables(model, key, *, pretrained: str | None, image_size: 
 
   logger = logging.getLogger(__name__)
   if pretrained is not None and not os.path.exists(pretrained):
-    raise FileNotFoundError(f'Pretrained weights {pretrained!r} (ResNet-{model.depth}) not found. '
-                            f'{how_to_produce(pretrained, model.depth)}')
+    raise FileNotFoundError(
+      f'Pretrained weights {pretrained!r} (ResNet-{model.depth}) not found. {how_to_produce(pretrained, model.depth)}'
+    )
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   if pretrained is None:
-    logger.warning('!!! ResNet-%d backbone RANDOMLY INITIALISED (pretrained=None): results are NOT '
-                    'comparable with the paper, which starts from torchvision ImageNet-1k V1 weights. !!!',
-                    model.depth)
+    logger.warning(
+      '!!! ResNet-%d backbone RANDOMLY INITIALISED (pretrained=None): results are NOT '
+      'comparable with the paper, which starts from torchvision ImageNet-1k V1 weights. !!!',
+      model.depth,
+    )
     return jax.jit(model.init)(key, images)
   backbone = load_torchvision(pretrained, depth=model.depth)
   # Only the head is initialised (the same init as model.init); the backbone comes from the file.
@@ -277,22 +314,26 @@ def convert_file(src: str, dst: str, *, depth: int | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m metrix_jax.weights',
-                                   description='torchvision ResNet checkpoints for metrix_jax.')
+  parser = argparse.ArgumentParser(
+    prog='python -m metrix_jax.weights', description='torchvision ResNet checkpoints for metrix_jax.'
+  )
   sub = parser.add_subparsers(dest='command', required=True)
   convert = sub.add_parser('convert', help='.pth/.safetensors state dict -> .npz (no torch needed to load)')
   convert.add_argument('src', help='torchvision state dict (.pth, .pt or .safetensors)')
   convert.add_argument('dst', help='output .npz')
-  convert.add_argument('--depth', type=int, default=None, choices=(18, 34, 50),
-                       help='ResNet depth (default: inferred from the keys)')
+  convert.add_argument(
+    '--depth', type=int, default=None, choices=(18, 34, 50), help='ResNet depth (default: inferred from the keys)'
+  )
   args = parser.parse_args(argv)
   try:
     depth = convert_file(args.src, args.dst, depth=args.depth)
   except (FileNotFoundError, ImportError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  print(f'wrote {args.dst} (torchvision ResNet-{depth} state dict as numpy; '
-        f'load with metrix_jax.weights.load_torchvision({args.dst!r}, depth={depth}))')
+  print(
+    f'wrote {args.dst} (torchvision ResNet-{depth} state dict as numpy; '
+    f'load with metrix_jax.weights.load_torchvision({args.dst!r}, depth={depth}))'
+  )
   return 0
 
 

@@ -20,6 +20,7 @@ Flags: --dry-run (list the runs and their commands, run nothing), --seeds=1,2 an
 (filters; row ids are the recipe with '-' for ','), --report-only (aggregate what has finished), --no-evaluate,
 --python (interpreter for the runs), and study-config overrides --config.KEY=VALUE (ml_collections syntax).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,14 @@ import numpy as np
 from metrix_jax import jsonio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOSS_LABELS = {'ms': 'MS', 'multi_similarity': 'MS', 'contrastive': 'Contrastive', 'pa': 'PA',
-               'proxy_anchor': 'PA'}
-MIX_LABELS = {'none': '', 'feature': ' + Metrix', 'metrix': ' + Metrix', 'input': ' + Metrix/input',
-              'embedding': ' + Metrix/embed'}
+LOSS_LABELS = {'ms': 'MS', 'multi_similarity': 'MS', 'contrastive': 'Contrastive', 'pa': 'PA', 'proxy_anchor': 'PA'}
+MIX_LABELS = {
+  'none': '',
+  'feature': ' + Metrix',
+  'metrix': ' + Metrix',
+  'input': ' + Metrix/input',
+  'embedding': ' + Metrix/embed',
+}
 RESULTS, EVAL = 'results.json', 'eval.json'
 TRAIN_LOG, EVAL_LOG, RUN_RECORD, EVAL_RECORD = 'train.log', 'evaluate.log', 'study_run.json', 'study_eval.json'
 
@@ -56,6 +61,7 @@ def load_study_config(spec: str, overrides: Sequence[str] = ()):
   """The study config from `path[:arg]` with `--config.KEY=VALUE` overrides (ml_collections config_flags)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   path = spec.split(':', 1)[0]
   if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
     spec = os.path.join(ROOT, spec)
@@ -111,24 +117,28 @@ def _csv(text: str | None) -> list[str] | None:
   return None if text is None else [t.strip() for t in text.split(',') if t.strip()]
 
 
-def plan_runs(study, workdir: str, *, rows: Sequence[str] | None = None,
-              seeds: Sequence[int] | None = None) -> list[Run]:
+def plan_runs(
+  study, workdir: str, *, rows: Sequence[str] | None = None, seeds: Sequence[int] | None = None
+) -> list[Run]:
   """The runs of the study (after the filters), seed-major: every row of seed 1, then seed 2, ..."""
   all_rows = [Row(r) for r in study.rows]
   if rows is not None:
     known = {r.id: r for r in all_rows} | {r.recipe: r for r in all_rows}
     unknown = [r for r in rows if r not in known]
     if unknown:
-      raise StudyError(f'--rows: unknown row(s) {", ".join(unknown)}; rows of this study: '
-                       f'{", ".join(r.id for r in all_rows)}.')
+      raise StudyError(
+        f'--rows: unknown row(s) {", ".join(unknown)}; rows of this study: {", ".join(r.id for r in all_rows)}.'
+      )
     chosen = {known[r].id for r in rows}
     all_rows = [r for r in all_rows if r.id in chosen]
   all_seeds = [int(s) for s in study.seeds]
   if seeds is not None:
     unknown = [s for s in seeds if s not in all_seeds]
     if unknown:
-      raise StudyError(f'--seeds: seed(s) {unknown} are not in this study (seeds {all_seeds}); change them with '
-                       f"--config.seeds='({', '.join(map(str, seeds))},)'.")
+      raise StudyError(
+        f'--seeds: seed(s) {unknown} are not in this study (seeds {all_seeds}); change them with '
+        f"--config.seeds='({', '.join(map(str, seeds))},)'."
+      )
     all_seeds = [s for s in all_seeds if s in seeds]
   return [Run(row, seed, os.path.join(workdir, row.id, f'seed{seed}')) for seed in all_seeds for row in all_rows]
 
@@ -136,8 +146,11 @@ def plan_runs(study, workdir: str, *, rows: Sequence[str] | None = None,
 def trainer_overrides(study) -> list[str]:
   """--config.KEY=VALUE flags every run gets: the study's overrides + data/weights locations when set."""
   flags = [f'--config.{o}' for o in study.overrides]
-  for key, target in (('manual_dir', 'dataset.manual_dir'), ('data_dir', 'dataset.data_dir'),
-                      ('pretrained', 'model.pretrained')):
+  for key, target in (
+    ('manual_dir', 'dataset.manual_dir'),
+    ('data_dir', 'dataset.data_dir'),
+    ('pretrained', 'model.pretrained'),
+  ):
     if study.get(key):
       flags.append(f'--config.{target}={study[key]}')
   return flags
@@ -149,14 +162,28 @@ def _trainer_config_path(study) -> str:
 
 
 def train_command(study, run: Run, python: str) -> list[str]:
-  return [python, '-m', 'metrix_jax.main', f'--config={_trainer_config_path(study)}:{run.row.recipe}',
-          f'--workdir={run.dir}', f'--config.seed={run.seed}', *trainer_overrides(study)]
+  return [
+    python,
+    '-m',
+    'metrix_jax.main',
+    f'--config={_trainer_config_path(study)}:{run.row.recipe}',
+    f'--workdir={run.dir}',
+    f'--config.seed={run.seed}',
+    *trainer_overrides(study),
+  ]
 
 
 def evaluate_command(study, run: Run, python: str) -> list[str]:
   e = study.evaluate
-  cmd = [python, '-m', 'metrix_jax.evaluate', f'--workdir={run.dir}', f'--checkpoint={e.checkpoint}',
-         f'--utilization={bool(e.utilization)}', f'--positivity={bool(e.positivity)}']
+  cmd = [
+    python,
+    '-m',
+    'metrix_jax.evaluate',
+    f'--workdir={run.dir}',
+    f'--checkpoint={e.checkpoint}',
+    f'--utilization={bool(e.utilization)}',
+    f'--positivity={bool(e.positivity)}',
+  ]
   if study.get('data_dir'):
     cmd.append(f'--config.dataset.data_dir={study.data_dir}')
   if study.get('manual_dir'):
@@ -216,25 +243,41 @@ def execute(cmd: list[str], log_path: str, record_path: str, env: dict[str, str]
     rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
   end = time.time()
   previous = _read_json(record_path) or {}
-  _write_json(record_path, {
-      'command': cmd, 'returncode': rc, 'start_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(start)),
-      'end_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(end)), 'wall_s': end - start,
+  _write_json(
+    record_path,
+    {
+      'command': cmd,
+      'returncode': rc,
+      'start_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(start)),
+      'end_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(end)),
+      'wall_s': end - start,
       'wall_s_all_attempts': previous.get('wall_s_all_attempts', 0.0) + (end - start),
-      'attempts': previous.get('attempts', 0) + 1, 'loadavg_start': load_start, 'loadavg_end': os.getloadavg()})
+      'attempts': previous.get('attempts', 0) + 1,
+      'loadavg_start': load_start,
+      'loadavg_end': os.getloadavg(),
+    },
+  )
   return rc
 
 
 def code_version() -> dict[str, Any]:
   """git commit of the repository and its uncommitted changes under metrix_jax/ and configs/ (what the runs ran)."""
+
   def git(*args):
     try:
       return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip('\n')
     except (OSError, subprocess.SubprocessError):
       return None
-  return {'commit': git('rev-parse', 'HEAD'),
-          'uncommitted': [line[3:] for line in (git('status', '--porcelain', '--', 'metrix_jax', 'configs')
-                                                or '').splitlines() if len(line) > 3],
-          'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+
+  return {
+    'commit': git('rev-parse', 'HEAD'),
+    'uncommitted': [
+      line[3:]
+      for line in (git('status', '--porcelain', '--', 'metrix_jax', 'configs') or '').splitlines()
+      if len(line) > 3
+    ],
+    'utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+  }
 
 
 def _say(message: str) -> None:
@@ -251,8 +294,9 @@ def run_study(study, runs: list[Run], *, python: str, workdir: str, evaluate: bo
     if os.path.isfile(os.path.join(run.dir, EVAL)) or not os.path.isfile(os.path.join(run.dir, RESULTS)):
       return
     _say(f'evaluate {run.name}')
-    rc = execute(evaluate_command(study, run, python), os.path.join(run.dir, EVAL_LOG),
-                 os.path.join(run.dir, EVAL_RECORD), env)
+    rc = execute(
+      evaluate_command(study, run, python), os.path.join(run.dir, EVAL_LOG), os.path.join(run.dir, EVAL_RECORD), env
+    )
     if rc:
       failed.append(f'{run.name} (evaluate)')
       _say(f'  evaluate {run.name} failed (rc {rc}); see {os.path.join(run.dir, EVAL_LOG)}')
@@ -262,15 +306,18 @@ def run_study(study, runs: list[Run], *, python: str, workdir: str, evaluate: bo
       _say(f'[{i + 1}/{len(runs)}] {run.name}: done, skipped')
     else:
       _say(f'[{i + 1}/{len(runs)}] train {run.name}')
-      rc = execute(train_command(study, run, python), os.path.join(run.dir, TRAIN_LOG),
-                   os.path.join(run.dir, RUN_RECORD), env)
+      rc = execute(
+        train_command(study, run, python), os.path.join(run.dir, TRAIN_LOG), os.path.join(run.dir, RUN_RECORD), env
+      )
       if rc:
         failed.append(run.name)
         _say(f'  {run.name} failed (rc {rc}); see {os.path.join(run.dir, TRAIN_LOG)}; continuing')
         continue
       result = _read_json(os.path.join(run.dir, RESULTS)) or {}
-      _say(f'  {run.name}: R@1 {100 * result.get("recall", {}).get("1", math.nan):.2f}, '
-           f'{result.get("wall_s", math.nan):.0f} s')
+      _say(
+        f'  {run.name}: R@1 {100 * result.get("recall", {}).get("1", math.nan):.2f}, '
+        f'{result.get("wall_s", math.nan):.0f} s'
+      )
     if evaluate_each:
       evaluate_run(run)
   if evaluate and not evaluate_each:
@@ -296,21 +343,36 @@ def collect(runs: list[Run], workdir: str) -> list[dict[str, Any]]:
     ev = _read_json(os.path.join(run.dir, EVAL)) or {}
     run_record = _read_json(os.path.join(run.dir, RUN_RECORD)) or {}
     eval_record = _read_json(os.path.join(run.dir, EVAL_RECORD)) or {}
-    records.append({
-        'row': run.row.id, 'label': run.row.label, 'recipe': run.row.recipe, 'seed': run.seed,
+    records.append(
+      {
+        'row': run.row.id,
+        'label': run.row.label,
+        'recipe': run.row.recipe,
+        'seed': run.seed,
         'dir': _relative(run.dir, workdir),
         'recall': {int(k): float(v) for k, v in result['recall'].items()},
-        'steps': result.get('steps'), 'train_loss': result.get('train_loss'),
-        'images_per_second': result.get('images_per_second'), 'train_wall_s': result.get('wall_s'),
+        'steps': result.get('steps'),
+        'train_loss': result.get('train_loss'),
+        'images_per_second': result.get('images_per_second'),
+        'train_wall_s': result.get('wall_s'),
         'devices': (result.get('variant') or {}).get('devices'),
-        'process_wall_s': run_record.get('wall_s_all_attempts'), 'loadavg': _mean_load(run_record),
-        'eval': None if not ev else {
-            'step': ev.get('step'), 'checkpoint_selection': ev.get('checkpoint_selection'),
-            'recall': {int(k): float(v) for k, v in (ev.get('recall') or {}).items()},
-            'utilization': ev.get('utilization'), 'alignment': ev.get('alignment'),
-            'uniformity': ev.get('uniformity'), 'map_at_r': ev.get('map_at_r'), 'positivity': ev.get('positivity'),
-            'wall_s': eval_record.get('wall_s_all_attempts')},
-    })
+        'process_wall_s': run_record.get('wall_s_all_attempts'),
+        'loadavg': _mean_load(run_record),
+        'eval': None
+        if not ev
+        else {
+          'step': ev.get('step'),
+          'checkpoint_selection': ev.get('checkpoint_selection'),
+          'recall': {int(k): float(v) for k, v in (ev.get('recall') or {}).items()},
+          'utilization': ev.get('utilization'),
+          'alignment': ev.get('alignment'),
+          'uniformity': ev.get('uniformity'),
+          'map_at_r': ev.get('map_at_r'),
+          'positivity': ev.get('positivity'),
+          'wall_s': eval_record.get('wall_s_all_attempts'),
+        },
+      }
+    )
   return records
 
 
@@ -327,8 +389,13 @@ def _mean_load(record: dict[str, Any]) -> float | None:
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
   """{'mean', 'std' (sample std, ddof=1; None for one value), 'n', 'min', 'max'}."""
   v = np.asarray(values, np.float64)
-  return {'mean': float(v.mean()), 'std': float(v.std(ddof=1)) if v.size > 1 else None, 'n': int(v.size),
-          'min': float(v.min()), 'max': float(v.max())}
+  return {
+    'mean': float(v.mean()),
+    'std': float(v.std(ddof=1)) if v.size > 1 else None,
+    'n': int(v.size),
+    'min': float(v.min()),
+    'max': float(v.max()),
+  }
 
 
 def paired_comparison(baseline: dict[int, float], treated: dict[int, float]) -> dict[str, Any] | None:
@@ -342,8 +409,14 @@ def paired_comparison(baseline: dict[int, float], treated: dict[int, float]) -> 
   if not seeds:
     return None
   diffs = np.asarray([treated[s] - baseline[s] for s in seeds], np.float64)
-  out = {'seeds': seeds, 'diffs': diffs.tolist(), 'mean_diff': float(diffs.mean()), 'std_diff': None, 't': None,
-         'p_two_sided': None}
+  out = {
+    'seeds': seeds,
+    'diffs': diffs.tolist(),
+    'mean_diff': float(diffs.mean()),
+    'std_diff': None,
+    't': None,
+    'p_two_sided': None,
+  }
   b = np.asarray([baseline[s] for s in seeds])
   m = np.asarray([treated[s] for s in seeds])
   out['baseline_std'] = float(b.std(ddof=1)) if len(seeds) > 1 else None
@@ -353,6 +426,7 @@ def paired_comparison(baseline: dict[int, float], treated: dict[int, float]) -> 
     out['std_diff'] = sd
     if sd > 0:
       from scipy import stats  # pylint: disable=g-import-not-at-top
+
       t = float(diffs.mean() / (sd / math.sqrt(len(seeds))))
       out['t'], out['p_two_sided'] = t, float(2 * stats.t.sf(abs(t), df=len(seeds) - 1))
     elif diffs.mean() != 0:
@@ -390,9 +464,13 @@ def holm_adjust(comparisons: list[dict[str, Any]]) -> None:
   for c, adjusted in zip(tested, holm([c['p_two_sided'] for c in tested])):
     c['p_holm'] = adjusted
     direction = 'helped' if c['mean_diff'] > 0 else 'hurt'
-    c['verdict'] = (f'{direction} (Holm-adjusted p < 0.05)' if adjusted < 0.05 else
-                    'no significant difference (Holm-adjusted p >= 0.05'
-                    + (f'; raw p {c["p_two_sided"]:.3f} < 0.05' if c['p_two_sided'] < 0.05 else '') + ')')
+    c['verdict'] = (
+      f'{direction} (Holm-adjusted p < 0.05)'
+      if adjusted < 0.05
+      else 'no significant difference (Holm-adjusted p >= 0.05'
+      + (f'; raw p {c["p_two_sided"]:.3f} < 0.05' if c['p_two_sided'] < 0.05 else '')
+      + ')'
+    )
 
 
 def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[str, Any]:
@@ -403,11 +481,15 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
     if not mine:
       continue
     ks = sorted(set.intersection(*[set(r['recall']) for r in mine]))
-    entry = {'row': row.id, 'label': row.label, 'recipe': row.recipe, 'seeds': [r['seed'] for r in mine],
-             'recall': {k: mean_std([r['recall'][k] for r in mine]) for k in ks},
-             'train_wall_s': mean_std([r['train_wall_s'] for r in mine if r['train_wall_s'] is not None]),
-             'images_per_second': mean_std([r['images_per_second'] for r in mine
-                                            if r['images_per_second'] is not None])}
+    entry = {
+      'row': row.id,
+      'label': row.label,
+      'recipe': row.recipe,
+      'seeds': [r['seed'] for r in mine],
+      'recall': {k: mean_std([r['recall'][k] for r in mine]) for k in ks},
+      'train_wall_s': mean_std([r['train_wall_s'] for r in mine if r['train_wall_s'] is not None]),
+      'images_per_second': mean_std([r['images_per_second'] for r in mine if r['images_per_second'] is not None]),
+    }
     for metric in ('utilization', 'alignment', 'uniformity'):
       values = [r['eval'][metric] for r in mine if r['eval'] and r['eval'].get(metric) is not None]
       entry[metric] = mean_std(values) if values else None
@@ -416,8 +498,12 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
       emp = np.asarray([[math.nan if v is None else v for v in c['empirical']] for c in curves], np.float64)
       with np.errstate(invalid='ignore'):
         mean_curve = np.nanmean(emp, axis=0) if np.isfinite(emp).any() else emp[0]
-      entry['positivity'] = {'lambda': curves[0]['lambda'], 'empirical_mean': mean_curve.tolist(),
-                             'theoretical': curves[0].get('theoretical'), 'num_seeds': len(curves)}
+      entry['positivity'] = {
+        'lambda': curves[0]['lambda'],
+        'empirical_mean': mean_curve.tolist(),
+        'theoretical': curves[0].get('theoretical'),
+        'num_seeds': len(curves),
+      }
     rows.append(entry)
 
   by_row = {r['row']: {rec['seed']: rec for rec in records if rec['row'] == r['row']} for r in rows}
@@ -442,11 +528,20 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
   walls = [r['process_wall_s'] for r in records if r['process_wall_s']]
   eval_walls = [r['eval']['wall_s'] for r in records if r['eval'] and r['eval'].get('wall_s')]
   loads = [r['loadavg'] for r in records if r['loadavg'] is not None]
-  return {'study': study.name, 'rows': rows, 'comparisons': comparisons, 'runs': records,
-          'planned_runs': len(planned), 'finished_runs': len(records), 'missing_runs': missing,
-          'wall_s': {'training_processes': float(np.sum(walls)) if walls else None,
-                     'evaluate_processes': float(np.sum(eval_walls)) if eval_walls else None},
-          'hardware': hardware(records, loads)}
+  return {
+    'study': study.name,
+    'rows': rows,
+    'comparisons': comparisons,
+    'runs': records,
+    'planned_runs': len(planned),
+    'finished_runs': len(records),
+    'missing_runs': missing,
+    'wall_s': {
+      'training_processes': float(np.sum(walls)) if walls else None,
+      'evaluate_processes': float(np.sum(eval_walls)) if eval_walls else None,
+    },
+    'hardware': hardware(records, loads),
+  }
 
 
 def hardware(records, loads) -> dict[str, Any]:
@@ -458,8 +553,13 @@ def hardware(records, loads) -> dict[str, Any]:
   except OSError:
     pass
   devices = sorted({r['devices'] for r in records if r.get('devices')})
-  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'platform': platform.platform(), 'jax_devices': devices,
-          'mean_load_average_during_runs': float(np.mean(loads)) if loads else None}
+  return {
+    'cpu': cpu,
+    'cpu_count': os.cpu_count(),
+    'platform': platform.platform(),
+    'jax_devices': devices,
+    'mean_load_average_during_runs': float(np.mean(loads)) if loads else None,
+  }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,23 +582,24 @@ def _recipe_lines(study, records, workdir: str) -> list[str]:
   config = _read_json(os.path.join(workdir, records[0]['dir'], 'config.json')) or {}
   d, m, o, t, mx = (config.get(k, {}) for k in ('dataset', 'model', 'optim', 'train', 'mix'))
   lines = [
-      f'- Trainer config: `{study.trainer_config}:<row>` with overrides '
-      + (', '.join(f'`{x}`' for x in study.overrides) or 'none') + '.',
-      f'- Data: {d.get("name")} (train/test classes disjoint), {d.get("image_size")} px '
-      f'(eval resize {d.get("eval_resize")}), sampler {d.get("sampler")} '
-      f'({d.get("classes_per_batch")} classes x {d.get("images_per_class")} images).',
-      f'- Model: ResNet-{m.get("depth")}, embedding {m.get("embedding_dim")}, {m.get("dtype")}, pretrained '
-      f'{m.get("pretrained") or "no (random init)"}, BN {"frozen" if m.get("bn_freeze") else "trained"}.',
-      f'- Optimiser: {o.get("name")}, lr {o.get("lr")}, schedule {o.get("schedule")}, weight decay '
-      f'{o.get("weight_decay")}, warm-up epochs {o.get("warmup_epochs")}, proxy lr x{o.get("proxy_lr_mult")}.',
-      f'- Training: batch {t.get("batch_size")}, '
-      + (f'{t["num_steps"]} steps' if t.get('num_steps') else f'{t.get("num_epochs")} epochs')
-      + '; model reported = last step (no selection on the test set).',
-      f'- Metrix: pairs {mx.get("pairs")}, alpha {mx.get("alpha")}, weight {mx.get("weight")}, lambda '
-      f'{mx.get("lambda_mode")}, feature items/anchor {mx.get("items_per_anchor")}, input items/anchor '
-      f'{mx.get("input_items_per_anchor")}, embedding all pairs {mx.get("all_pairs")}.',
-      f'- Seeds: {", ".join(map(str, study.seeds))} (a seed fixes the init and the data order, so seeds pair up '
-      'across rows).',
+    f'- Trainer config: `{study.trainer_config}:<row>` with overrides '
+    + (', '.join(f'`{x}`' for x in study.overrides) or 'none')
+    + '.',
+    f'- Data: {d.get("name")} (train/test classes disjoint), {d.get("image_size")} px '
+    f'(eval resize {d.get("eval_resize")}), sampler {d.get("sampler")} '
+    f'({d.get("classes_per_batch")} classes x {d.get("images_per_class")} images).',
+    f'- Model: ResNet-{m.get("depth")}, embedding {m.get("embedding_dim")}, {m.get("dtype")}, pretrained '
+    f'{m.get("pretrained") or "no (random init)"}, BN {"frozen" if m.get("bn_freeze") else "trained"}.',
+    f'- Optimiser: {o.get("name")}, lr {o.get("lr")}, schedule {o.get("schedule")}, weight decay '
+    f'{o.get("weight_decay")}, warm-up epochs {o.get("warmup_epochs")}, proxy lr x{o.get("proxy_lr_mult")}.',
+    f'- Training: batch {t.get("batch_size")}, '
+    + (f'{t["num_steps"]} steps' if t.get('num_steps') else f'{t.get("num_epochs")} epochs')
+    + '; model reported = last step (no selection on the test set).',
+    f'- Metrix: pairs {mx.get("pairs")}, alpha {mx.get("alpha")}, weight {mx.get("weight")}, lambda '
+    f'{mx.get("lambda_mode")}, feature items/anchor {mx.get("items_per_anchor")}, input items/anchor '
+    f'{mx.get("input_items_per_anchor")}, embedding all pairs {mx.get("all_pairs")}.',
+    f'- Seeds: {", ".join(map(str, study.seeds))} (a seed fixes the init and the data order, so seeds pair up '
+    'across rows).',
   ]
   losses = {}
   for rec in records:
@@ -516,53 +617,82 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: 
   out = [f'## Study `{study.name}`: {summary["finished_runs"]}/{summary["planned_runs"]} runs finished', '']
   if summary['missing_runs']:
     out += [f'Not finished (left out of every number below): {", ".join(summary["missing_runs"])}.', '']
-  out += ['### Recall@K on the test classes (%, mean ± sample std over seeds)', '',
-          '| row | seeds | ' + ' | '.join(f'R@{k}' for k in ks) + ' | train s/run | img/s |',
-          '|---|---|' + '---|' * len(ks) + '---|---|']
+  out += [
+    '### Recall@K on the test classes (%, mean ± sample std over seeds)',
+    '',
+    '| row | seeds | ' + ' | '.join(f'R@{k}' for k in ks) + ' | train s/run | img/s |',
+    '|---|---|' + '---|' * len(ks) + '---|---|',
+  ]
   for r in summary['rows']:
-    out.append(f'| {r["label"]} | {len(r["seeds"])} | ' + ' | '.join(_pct(r['recall'].get(k)) for k in ks)
-               + f' | {_num(r["train_wall_s"]["mean"] if r["train_wall_s"]["n"] else None, 0)}'
-               + f' | {_num(r["images_per_second"]["mean"] if r["images_per_second"]["n"] else None, 1)} |')
+    out.append(
+      f'| {r["label"]} | {len(r["seeds"])} | '
+      + ' | '.join(_pct(r['recall'].get(k)) for k in ks)
+      + f' | {_num(r["train_wall_s"]["mean"] if r["train_wall_s"]["n"] else None, 0)}'
+      + f' | {_num(r["images_per_second"]["mean"] if r["images_per_second"]["n"] else None, 1)} |'
+    )
   if any(r.get('utilization') for r in summary['rows']):
+
     def _ms(stat, digits=3):
       if not stat:
         return '-'
       return f'{stat["mean"]:.{digits}f}' + ('' if stat['std'] is None else f' ± {stat["std"]:.{digits}f}')
-    out += ['', '### Embedding space of the test set (mean ± std over seeds; `python -m metrix_jax.evaluate`)', '',
-            '| row | evaluated seeds | utilization | alignment | uniformity |', '|---|---|---|---|---|']
+
+    out += [
+      '',
+      '### Embedding space of the test set (mean ± std over seeds; `python -m metrix_jax.evaluate`)',
+      '',
+      '| row | evaluated seeds | utilization | alignment | uniformity |',
+      '|---|---|---|---|---|',
+    ]
     for r in summary['rows']:
       n = (r.get('uniformity') or {}).get('n', 0)
-      out.append(f'| {r["label"]} | {n} | {_ms(r.get("utilization"))} | {_ms(r.get("alignment"))} | '
-                 f'{_ms(r.get("uniformity"))} |')
-  out += ['', '### Metrix vs baseline (paired by seed; differences in points of %)', '',
-          '| comparison | K | Δ mean | per-seed Δ | seed std over those seeds (base / Metrix) | abs(Δ) > both stds? '
-          '| paired t p | p, Holm over all rows x K | verdict |',
-          '|---|---|---|---|---|---|---|---|---|']
+      out.append(
+        f'| {r["label"]} | {n} | {_ms(r.get("utilization"))} | {_ms(r.get("alignment"))} | {_ms(r.get("uniformity"))} |'
+      )
+  out += [
+    '',
+    '### Metrix vs baseline (paired by seed; differences in points of %)',
+    '',
+    '| comparison | K | Δ mean | per-seed Δ | seed std over those seeds (base / Metrix) | abs(Δ) > both stds? '
+    '| paired t p | p, Holm over all rows x K | verdict |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
   for c in summary['comparisons']:
     for k, cmp in c['by_k'].items():
       if cmp is None:
         continue
       stds = ' / '.join('-' if s is None else f'{100 * s:.2f}' for s in (cmp['baseline_std'], cmp['treated_std']))
       exceeds = {None: '-', True: 'yes', False: 'no'}[cmp['exceeds_seed_spread']]
-      out.append(f'| {c["label"]} vs {c["baseline_label"]} | {k} | {100 * cmp["mean_diff"]:+.2f} | '
-                 + ', '.join(f'{100 * d:+.2f}' for d in cmp['diffs'])
-                 + f' | {stds} | {exceeds} | {_num(cmp["p_two_sided"], 3)} | {_num(cmp.get("p_holm"), 3)}'
-                 + f' | {cmp["verdict"]} |')
+      out.append(
+        f'| {c["label"]} vs {c["baseline_label"]} | {k} | {100 * cmp["mean_diff"]:+.2f} | '
+        + ', '.join(f'{100 * d:+.2f}' for d in cmp['diffs'])
+        + f' | {stds} | {exceeds} | {_num(cmp["p_two_sided"], 3)} | {_num(cmp.get("p_holm"), 3)}'
+        + f' | {cmp["verdict"]} |'
+      )
   out += ['', 'In words (Recall@1):', '']
   for c in summary['comparisons']:
     cmp = c['by_k'].get(1) or c['by_k'].get(ks[0])
     if cmp is None:
       continue
-    spread = {None: 'no seed spread to compare with (one seed)',
-              True: 'larger than the seed-to-seed std of both rows',
-              False: 'within the seed-to-seed std of at least one row'}[cmp['exceeds_seed_spread']]
-    out.append(f'- {c["label"]} vs {c["baseline_label"]}: {100 * cmp["mean_diff"]:+.2f} points over '
-               f'{len(cmp["seeds"])} paired seed(s) ({", ".join(f"{100 * d:+.2f}" for d in cmp["diffs"])}); the '
-               f'difference is {spread}; {cmp["verdict"]}.')
-  out += ['', '### Per run', '',
-          '| row | seed | ' + ' | '.join(f'R@{k}' for k in ks)
-          + ' | utilization | alignment | uniformity | P(pos) λ=0.2/0.5/0.8 | final loss | train s | eval s |',
-          '|---|---|' + '---|' * len(ks) + '---|---|---|---|---|---|---|']
+    spread = {
+      None: 'no seed spread to compare with (one seed)',
+      True: 'larger than the seed-to-seed std of both rows',
+      False: 'within the seed-to-seed std of at least one row',
+    }[cmp['exceeds_seed_spread']]
+    out.append(
+      f'- {c["label"]} vs {c["baseline_label"]}: {100 * cmp["mean_diff"]:+.2f} points over '
+      f'{len(cmp["seeds"])} paired seed(s) ({", ".join(f"{100 * d:+.2f}" for d in cmp["diffs"])}); the '
+      f'difference is {spread}; {cmp["verdict"]}.'
+    )
+  out += [
+    '',
+    '### Per run',
+    '',
+    '| row | seed | '
+    + ' | '.join(f'R@{k}' for k in ks)
+    + ' | utilization | alignment | uniformity | P(pos) λ=0.2/0.5/0.8 | final loss | train s | eval s |',
+    '|---|---|' + '---|' * len(ks) + '---|---|---|---|---|---|---|',
+  ]
   for r in summary['runs']:
     ev = r['eval'] or {}
     pos = ev.get('positivity')
@@ -571,29 +701,43 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: 
       lam = np.asarray(pos['lambda'], np.float64)
       emp = [math.nan if v is None else v for v in pos['empirical']]
       pos_text = '/'.join(_num(emp[int(np.argmin(np.abs(lam - x)))], 2) for x in (0.2, 0.5, 0.8))
-    out.append(f'| {r["label"]} | {r["seed"]} | ' + ' | '.join(
-        '-' if k not in r['recall'] else f'{100 * r["recall"][k]:.2f}' for k in ks)
-               + f' | {_num(ev.get("utilization"))} | {_num(ev.get("alignment"))} | {_num(ev.get("uniformity"))}'
-               + f' | {pos_text} | {_num(r["train_loss"], 4)} | {_num(r["train_wall_s"], 0)}'
-               + f' | {_num(ev.get("wall_s"), 0)} |')
-  out += ['', 'utilization: mean over test images of the squared distance to the nearest training image (lower: '
-          'test closer to train); alignment: mean squared distance of same-class test pairs (lower: tighter); '
-          'uniformity: log E exp(-2 d²) over test pairs (lower: more uniform); P(pos): fraction of mixed test '
-          'items acting as positives for their anchor at λ (from the gradient sign of the mixed loss).', '',
-          '### Recipe', '', *_recipe_lines(study, summary['runs'], workdir), '']
+    out.append(
+      f'| {r["label"]} | {r["seed"]} | '
+      + ' | '.join('-' if k not in r['recall'] else f'{100 * r["recall"][k]:.2f}' for k in ks)
+      + f' | {_num(ev.get("utilization"))} | {_num(ev.get("alignment"))} | {_num(ev.get("uniformity"))}'
+      + f' | {pos_text} | {_num(r["train_loss"], 4)} | {_num(r["train_wall_s"], 0)}'
+      + f' | {_num(ev.get("wall_s"), 0)} |'
+    )
+  out += [
+    '',
+    'utilization: mean over test images of the squared distance to the nearest training image (lower: '
+    'test closer to train); alignment: mean squared distance of same-class test pairs (lower: tighter); '
+    'uniformity: log E exp(-2 d²) over test pairs (lower: more uniform); P(pos): fraction of mixed test '
+    'items acting as positives for their anchor at λ (from the gradient sign of the mixed loss).',
+    '',
+    '### Recipe',
+    '',
+    *_recipe_lines(study, summary['runs'], workdir),
+    '',
+  ]
   hw = summary['hardware']
   walls = summary['wall_s']
-  out += ['### Hardware and wall time', '',
-          f'- CPU: {hw["cpu"]}, {hw["cpu_count"]} logical cores; JAX devices: {", ".join(hw["jax_devices"]) or "-"};'
-          f' {hw["platform"]}.',
-          f'- Mean 1-minute load average during the training runs: {_num(hw["mean_load_average_during_runs"], 1)} '
-          f'(> core count: the machine was shared).',
-          f'- Wall time, all training processes: {_num((walls["training_processes"] or 0) / 60, 1)} min; all '
-          f'evaluate processes: {_num((walls["evaluate_processes"] or 0) / 60, 1)} min.']
+  out += [
+    '### Hardware and wall time',
+    '',
+    f'- CPU: {hw["cpu"]}, {hw["cpu_count"]} logical cores; JAX devices: {", ".join(hw["jax_devices"]) or "-"};'
+    f' {hw["platform"]}.',
+    f'- Mean 1-minute load average during the training runs: {_num(hw["mean_load_average_during_runs"], 1)} '
+    f'(> core count: the machine was shared).',
+    f'- Wall time, all training processes: {_num((walls["training_processes"] or 0) / 60, 1)} min; all '
+    f'evaluate processes: {_num((walls["evaluate_processes"] or 0) / 60, 1)} min.',
+  ]
   for v in summary.get('code_versions', []):
-    out.append(f'- Code: started {v["utc"]} at commit {(v["commit"] or "?")[:10]}'
-               + (f' with uncommitted changes in {", ".join(v["uncommitted"])}'
-                  if v['uncommitted'] else '') + '.')
+    out.append(
+      f'- Code: started {v["utc"]} at commit {(v["commit"] or "?")[:10]}'
+      + (f' with uncommitted changes in {", ".join(v["uncommitted"])}' if v['uncommitted'] else '')
+      + '.'
+    )
   out.append('')
   if plots:
     out += ['### Plots', ''] + [f'![{name}]({os.path.basename(path)})' for name, path in plots.items()] + ['']
@@ -606,19 +750,24 @@ def write_report(study, summary: dict[str, Any], report_dir: str, *, workdir: st
   paths = {}
   if summary['rows']:
     from metrix_jax import plots  # pylint: disable=g-import-not-at-top
-    series = {f'{r["label"]} (n={len(r["seeds"])})': {k: s['mean'] for k, s in r['recall'].items()}
-              for r in summary['rows']}
-    paths['Recall@K'] = plots.plot_recall_at_k(series, os.path.join(report_dir, 'recall_at_k.png'),
-                                                title=f'Recall@K, {study.name} (mean over seeds)')
+
+    series = {
+      f'{r["label"]} (n={len(r["seeds"])})': {k: s['mean'] for k, s in r['recall'].items()} for r in summary['rows']
+    }
+    paths['Recall@K'] = plots.plot_recall_at_k(
+      series, os.path.join(report_dir, 'recall_at_k.png'), title=f'Recall@K, {study.name} (mean over seeds)'
+    )
     chosen = Row(study.positivity_row).id if study.get('positivity_row') else None
     pos_rows = [r for r in summary['rows'] if r.get('positivity') and r['row'] == chosen]
     if pos_rows:
       p = pos_rows[0]['positivity']
       paths['positivity'] = plots.plot_positivity(
-          p['lambda'], [math.nan if v is None else v for v in p['empirical_mean']],
-          None if p['theoretical'] is None else [math.nan if v is None else v for v in p['theoretical']],
-          os.path.join(report_dir, 'positivity.png'),
-          title=f'Positivity, {pos_rows[0]["label"]} (test, mean of {p["num_seeds"]} seeds)')
+        p['lambda'],
+        [math.nan if v is None else v for v in p['empirical_mean']],
+        None if p['theoretical'] is None else [math.nan if v is None else v for v in p['theoretical']],
+        os.path.join(report_dir, 'positivity.png'),
+        title=f'Positivity, {pos_rows[0]["label"]} (test, mean of {p["num_seeds"]} seeds)',
+      )
   _write_json(os.path.join(report_dir, 'study.json'), summary)
   with open(os.path.join(report_dir, 'study.md'), 'w') as f:
     f.write(markdown(study, summary, plots=paths, workdir=workdir) + '\n')
@@ -629,19 +778,31 @@ def write_report(study, summary: dict[str, Any], report_dir: str, *, workdir: st
 # Command line.
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                   epilog='Study-config overrides: --config.KEY=VALUE, e.g. '
-                                          '--config.manual_dir=/data/cub --config.pretrained=resnet50.npz')
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    epilog='Study-config overrides: --config.KEY=VALUE, e.g. '
+    '--config.manual_dir=/data/cub --config.pretrained=resnet50.npz',
+  )
   parser.add_argument('--config', default='configs/study/metrix.py:omniglot', help='study config path[:arg]')
   parser.add_argument('--workdir', required=True, help='runs go to WORKDIR/<row>/seed<k>')
   parser.add_argument('--report_dir', '--report-dir', default=None, help='study.md/json + plots (default WORKDIR)')
   parser.add_argument('--rows', default=None, help='comma-separated row ids (e.g. ms-none,ms-feature)')
   parser.add_argument('--seeds', default=None, help='comma-separated seeds (e.g. 1,2)')
   parser.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true', help='list runs, run nothing')
-  parser.add_argument('--report-only', '--report_only', dest='report_only', action='store_true',
-                      help='aggregate the finished runs, train nothing')
-  parser.add_argument('--no-evaluate', '--no_evaluate', dest='no_evaluate', action='store_true',
-                      help='skip the per-run evaluate step (utilization, alignment, uniformity, positivity)')
+  parser.add_argument(
+    '--report-only',
+    '--report_only',
+    dest='report_only',
+    action='store_true',
+    help='aggregate the finished runs, train nothing',
+  )
+  parser.add_argument(
+    '--no-evaluate',
+    '--no_evaluate',
+    dest='no_evaluate',
+    action='store_true',
+    help='skip the per-run evaluate step (utilization, alignment, uniformity, positivity)',
+  )
   parser.add_argument('--python', default=sys.executable, help='interpreter for the runs')
   args, rest = parser.parse_known_args(argv)
   bad = [a for a in rest if not a.startswith('--config.')]
@@ -673,8 +834,10 @@ def _main(args, overrides: Sequence[str]) -> int:
   if args.dry_run:
     print(f'study {study.name}: {len(runs)} runs in {workdir} (trainer config {study.trainer_config})')
     for i, run in enumerate(runs):
-      print(f'{i + 1:3d}. {run.name:<28} {run_status(run, evaluate=evaluate):<12} '
-            f'{" ".join(train_command(study, run, "python"))}')
+      print(
+        f'{i + 1:3d}. {run.name:<28} {run_status(run, evaluate=evaluate):<12} '
+        f'{" ".join(train_command(study, run, "python"))}'
+      )
     if evaluate:
       print(f'then for each run: {" ".join(evaluate_command(study, runs[0], "python"))}' if runs else '')
     return 0
@@ -689,8 +852,10 @@ def _main(args, overrides: Sequence[str]) -> int:
   summary['code_versions'] = _read_json(os.path.join(workdir, 'code_versions.json')) or []
   report_dir = os.path.abspath(args.report_dir or workdir)
   paths = write_report(study, summary, report_dir, workdir=workdir)
-  _say(f'{summary["finished_runs"]}/{summary["planned_runs"]} runs finished; wrote {report_dir}/study.md, '
-       f'study.json' + ''.join(f', {os.path.basename(p)}' for p in paths.values()))
+  _say(
+    f'{summary["finished_runs"]}/{summary["planned_runs"]} runs finished; wrote {report_dir}/study.md, '
+    f'study.json' + ''.join(f', {os.path.basename(p)}' for p in paths.values())
+  )
   if failed:
     _say(f'failed: {", ".join(failed)} (logs in their run folders; rerun the command to retry/resume)')
     return 1

@@ -2,6 +2,7 @@
 
 The PyTorch reference's written-out Multi-Similarity loss is checked against pytorch-metric-learning.
 """
+
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ def test_torch_reference_ms_loss_matches_pytorch_metric_learning():
   pml = pytest.importorskip('pytorch_metric_learning')
   from pytorch_metric_learning import losses, miners  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   del pml
   hp = torch_reference.MS_HPARAMS
   reference = losses.MultiSimilarityLoss(alpha=hp['alpha'], beta=hp['beta'], base=hp['base'])
@@ -37,6 +39,7 @@ def test_torch_reference_ms_loss_matches_pytorch_metric_learning():
 
 def test_torch_reference_step_runs_and_learns_nothing_from_frozen_bn():
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
   model = torch_reference.EmbeddingNet(depth=18)
   bn = model.backbone.bn1
@@ -58,15 +61,31 @@ def test_torch_reference_step_runs_and_learns_nothing_from_frozen_bn():
 def test_bench_train_quick_prints_a_finite_table(capsys, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   import bench_train  # pylint: disable=g-import-not-at-top
+
   out = tmp_path / 'rows.json'
-  rows = bench_train.main(['--quick', '--losses=ms', '--modes=none,feature', '--torch=fp32', '--dtype=float32',
-                           '--e2e_workers=0', '--e2e_photos=40', f'--data_dir={tmp_path / "data"}',
-                           f'--json_out={out}'])
+  rows = bench_train.main(
+    [
+      '--quick',
+      '--losses=ms',
+      '--modes=none,feature',
+      '--torch=fp32',
+      '--dtype=float32',
+      '--e2e_workers=0',
+      '--e2e_photos=40',
+      f'--data_dir={tmp_path / "data"}',
+      f'--json_out={out}',
+    ]
+  )
   printed = capsys.readouterr().out
   assert '| framework | loss | mix |' in printed and '| jax | multi_similarity | feature | 16 |' in printed
   kinds = {(r['framework'], r['mix']) for r in rows}
-  assert kinds == {('torch', 'none (fp32)'), ('jax', 'none'), ('jax', 'feature'), ('jax', 'eval embed'),
-                   ('jax', 'feature, end to end (0 workers)')}
+  assert kinds == {
+    ('torch', 'none (fp32)'),
+    ('jax', 'none'),
+    ('jax', 'feature'),
+    ('jax', 'eval embed'),
+    ('jax', 'feature, end to end (0 workers)'),
+  }
   assert 'end to end (grain pipeline' in printed
   for r in rows:
     assert math.isfinite(r['images_per_s']) and r['images_per_s'] > 0 and math.isfinite(r['loss_value'])
@@ -80,8 +99,10 @@ def test_bench_train_quick_prints_a_finite_table(capsys, tmp_path):
 
 def test_bench_train_compile_only_reports_flops_without_running(capsys):
   import bench_train  # pylint: disable=g-import-not-at-top
-  rows = bench_train.main(['--quick', '--compile_only', '--losses=contrastive', '--modes=none,embedding',
-                           '--dtype=float32'])
+
+  rows = bench_train.main(
+    ['--quick', '--compile_only', '--losses=contrastive', '--modes=none,embedding', '--dtype=float32']
+  )
   assert [(r['framework'], r['mix']) for r in rows] == [('jax', 'none'), ('jax', 'embedding')]
   assert all(r['images_per_s'] is None and r['loss_value'] is None and r['flops'] > 1e8 for r in rows)
   assert 0 <= rows[1]['flop_overhead_pct'] < 5  # embedding-level Metrix: no extra backbone work
@@ -90,6 +111,7 @@ def test_bench_train_compile_only_reports_flops_without_running(capsys):
 
 def test_bench_train_rejects_unknown_levels():
   import bench_train  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(SystemExit):
     bench_train.parse_args(['--modes=pixel'])
   with pytest.raises(SystemExit, match='valid choices'):

@@ -1,4 +1,5 @@
 """Checkpointer: exact round trip (state, rng, iterator state), keep last n + best by R@1, atomic saves."""
+
 import json
 import os
 
@@ -30,8 +31,12 @@ def _state(seed):
   tx = optax.adam(1e-3)
   opt_state = tx.init(params)
   updates, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
-  return {'step': jnp.asarray(7, jnp.int32), 'params': optax.apply_updates(params, updates), 'opt_state': opt_state,
-          'rng': jax.random.key_data(jax.random.key(seed + 1))}
+  return {
+    'step': jnp.asarray(7, jnp.int32),
+    'params': optax.apply_updates(params, updates),
+    'opt_state': opt_state,
+    'rng': jax.random.key_data(jax.random.key(seed + 1)),
+  }
 
 
 def test_round_trip_is_exact(tmp_path):

@@ -5,6 +5,7 @@ class-pattern images) is trained once into a temporary workdir; the commands run
 and fake eval data patched in (`_cli`), and their outputs are checked against embedding the same images directly
 with the restored variables and `metrix_jax.evaluation` / numpy.
 """
+
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import trainer_fakes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from metrix_jax import report as report_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from metrix_jax import cli, embed, evaluate, evaluation, rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
+from metrix_jax import cli, embed, evaluation, rundir  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -31,11 +32,15 @@ def _batches(labels, seed, batch_size=8):
   images = trainer_fakes.class_images(labels, IMAGE_SIZE, np.random.default_rng(seed))
   out = []
   for start in range(0, len(labels), batch_size):
-    img, lab = images[start:start + batch_size], labels[start:start + batch_size]
+    img, lab = images[start : start + batch_size], labels[start : start + batch_size]
     pad = batch_size - len(lab)
-    out.append({'image': np.concatenate([img, np.zeros((pad,) + img.shape[1:], np.uint8)]),
-                'label': np.concatenate([lab, np.zeros(pad, np.int32)]),
-                'mask': np.arange(batch_size) < len(lab)})
+    out.append(
+      {
+        'image': np.concatenate([img, np.zeros((pad,) + img.shape[1:], np.uint8)]),
+        'label': np.concatenate([lab, np.zeros(pad, np.int32)]),
+        'mask': np.arange(batch_size) < len(lab),
+      }
+    )
   return out, images
 
 
@@ -54,26 +59,31 @@ def fake_eval_data(config, include_train):
 
 def _cli(module, *args):
   """Runs `python -m metrix_jax.<module> ARGS` with the tiny model and fake eval data patched in."""
-  script = (f'import sys; sys.path.insert(0, {TESTS!r})\n'
-            'import trainer_fakes, test_cli\n'
-            'from metrix_jax import embedding, input_pipeline\n'
-            'embedding.create_model = trainer_fakes.tiny_model_factory\n'
-            'input_pipeline.build_eval_data = test_cli.fake_eval_data\n'
-            f'from metrix_jax import {module}\n'
-            f'sys.argv = ["{module}"] + sys.argv[1:]\n'
-            f'sys.exit({module}.main())\n')
+  script = (
+    f'import sys; sys.path.insert(0, {TESTS!r})\n'
+    'import trainer_fakes, test_cli\n'
+    'from metrix_jax import embedding, input_pipeline\n'
+    'embedding.create_model = trainer_fakes.tiny_model_factory\n'
+    'input_pipeline.build_eval_data = test_cli.fake_eval_data\n'
+    f'from metrix_jax import {module}\n'
+    f'sys.argv = ["{module}"] + sys.argv[1:]\n'
+    f'sys.exit({module}.main())\n'
+  )
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-c', script, *args], capture_output=True, text=True, env=env,
-                        timeout=300, cwd=ROOT)
+  return subprocess.run(
+    [sys.executable, '-c', script, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+  )
 
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   from metrix_jax import train  # pylint: disable=g-import-not-at-top
+
   path = str(tmp_path_factory.mktemp('run'))
   config = trainer_fakes.tiny_config(steps=1)
-  train.train_and_evaluate(config, path, data_factory=trainer_fakes.fake_data_factory(),
-                           model_factory=trainer_fakes.tiny_model_factory)
+  train.train_and_evaluate(
+    config, path, data_factory=trainer_fakes.fake_data_factory(), model_factory=trainer_fakes.tiny_model_factory
+  )
   return path
 
 
@@ -213,6 +223,7 @@ def test_embed_command(tmp_path, workdir, trained):
   assert paths == sorted(names + ['sub/big.jpg'])
   want = dict(zip(names, _embed_directly(trained, images)))
   from metrix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   big_pixels = pipeline.eval_transform((folder / 'sub' / 'big.jpg').read_bytes(), IMAGE_SIZE, IMAGE_SIZE)
   want['sub/big.jpg'] = _embed_directly(trained, big_pixels[None])[0]
   np.testing.assert_allclose(embeddings, np.stack([want[p] for p in paths]), atol=1e-5)
@@ -228,14 +239,14 @@ def test_embed_errors(tmp_path, workdir):
   (tmp_path / 'bad').mkdir()
   (tmp_path / 'bad' / 'x.png').write_bytes(b'garbage')
   with pytest.raises(ValueError, match='None of the 1 image files'):
-    embed.run(workdir, str(tmp_path / 'bad'), str(tmp_path / 'x.npz'),
-              model_factory=trainer_fakes.tiny_model_factory)
+    embed.run(workdir, str(tmp_path / 'bad'), str(tmp_path / 'x.npz'), model_factory=trainer_fakes.tiny_model_factory)
   with pytest.raises(ValueError, match='.npz'):
     embed.run(workdir, str(tmp_path / 'bad'), str(tmp_path / 'x.txt'))
 
 
 def test_positivity_averages_batches_weighted_by_item_count(monkeypatch):
   from metrix_jax import analysis  # pylint: disable=g-import-not-at-top
+
   calls = []
 
   def fake_curve(loss, embeddings, labels, key, *, lambdas, pair_sets, proxies, mask_mode):
@@ -268,14 +279,17 @@ def test_positivity_of_proxy_losses_runs_on_the_train_split(loss):
   at lambda = 1 the mixed item is x itself and is pulled towards its class's proxy (positive: 1), at lambda = 0 it
   is x' of another class and is pushed away (0). Without a train split the report says why it skipped."""
   from metrix_jax import analysis, losses  # pylint: disable=g-import-not-at-top
+
   config = trainer_fakes.tiny_config(loss)
   rng = np.random.default_rng(0)
   proxies = rng.normal(size=(6, 16)).astype(np.float32)
   train_labels = np.repeat(np.arange(6), 4)
   train = (proxies[train_labels] + 0.3 * rng.normal(size=(24, 16))).astype(np.float32)
   import jax  # pylint: disable=g-import-not-at-top
-  curve = analysis.positivity_curve(losses.get(loss), train, train_labels, jax.random.key(0), lambdas=(0.0, 1.0),
-                                    num_mixed=4, proxies=proxies)
+
+  curve = analysis.positivity_curve(
+    losses.get(loss), train, train_labels, jax.random.key(0), lambdas=(0.0, 1.0), num_mixed=4, proxies=proxies
+  )
   assert curve['num_items'] > 0
   np.testing.assert_allclose(curve['empirical'], [0.0, 1.0])
   embedded = {'test': (train[:12], train_labels[:12] + 100), 'train': (train, train_labels)}

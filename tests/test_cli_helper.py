@@ -1,6 +1,7 @@
 """metrix_jax.cli (what every entry point shares) and the small pieces the restructure gave one home:
 evaluation.split_retrieval_metrics (which protocol), embedding.embed_dataset (masking, order, max_items),
 rundir.select_step (checkpoint choice)."""
+
 import logging
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def test_configure_logging_levels():
 
 def test_reject_arguments():
   from absl import app  # pylint: disable=g-import-not-at-top
+
   cli.reject_arguments(['prog'])
   with pytest.raises(app.UsageError, match='Unexpected arguments: extra'):
     cli.reject_arguments(['prog', 'extra'])
@@ -77,8 +79,7 @@ def test_split_retrieval_metrics_picks_the_protocol():
   loo = evaluation.split_retrieval_metrics({'test': (emb, labels), 'train': (emb[:3], labels[:3])}, (1,))
   assert loo['protocol'] == 'leave-one-out' and loo['num_test'] == 30
   assert loo['recall'][1] == pytest.approx(_loo_recall_at_1(emb, labels), abs=1e-6)
-  qg = evaluation.split_retrieval_metrics({'query': (emb[:10], labels[:10]), 'gallery': (emb[10:], labels[10:])},
-                                          (1,))
+  qg = evaluation.split_retrieval_metrics({'query': (emb[:10], labels[:10]), 'gallery': (emb[10:], labels[10:])}, (1,))
   sim = emb[:10] @ emb[10:].T
   expected = np.mean([labels[10:][np.argmax(sim[i])] == labels[i] for i in range(10)])
   assert qg['protocol'] == 'query -> gallery' and (qg['num_query'], qg['num_gallery']) == (10, 20)

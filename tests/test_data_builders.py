@@ -3,6 +3,7 @@
 Fakes hold a handful of images per class, so the standard-count check is disabled (`check_counts=False`)
 except where a test checks that it fires.
 """
+
 import io
 import logging
 import os
@@ -64,8 +65,12 @@ def labels_of(source):
 
 
 def leftovers(data_dir):
-  return [os.path.join(d, f) for d, dirs, files in os.walk(data_dir) for f in files + dirs
-          if 'incomplete' in f or f.endswith('.array_record-00000-of-00001')]
+  return [
+    os.path.join(d, f)
+    for d, dirs, files in os.walk(data_dir)
+    for f in files + dirs
+    if 'incomplete' in f or f.endswith('.array_record-00000-of-00001')
+  ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,21 +126,27 @@ def test_missing_archive_names_the_file_and_the_instructions(tmp_path):
 @pytest.mark.parametrize('name', ['omniglot', 'cub200', 'cars196', 'sop', 'inshop'])
 def test_missing_archives_name_the_manual_dir_flag(tmp_path, name):
   (tmp_path / 'empty').mkdir()
-  for manual_dir, where in ((tmp_path / 'empty', f"(manual dir '{tmp_path / 'empty'}')"),
-                            (tmp_path / 'nope', f"(manual dir '{tmp_path / 'nope'}', which is not a folder)")):
+  for manual_dir, where in (
+    (tmp_path / 'empty', f"(manual dir '{tmp_path / 'empty'}')"),
+    (tmp_path / 'nope', f"(manual dir '{tmp_path / 'nope'}', which is not a folder)"),
+  ):
     with pytest.raises(FileNotFoundError) as error:
       data.prepare(name, str(tmp_path / 'data'), str(manual_dir))
     first, rest = str(error.value).split('\n', 1)
-    assert first == (f'{name}: the official archives are missing {where}; pass the folder that holds them with '
-                     '--config.dataset.manual_dir=DIR (training, evaluation) or --manual_dir=DIR '
-                     '(python -m metrix_jax.data.builders).')
+    assert first == (
+      f'{name}: the official archives are missing {where}; pass the folder that holds them with '
+      '--config.dataset.manual_dir=DIR (training, evaluation) or --manual_dir=DIR '
+      '(python -m metrix_jax.data.builders).'
+    )
     assert data.download_instructions(name) in rest and 'http' in rest
   assert leftovers(tmp_path / 'data') == []
 
 
 def test_the_registry_is_cheap_to_import():
-  code = ('import sys; from metrix_jax import data; data.check_name("sop"); '
-          'print(sorted({"tensorflow_datasets", "grain", "jax"} & set(sys.modules)))')
+  code = (
+    'import sys; from metrix_jax import data; data.check_name("sop"); '
+    'print(sorted({"tensorflow_datasets", "grain", "jax"} & set(sys.modules)))'
+  )
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, check=True)
   assert proc.stdout.strip() == '[]'
 
@@ -159,7 +170,7 @@ def test_truncated_archive_is_reported(tmp_path):
   manual.mkdir()
   write_tar(manual / 'CUB_200_2011.tgz', {f'CUB_200_2011/images/001.A/{k}.jpg': jpeg(k) for k in range(30)})
   payload = (manual / 'CUB_200_2011.tgz').read_bytes()
-  (manual / 'CUB_200_2011.tgz').write_bytes(payload[:len(payload) // 2])
+  (manual / 'CUB_200_2011.tgz').write_bytes(payload[: len(payload) // 2])
   with pytest.raises(ValueError, match='truncated or corrupt'):
     build('cub200', tmp_path / 'data', manual)
   assert leftovers(tmp_path / 'data') == []
@@ -171,11 +182,19 @@ def test_truncated_archive_is_reported(tmp_path):
 
 def write_cars_annos(path, entries):
   from scipy import io as sio  # pylint: disable=g-import-not-at-top
+
   fields = ['relative_im_path', 'bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2', 'class', 'test']
   annotations = np.zeros((1, len(entries)), dtype=[(f, 'O') for f in fields])
   for i, (name, cls) in enumerate(entries):
-    annotations[0, i] = (np.array([name]), np.array([[1]]), np.array([[2]]), np.array([[30]]), np.array([[20]]),
-                         np.array([[cls]], np.uint8), np.array([[i % 2]], np.uint8))
+    annotations[0, i] = (
+      np.array([name]),
+      np.array([[1]]),
+      np.array([[2]]),
+      np.array([[30]]),
+      np.array([[20]]),
+      np.array([[cls]], np.uint8),
+      np.array([[i % 2]], np.uint8),
+    )
   sio.savemat(path, {'annotations': annotations, 'class_names': np.array([['a', 'b']], dtype=object)})
 
 
@@ -202,8 +221,13 @@ def test_sop_train_test_from_ebay_lists(tmp_path):
   manual.mkdir()
   files, rows = {}, {'train': [], 'test': []}
   image_id = 0
-  for class_id, split, super_class in ((1, 'train', 'bicycle'), (2, 'train', 'bicycle'), (3, 'train', 'chair'),
-                                       (4, 'test', 'chair'), (5, 'test', 'mug')):
+  for class_id, split, super_class in (
+    (1, 'train', 'bicycle'),
+    (2, 'train', 'bicycle'),
+    (3, 'train', 'chair'),
+    (4, 'test', 'chair'),
+    (5, 'test', 'mug'),
+  ):
     for k in range(2):
       image_id += 1
       path = f'{super_class}_final/{1000 + class_id}_{k}.JPG'
@@ -211,7 +235,8 @@ def test_sop_train_test_from_ebay_lists(tmp_path):
       rows[split].append(f'{image_id} {class_id} 1 {path}')
   for split in rows:
     files[f'Stanford_Online_Products/Ebay_{split}.txt'] = (
-        'image_id class_id super_class_id path\n' + '\n'.join(rows[split]) + '\n').encode()
+      'image_id class_id super_class_id path\n' + '\n'.join(rows[split]) + '\n'
+    ).encode()
   write_zip(manual / 'Stanford_Online_Products.zip', files)
   builder, splits = build('sop', tmp_path / 'data', manual)
   assert labels_of(splits['train']) == [0, 0, 1, 1, 2, 2]
@@ -231,8 +256,14 @@ def test_inshop_query_gallery_share_one_label_map(tmp_path):
   (manual / 'Img').mkdir(parents=True)
   (manual / 'Eval').mkdir()
   rows, files = [], {}
-  layout = [('id_00000001', 'train', 2), ('id_00000003', 'train', 2), ('id_00000002', 'query', 1),
-            ('id_00000002', 'gallery', 2), ('id_00000004', 'query', 1), ('id_00000004', 'gallery', 1)]
+  layout = [
+    ('id_00000001', 'train', 2),
+    ('id_00000003', 'train', 2),
+    ('id_00000002', 'query', 1),
+    ('id_00000002', 'gallery', 2),
+    ('id_00000004', 'query', 1),
+    ('id_00000004', 'gallery', 1),
+  ]
   n = 0
   for item, status, count in layout:
     for _ in range(count):
@@ -242,7 +273,8 @@ def test_inshop_query_gallery_share_one_label_map(tmp_path):
       rows.append(f'{name} {item} {status}')
   write_zip(manual / 'Img' / 'img.zip', files)
   (manual / 'Eval' / 'list_eval_partition.txt').write_text(
-      f'{len(rows)}\nimage_name item_id evaluation_status\n' + '\n'.join(rows) + '\n')
+    f'{len(rows)}\nimage_name item_id evaluation_status\n' + '\n'.join(rows) + '\n'
+  )
   builder, splits = build('inshop', tmp_path / 'data', manual)
   assert set(splits) == {'train', 'query', 'gallery'}
   assert labels_of(splits['train']) == [0, 0, 1, 1]
@@ -310,7 +342,7 @@ def test_omniglot_corrupt_png_skipped_and_truncated_zip_named(tmp_path, caplog):
   assert 'skipped 1 corrupt image' in caplog.text
   assert len(splits['train']) == 3 and len(splits['test']) == 1  # never kept with a wrong label
   payload = (manual / 'images_background.zip').read_bytes()
-  (manual / 'images_background.zip').write_bytes(payload[:len(payload) // 3])
+  (manual / 'images_background.zip').write_bytes(payload[: len(payload) // 3])
   with pytest.raises(ValueError, match='images_background.zip: .*truncated or corrupt'):
     build('omniglot', tmp_path / 'data2', manual, config=None)
   assert leftovers(tmp_path / 'data2') == []
@@ -325,12 +357,18 @@ def test_omniglot_real_small_zips(tmp_path):
   assert set(train.labels) == set(range(len(set(train.labels))))
   assert np.bincount(train.labels).max() == 20
   alphabet = lambda s, i: s.record(i)['alphabet']  # noqa: E731
-  assert not {alphabet(train, i) for i in range(0, len(train), 50)} & {alphabet(test, i) for i in
-                                                                        range(0, len(test), 50)}
+  assert not {alphabet(train, i) for i in range(0, len(train), 50)} & {
+    alphabet(test, i) for i in range(0, len(test), 50)
+  }
   info = data.get_dataset_info('omniglot', str(tmp_path), OMNIGLOT_SMALL)
   assert info.num_train_examples == len(train) and not info.has_gallery
-  batch = next(iter(data.create_eval_iterator('omniglot', 'test', data_dir=str(tmp_path),
-                                              manual_dir=OMNIGLOT_SMALL, global_batch_size=8, image_size=64)))
+  batch = next(
+    iter(
+      data.create_eval_iterator(
+        'omniglot', 'test', data_dir=str(tmp_path), manual_dir=OMNIGLOT_SMALL, global_batch_size=8, image_size=64
+      )
+    )
+  )
   assert batch['image'].shape == (8, 64, 64, 3) and batch['mask'].all()
 
 
@@ -354,8 +392,7 @@ def test_build_command_line(tmp_path, capsys, monkeypatch):
   manual.mkdir()
   monkeypatch.setitem(builders._OMNIGLOT_ZIPS, 'images_background_small1', (4, 8))  # the fake's counts
   omniglot_zip(manual, 'images_background_small1', ['Alpha', 'Beta'], characters=2, drawers=2)
-  status = builders.main(['omniglot', f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}',
-                          '--num_workers=0'])
+  status = builders.main(['omniglot', f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}', '--num_workers=0'])
   out = capsys.readouterr().out
   assert status == 0
   assert 'omniglot/train: 4 images, 2 classes' in out and 'omniglot/test: 4 images, 2 classes' in out
@@ -364,28 +401,33 @@ def test_build_command_line(tmp_path, capsys, monkeypatch):
 
 
 def _builders_command(*args):
-  return subprocess.run([sys.executable, '-m', 'metrix_jax.data.builders', *args], capture_output=True, text=True,
-                        timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'metrix_jax.data.builders', *args], capture_output=True, text=True, timeout=300, check=False
+  )
 
 
 def test_build_command_line_user_mistakes_are_one_line_and_exit_2(tmp_path):
   proc = _builders_command('omniglot', f'--manual_dir={tmp_path / "nothing"}', f'--data_dir={tmp_path / "data"}')
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.splitlines()[0] == (
-      f"error: omniglot: the official archives are missing (manual dir '{tmp_path / 'nothing'}', which is not a "
-      'folder); pass the folder that holds them with --config.dataset.manual_dir=DIR (training, evaluation) or '
-      '--manual_dir=DIR (python -m metrix_jax.data.builders).')
+    f"error: omniglot: the official archives are missing (manual dir '{tmp_path / 'nothing'}', which is not a "
+    'folder); pass the folder that holds them with --config.dataset.manual_dir=DIR (training, evaluation) or '
+    '--manual_dir=DIR (python -m metrix_jax.data.builders).'
+  )
   assert 'https://github.com/brendenlake/omniglot' in proc.stderr and proc.stdout == ''
   proc = _builders_command('cub', f'--data_dir={tmp_path / "data"}')
   assert proc.returncode == 2
-  assert proc.stderr.splitlines() == ["error: argument name: invalid choice: 'cub' (choose from 'demo', 'omniglot', "
-                                      "'cub200', 'cars196', 'sop', 'inshop') (see: python -m "
-                                      'metrix_jax.data.builders --help)']
+  assert proc.stderr.splitlines() == [
+    "error: argument name: invalid choice: 'cub' (choose from 'demo', 'omniglot', "
+    "'cub200', 'cars196', 'sop', 'inshop') (see: python -m "
+    'metrix_jax.data.builders --help)'
+  ]
   assert not os.path.exists(tmp_path / 'data')
 
 
 def test_omniglot_config_has_no_development_default_and_names_the_flag(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location('omniglot_config', os.path.join(ROOT, 'configs', 'omniglot.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -396,7 +438,9 @@ def test_omniglot_config_has_no_development_default_and_names_the_flag(tmp_path)
   with pytest.raises(ValueError) as error:
     config_lib.validate(config)
   message = str(error.value)
-  assert (f"dataset.manual_dir='{tmp_path / 'nope'}' is not a folder; pass the folder that holds the official "
-          'archives of omniglot with --config.dataset.manual_dir=DIR.') in message
+  assert (
+    f"dataset.manual_dir='{tmp_path / 'nope'}' is not a folder; pass the folder that holds the official "
+    'archives of omniglot with --config.dataset.manual_dir=DIR.'
+  ) in message
   for expected in ('images_background.zip', 'images_evaluation.zip', 'https://github.com/brendenlake/omniglot'):
     assert expected in message

@@ -1,4 +1,5 @@
 """The embedded `demo` data set, generated for real: counts, class split, determinism, caching."""
+
 import hashlib
 import os
 import time
@@ -30,8 +31,9 @@ def default_demo(tmp_path_factory):
 def test_default_demo_counts_and_split(default_demo):
   data_dir, builder, seconds = default_demo
   info = data.get_dataset_info('demo', data_dir)
-  assert info == data.DatasetInfo(num_classes_train=500, num_train_examples=10_000, eval_splits=('test',),
-                                  has_gallery=False)
+  assert info == data.DatasetInfo(
+    num_classes_train=500, num_train_examples=10_000, eval_splits=('test',), has_gallery=False
+  )
   train = builders.RecordSource(builder.data_dir, 'train')
   test = builders.RecordSource(builder.data_dir, 'test')
   assert len(test) == 10_000
@@ -66,8 +68,9 @@ def test_demo_is_cached(default_demo):
 
 def test_demo_is_deterministic(tmp_path):
   config = demo.demo_config(num_classes=30, num_train_classes=20, images_per_class=5)
-  digests = [_record_files_digest(data.prepare('demo', str(tmp_path / name), config=config).data_dir)
-             for name in ('a', 'b')]
+  digests = [
+    _record_files_digest(data.prepare('demo', str(tmp_path / name), config=config).data_dir) for name in ('a', 'b')
+  ]
   assert digests[0] == digests[1]
   other_seed = demo.demo_config(num_classes=30, num_train_classes=20, images_per_class=5, seed=1)
   assert _record_files_digest(data.prepare('demo', str(tmp_path / 'c'), config=other_seed).data_dir) != digests[0]
@@ -84,8 +87,7 @@ def test_glyph_classes_are_many_and_distinct():
 
 def test_instances_differ_within_a_class():
   codepoint, faces = demo.select_classes(demo.demo_config())[0]
-  images = [demo.render_glyph(codepoint, faces, np.random.default_rng([0, codepoint, k]), 32)[0]
-            for k in range(4)]
+  images = [demo.render_glyph(codepoint, faces, np.random.default_rng([0, codepoint, k]), 32)[0] for k in range(4)]
   assert all(im.shape == (32, 32) and im.dtype == np.uint8 for im in images)
   assert all(np.abs(images[0].astype(int) - im).mean() > 2 for im in images[1:])
 

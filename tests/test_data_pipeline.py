@@ -1,4 +1,5 @@
 """grain pipelines: determinism, samplers, host sharding, resume, eval padding, transforms."""
+
 import io
 import json
 
@@ -133,6 +134,7 @@ def test_set_state_rejects_another_pipeline(data_dir):
 def test_grain_checkpoint_handler_roundtrip(data_dir, tmp_path):
   import grain  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   it = train_it(data_dir)
   next(it)
   handler = grain.checkpoint.CheckpointHandler()
@@ -145,8 +147,9 @@ def test_grain_checkpoint_handler_roundtrip(data_dir, tmp_path):
 
 
 def test_eval_pads_the_last_batch_and_keeps_every_image(data_dir):
-  loader = data.create_eval_iterator('demo', 'test', data_dir=data_dir, config=CONFIG, global_batch_size=40,
-                                     image_size=32)
+  loader = data.create_eval_iterator(
+    'demo', 'test', data_dir=data_dir, config=CONFIG, global_batch_size=40, image_size=32
+  )
   batches = list(loader)
   assert len(loader) == len(batches) == 3 and loader.num_examples == 96
   mask = np.concatenate([b['mask'] for b in batches])
@@ -155,8 +158,21 @@ def test_eval_pads_the_last_batch_and_keeps_every_image(data_dir):
   assert (batches[-1]['label'][16:] == -1).all() and (batches[-1]['image'][16:] == 0).all()
   assert_batches_equal(batches, list(loader))  # deterministic, re-iterable
   # Two hosts: row slices of the same global batches.
-  hosts = [list(data.create_eval_iterator('demo', 'test', data_dir=data_dir, config=CONFIG, global_batch_size=40,
-                                          image_size=32, process_index=p, process_count=2)) for p in range(2)]
+  hosts = [
+    list(
+      data.create_eval_iterator(
+        'demo',
+        'test',
+        data_dir=data_dir,
+        config=CONFIG,
+        global_batch_size=40,
+        image_size=32,
+        process_index=p,
+        process_count=2,
+      )
+    )
+    for p in range(2)
+  ]
   for i, batch in enumerate(batches):
     for key in batch:
       np.testing.assert_array_equal(np.concatenate([hosts[0][i][key], hosts[1][i][key]]), batch[key])

@@ -1,4 +1,5 @@
 """`metrix_jax.input_pipeline`: config.dataset -> train and eval iterators, on a small generated demo data set."""
+
 import numpy as np
 import pytest
 
@@ -53,8 +54,16 @@ def test_train_data_follows_the_config(data_dir):
     groups = batch['label'].reshape(6, 4)  # 6 classes x 4 images, groups contiguous
     assert (groups == groups[:, :1]).all() and len(set(groups[:, 0])) == 6 and groups.max() < 24
   # The same batches as the data module's iterator called with the config's values by hand.
-  direct = data.create_train_iterator('demo', data_dir=data_dir, global_batch_size=24, image_size=24, seed=3,
-                                      sampler='balanced', classes_per_batch=6, images_per_class=4)
+  direct = data.create_train_iterator(
+    'demo',
+    data_dir=data_dir,
+    global_batch_size=24,
+    image_size=24,
+    seed=3,
+    sampler='balanced',
+    classes_per_batch=6,
+    images_per_class=4,
+  )
   for batch in batches:
     expected = next(direct)
     for key in batch:

@@ -1,5 +1,6 @@
 """metrix_jax.jsonio: the one JSON writer: the values it writes (NaN -> null, numpy/jax -> numbers), atomic writes,
 the strict reader, a light import; and every committed .json of the repository is strict and machine-free."""
+
 import dataclasses
 import enum
 import json
@@ -23,14 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _strict_loads(text):
   def reject(token):
     raise AssertionError(f'non-standard token {token}')
+
   return json.loads(text, parse_constant=reject)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Values.
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('value', [math.nan, math.inf, -math.inf, np.float32('nan'), np.float64('-inf'),
-                                   jnp.float32(jnp.inf), np.array(np.nan)])
+@pytest.mark.parametrize(
+  'value',
+  [math.nan, math.inf, -math.inf, np.float32('nan'), np.float64('-inf'), jnp.float32(jnp.inf), np.array(np.nan)],
+)
 def test_non_finite_becomes_null(value):
   assert jsonio.to_jsonable(value) is None
   assert jsonio.dumps({'x': value}, indent=None) == '{"x": null}'
@@ -38,17 +42,46 @@ def test_non_finite_becomes_null(value):
 
 
 def test_numpy_and_jax_values():
-  data = {'f32': np.float32(0.25), 'f64': np.float64(0.1), 'i64': np.int64(7), 'u8': np.uint8(255),
-          'yes': np.bool_(True), 'no': np.bool_(False), 'curve': np.arange(3), 'grid': np.eye(2, dtype=np.int32),
-          'jax': jnp.asarray([1.5, np.nan]), 'jax_scalar': jnp.int32(4), 'jax_bool': jnp.asarray(True),
-          'names': np.array(['a', 'b'])}
+  data = {
+    'f32': np.float32(0.25),
+    'f64': np.float64(0.1),
+    'i64': np.int64(7),
+    'u8': np.uint8(255),
+    'yes': np.bool_(True),
+    'no': np.bool_(False),
+    'curve': np.arange(3),
+    'grid': np.eye(2, dtype=np.int32),
+    'jax': jnp.asarray([1.5, np.nan]),
+    'jax_scalar': jnp.int32(4),
+    'jax_bool': jnp.asarray(True),
+    'names': np.array(['a', 'b']),
+  }
   out = jsonio.to_jsonable(data)
-  assert out == {'f32': 0.25, 'f64': 0.1, 'i64': 7, 'u8': 255, 'yes': True, 'no': False, 'curve': [0, 1, 2],
-                 'grid': [[1, 0], [0, 1]], 'jax': [1.5, None], 'jax_scalar': 4, 'jax_bool': True,
-                 'names': ['a', 'b']}
+  assert out == {
+    'f32': 0.25,
+    'f64': 0.1,
+    'i64': 7,
+    'u8': 255,
+    'yes': True,
+    'no': False,
+    'curve': [0, 1, 2],
+    'grid': [[1, 0], [0, 1]],
+    'jax': [1.5, None],
+    'jax_scalar': 4,
+    'jax_bool': True,
+    'names': ['a', 'b'],
+  }
   types = {k: type(v) for k, v in out.items() if not isinstance(v, list)}
-  assert types == {'f32': float, 'f64': float, 'i64': int, 'u8': int, 'yes': bool, 'no': bool, 'jax_scalar': int,
-                   'jax_bool': bool}
+  assert types == {
+    'f32': float,
+    'f64': float,
+    'i64': int,
+    'u8': int,
+    'yes': bool,
+    'no': bool,
+    'jax_scalar': int,
+    'jax_bool': bool,
+  }
   assert type(out['curve'][0]) is int and type(out['jax'][0]) is float
   assert jsonio.to_jsonable(np.float32(0.1)) == float(np.float32(0.1))  # the float32 value, not 0.1
 
@@ -67,15 +100,27 @@ def test_config_dict_and_odd_config_values():
     x: float
     y: tuple
 
-  config = ml_collections.ConfigDict({'model': {'dtype': jnp.bfloat16, 'depth': 50},
-                                      'optim': {'lr': 1e-4, 'betas': (0.9, 0.999), 'clip': math.nan},
-                                      'np_dtype': np.dtype('float32'), 'np_type': np.float16, 'mode': Mode.FAST,
-                                      'path': pathlib.PurePosixPath('data/cub'), 'point': Point(1.0, (2, 3))})
+  config = ml_collections.ConfigDict(
+    {
+      'model': {'dtype': jnp.bfloat16, 'depth': 50},
+      'optim': {'lr': 1e-4, 'betas': (0.9, 0.999), 'clip': math.nan},
+      'np_dtype': np.dtype('float32'),
+      'np_type': np.float16,
+      'mode': Mode.FAST,
+      'path': pathlib.PurePosixPath('data/cub'),
+      'point': Point(1.0, (2, 3)),
+    }
+  )
   out = jsonio.to_jsonable(config)
-  assert out == {'model': {'dtype': 'bfloat16', 'depth': 50},
-                 'optim': {'lr': 1e-4, 'betas': [0.9, 0.999], 'clip': None},
-                 'np_dtype': 'float32', 'np_type': 'float16', 'mode': 'fast', 'path': 'data/cub',
-                 'point': {'x': 1.0, 'y': [2, 3]}}
+  assert out == {
+    'model': {'dtype': 'bfloat16', 'depth': 50},
+    'optim': {'lr': 1e-4, 'betas': [0.9, 0.999], 'clip': None},
+    'np_dtype': 'float32',
+    'np_type': 'float16',
+    'mode': 'fast',
+    'path': 'data/cub',
+    'point': {'x': 1.0, 'y': [2, 3]},
+  }
   frozen = ml_collections.FrozenConfigDict({'a': (1, 2)})
   assert jsonio.to_jsonable(frozen) == {'a': [1, 2]}
   assert jsonio.to_jsonable(ValueError) == 'ValueError'  # a class: its name
@@ -112,6 +157,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 
   def broken_replace(src, dst):
     raise OSError('disk full')
+
   monkeypatch.setattr(jsonio.os, 'replace', broken_replace)
   with pytest.raises(OSError, match='disk full'):
     jsonio.write_json(path, {'new': True})
@@ -120,6 +166,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 
 def test_cloud_path_is_one_object_write(monkeypatch):
   from etils import epath
+
   objects = {}
 
   class FakeCloudPath:
@@ -134,7 +181,8 @@ def test_cloud_path_is_one_object_write(monkeypatch):
 
   monkeypatch.setattr(epath, 'Path', FakeCloudPath)
   assert jsonio.write_json('gs://bucket/run/results.json', {'r': np.float32(0.5), 'n': np.nan}) == (
-      'gs://bucket/run/results.json')
+    'gs://bucket/run/results.json'
+  )
   assert list(objects) == ['gs://bucket/run/results.json']
   assert _strict_loads(objects['gs://bucket/run/results.json']) == {'r': 0.5, 'n': None}
   assert jsonio.read_json('gs://bucket/run/results.json') == {'r': 0.5, 'n': None}
@@ -159,8 +207,10 @@ def test_read_json_names_the_file_of_broken_json(tmp_path):
 
 
 def test_import_is_light():
-  code = ('import sys, metrix_jax.jsonio; '
-          'print(sorted(m for m in ("jax", "etils", "matplotlib", "ml_collections") if m in sys.modules))')
+  code = (
+    'import sys, metrix_jax.jsonio; '
+    'print(sorted(m for m in ("jax", "etils", "matplotlib", "ml_collections") if m in sys.modules))'
+  )
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)
   assert out.stdout.strip() == '[]'
 
@@ -172,8 +222,9 @@ _ABSOLUTE = re.compile(r'^(/|~|[A-Za-z]:[\\/]|\\\\)|/work/|/tmp/|/home/|/Users/'
 
 
 def _committed_json_files():
-  out = subprocess.run(['git', 'ls-files', '-z', '--', '*.json'], cwd=ROOT, capture_output=True, text=True,
-                       check=True).stdout
+  out = subprocess.run(
+    ['git', 'ls-files', '-z', '--', '*.json'], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout
   return sorted(name for name in out.split('\0') if name)
 
 

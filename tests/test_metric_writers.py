@@ -1,6 +1,7 @@
 """metrix_jax.metric_writers: metrics.jsonl / config.json / results.json are strict JSON with the values written
 (NaN -> null), TensorBoard events appear, a disabled writer writes nothing, and a cloud workdir gets the files of
 its local mirror."""
+
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from metrix_jax import metric_writers
 def _strict_loads(text):
   def reject(token):
     raise AssertionError(f'non-standard token {token}')
+
   return json.loads(text, parse_constant=reject)
 
 
@@ -27,13 +29,22 @@ def _lines(path):
 
 def test_scalars_to_jsonl_and_tensorboard(tmp_path):
   writer = metric_writers.MetricWriter(str(tmp_path), enabled=True)
-  writer.write_scalars(np.int64(1), {'loss': np.float32(0.5), 'lr': 1e-3, 'images_per_second': float('nan'),
-                                     'eval/recall@1': jnp.float32(0.25), 'count': np.int32(3)})
+  writer.write_scalars(
+    np.int64(1),
+    {
+      'loss': np.float32(0.5),
+      'lr': 1e-3,
+      'images_per_second': float('nan'),
+      'eval/recall@1': jnp.float32(0.25),
+      'count': np.int32(3),
+    },
+  )
   writer.write_scalars(2, {'loss': jnp.asarray(np.inf), 'note': 'text'})
   writer.close()
   assert _lines(tmp_path / 'metrics.jsonl') == [
-      {'step': 1, 'loss': 0.5, 'lr': 1e-3, 'images_per_second': None, 'eval/recall@1': 0.25, 'count': 3},
-      {'step': 2, 'loss': None, 'note': 'text'}]
+    {'step': 1, 'loss': 0.5, 'lr': 1e-3, 'images_per_second': None, 'eval/recall@1': 0.25, 'count': 3},
+    {'step': 2, 'loss': None, 'note': 'text'},
+  ]
   events = [n for n in os.listdir(tmp_path) if n.startswith('events.out.tfevents')]
   assert len(events) == 1 and os.path.getsize(tmp_path / events[0]) > 0
 
@@ -56,19 +67,28 @@ def test_jsonl_appends_across_writers(tmp_path):
 
 def test_config_and_results_are_strict_json(tmp_path):
   writer = metric_writers.MetricWriter(tmp_path, enabled=True, tensorboard=False)
-  config = ml_collections.ConfigDict({'model': {'dtype': jnp.bfloat16, 'depth': 18},
-                                      'optim': {'betas': (0.9, 0.999), 'clip': float('nan')}})
+  config = ml_collections.ConfigDict(
+    {'model': {'dtype': jnp.bfloat16, 'depth': 18}, 'optim': {'betas': (0.9, 0.999), 'clip': float('nan')}}
+  )
   writer.write_config(config)
-  path = writer.write_json('results.json', {'recall': {1: np.float32(0.5)}, 'images_per_second': float('nan'),
-                                            'wall_s': np.float64(12.5), 'steps': np.int64(2)})
+  path = writer.write_json(
+    'results.json',
+    {
+      'recall': {1: np.float32(0.5)},
+      'images_per_second': float('nan'),
+      'wall_s': np.float64(12.5),
+      'steps': np.int64(2),
+    },
+  )
   writer.close()
   assert path == os.path.join(str(tmp_path), 'results.json')
   with open(tmp_path / 'config.json') as f:
-    assert _strict_loads(f.read()) == {'model': {'depth': 18, 'dtype': 'bfloat16'},
-                                       'optim': {'betas': [0.9, 0.999], 'clip': None}}
+    assert _strict_loads(f.read()) == {
+      'model': {'depth': 18, 'dtype': 'bfloat16'},
+      'optim': {'betas': [0.9, 0.999], 'clip': None},
+    }
   with open(tmp_path / 'results.json') as f:
-    assert _strict_loads(f.read()) == {'recall': {'1': 0.5}, 'images_per_second': None, 'wall_s': 12.5,
-                                       'steps': 2}
+    assert _strict_loads(f.read()) == {'recall': {'1': 0.5}, 'images_per_second': None, 'wall_s': 12.5, 'steps': 2}
   assert sorted(os.listdir(tmp_path)) == ['config.json', 'metrics.jsonl', 'results.json']  # no temp file left
   metric_writers.MetricWriter(tmp_path, enabled=True, tensorboard=False).write_config({'plain': (1, 2)})
   assert jsonio.read_json(tmp_path / 'config.json') == {'plain': [1, 2]}
@@ -97,6 +117,7 @@ def test_resolve_workdir(tmp_path, monkeypatch):
 
 class _FakeCloudPath:
   """etils.epath.Path for gs://BUCKET/...: objects stored as files under ROOT/BUCKET/..."""
+
   root = None
 
   def __init__(self, path):
@@ -107,7 +128,7 @@ class _FakeCloudPath:
 
   def _local(self):
     assert self.path.startswith('gs://'), self.path
-    return os.path.join(self.root, self.path[len('gs://'):])
+    return os.path.join(self.root, self.path[len('gs://') :])
 
   def write_bytes(self, data):
     os.makedirs(os.path.dirname(self._local()), exist_ok=True)
@@ -121,6 +142,7 @@ class _FakeCloudPath:
 @pytest.fixture()
 def fake_cloud(tmp_path, monkeypatch):
   from etils import epath
+
   monkeypatch.setattr(_FakeCloudPath, 'root', str(tmp_path / 'cloud'))
   monkeypatch.setattr(epath, 'Path', _FakeCloudPath)
   monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
@@ -145,5 +167,6 @@ def test_cloud_workdir_mirrors_to_local_dir(fake_cloud):
   assert _lines(cloud / 'metrics.jsonl') == [{'step': 1, 'loss': None}, {'step': 2, 'loss': 0.5}]
   assert jsonio.read_json(cloud / 'results.json') == {'r': 0.25}
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(cloud))
-  assert sorted(os.listdir(writer.local_dir)) == sorted(n for n in os.listdir(cloud) if n != 'results.json'
-                                                        and n != 'config.json')
+  assert sorted(os.listdir(writer.local_dir)) == sorted(
+    n for n in os.listdir(cloud) if n != 'results.json' and n != 'config.json'
+  )

@@ -12,12 +12,12 @@ import pytest
 
 from metrix_jax import jsonio, plots
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _assert_png(path):
-  with open(path, "rb") as f:
+  with open(path, 'rb') as f:
     assert f.read(8) == PNG_SIGNATURE
   import matplotlib.image
 
@@ -28,9 +28,9 @@ def _assert_png(path):
 
 def test_plot_recall_at_k_single_and_named_series(tmp_path):
   single = {1: 0.61, 2: 0.72, 4: 0.81, 8: 0.88}
-  _assert_png(plots.plot_recall_at_k(single, tmp_path / "recall.png"))
-  named = {"SOP": {1: 0.8, 10: 0.9, 100: 0.95, 1000: 0.98}, "baseline": {"1": 0.7, "10": 0.85}}
-  _assert_png(plots.plot_recall_at_k(named, tmp_path / "sub" / "recall_named.png"))
+  _assert_png(plots.plot_recall_at_k(single, tmp_path / 'recall.png'))
+  named = {'SOP': {1: 0.8, 10: 0.9, 100: 0.95, 1000: 0.98}, 'baseline': {'1': 0.7, '10': 0.85}}
+  _assert_png(plots.plot_recall_at_k(named, tmp_path / 'sub' / 'recall_named.png'))
 
 
 def test_plot_positivity(tmp_path):
@@ -38,42 +38,45 @@ def test_plot_positivity(tmp_path):
   theoretical = 1 / (1 + np.exp(-12 * (lambdas - 0.5)))
   empirical = theoretical + 0.03
   empirical[0] = np.nan  # an empty bin
-  _assert_png(plots.plot_positivity(lambdas, empirical, theoretical, tmp_path / "positivity.png"))
-  _assert_png(plots.plot_positivity(lambdas, empirical, None, tmp_path / "positivity_empirical.png"))
+  _assert_png(plots.plot_positivity(lambdas, empirical, theoretical, tmp_path / 'positivity.png'))
+  _assert_png(plots.plot_positivity(lambdas, empirical, None, tmp_path / 'positivity_empirical.png'))
 
 
 def test_positivity_record_written_as_strict_json(tmp_path):
   lambdas = np.array([0.1, 0.5, 0.9], np.float32)
   record = plots.positivity_record(lambdas, [np.nan, 0.5, 1.0], np.array([0.0, 0.5, 1.0]))
-  assert record["empirical"] == [None, 0.5, 1.0]  # NaN (an empty bin) -> None
-  assert all(type(v) is float for v in record["lambda"] + record["theoretical"])
-  loaded = jsonio.read_json(jsonio.write_json(tmp_path / "a" / "positivity.json", record))
-  assert loaded["lambda"] == pytest.approx([0.1, 0.5, 0.9])
-  assert loaded["empirical"] == [None, 0.5, 1.0]
-  assert loaded["theoretical"] == [0.0, 0.5, 1.0]
-  assert plots.positivity_record([0.5], [1.0])["theoretical"] is None
+  assert record['empirical'] == [None, 0.5, 1.0]  # NaN (an empty bin) -> None
+  assert all(type(v) is float for v in record['lambda'] + record['theoretical'])
+  loaded = jsonio.read_json(jsonio.write_json(tmp_path / 'a' / 'positivity.json', record))
+  assert loaded['lambda'] == pytest.approx([0.1, 0.5, 0.9])
+  assert loaded['empirical'] == [None, 0.5, 1.0]
+  assert loaded['theoretical'] == [0.0, 0.5, 1.0]
+  assert plots.positivity_record([0.5], [1.0])['theoretical'] is None
 
 
 def test_no_json_writer_here():
   """One JSON writer per project: metrix_jax.jsonio (plots only plots)."""
-  assert not hasattr(plots, "write_json") and not hasattr(plots, "to_jsonable")
+  assert not hasattr(plots, 'write_json') and not hasattr(plots, 'to_jsonable')
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda p: plots.plot_recall_at_k({}, p), "empty"),
-    (lambda p: plots.plot_recall_at_k({0: 0.5}, p), "K >= 1"),
-    (lambda p: plots.plot_recall_at_k({"x": 0.5}, p), "positive int K"),
-    (lambda p: plots.plot_positivity([0.1, 0.2], [0.5], None, p), "one value per lambda bin"),
-    (lambda p: plots.plot_positivity([[0.1]], [0.5], None, p), "1-D"),
-    (lambda p: plots.positivity_record([0.1, 0.2], [0.1, 0.2], [0.3]), "theoretical"),
-])
+@pytest.mark.parametrize(
+  'call,message',
+  [
+    (lambda p: plots.plot_recall_at_k({}, p), 'empty'),
+    (lambda p: plots.plot_recall_at_k({0: 0.5}, p), 'K >= 1'),
+    (lambda p: plots.plot_recall_at_k({'x': 0.5}, p), 'positive int K'),
+    (lambda p: plots.plot_positivity([0.1, 0.2], [0.5], None, p), 'one value per lambda bin'),
+    (lambda p: plots.plot_positivity([[0.1]], [0.5], None, p), '1-D'),
+    (lambda p: plots.positivity_record([0.1, 0.2], [0.1, 0.2], [0.3]), 'theoretical'),
+  ],
+)
 def test_bad_inputs_raise(tmp_path, call, message):
   with pytest.raises(ValueError, match=message):
-    call(tmp_path / "bad.png")
-  assert not (tmp_path / "bad.png").exists()
+    call(tmp_path / 'bad.png')
+  assert not (tmp_path / 'bad.png').exists()
 
 
 def test_import_does_not_load_matplotlib():
   code = "import sys, metrix_jax.plots; print('matplotlib' in sys.modules)"
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-  assert out.stdout.strip() == "False"
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)
+  assert out.stdout.strip() == 'False'

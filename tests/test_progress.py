@@ -1,4 +1,5 @@
 """metrix_jax.progress: ETA formatting, the train timer's windows (paused time excluded) and loop progress lines."""
+
 import logging
 import math
 
@@ -44,6 +45,8 @@ def test_loop_progress_logs_at_most_every_interval(monkeypatch, caplog):
       meter.update(10)
   lines = [r.getMessage() for r in caplog.records]
   # 4, 8 s: quiet; 12 s: a line (30 of 100 at 2.5/s -> ETA 28 s); 16, 20 s: quiet; 24 s: a line (ETA 16 s)
-  assert lines == ['embedding test: 30/100 images (2/s, ETA 0:00:28)',
-                   'embedding test: 60/100 images (2/s, ETA 0:00:16)']
+  assert lines == [
+    'embedding test: 30/100 images (2/s, ETA 0:00:28)',
+    'embedding test: 60/100 images (2/s, ETA 0:00:16)',
+  ]
   assert meter.done == 70

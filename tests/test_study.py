@@ -1,5 +1,6 @@
 """scripts/study.py: the run plan (dry run, filters, errors), the statistics against scipy/numpy, the report from
 finished runs, and one real 2-step study run on the demo data through the project's trainer."""
+
 import importlib.util
 import json
 import os
@@ -24,8 +25,9 @@ _spec.loader.exec_module(study)
 
 def _cli(args, timeout=120):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, text=True, capture_output=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, SCRIPT, *args], cwd=ROOT, env=env, text=True, capture_output=True, timeout=timeout
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,8 +39,19 @@ def test_dry_run_lists_every_run_seed_major(tmp_path):
   lines = [l for l in proc.stdout.splitlines() if l.strip()[:3].strip().rstrip('.').isdigit()]
   assert len(lines) == 24  # 8 rows x 3 seeds
   names = [l.split()[1] for l in lines]
-  assert names[:8] == [f'{r}/seed1' for r in ('ms-none', 'ms-feature', 'ms-input', 'ms-embedding',
-                                               'contrastive-none', 'contrastive-feature', 'pa-none', 'pa-feature')]
+  assert names[:8] == [
+    f'{r}/seed1'
+    for r in (
+      'ms-none',
+      'ms-feature',
+      'ms-input',
+      'ms-embedding',
+      'contrastive-none',
+      'contrastive-feature',
+      'pa-none',
+      'pa-feature',
+    )
+  ]
   assert [n.split('/')[1] for n in names] == ['seed1'] * 8 + ['seed2'] * 8 + ['seed3'] * 8
   assert all('pending' in l for l in lines)
   first = lines[0]
@@ -51,6 +64,7 @@ def test_dry_run_lists_every_run_seed_major(tmp_path):
 def test_longer_budget_addendum_config():
   """omniglot_300 = the omniglot recipe with 300 steps (no duplicate overrides), 6 rows x 3 seeds."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location('study_config', os.path.join(ROOT, STUDY_CONFIG))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -62,23 +76,40 @@ def test_longer_budget_addendum_config():
 
 
 def test_filters_locations_and_benchmark_config(tmp_path):
-  proc = _cli([f'--config={STUDY_CONFIG}:cub200', f'--workdir={tmp_path}', '--dry-run', '--rows=ms-none,pa-feature',
-               '--seeds=2', '--config.manual_dir=/data/cub', '--config.pretrained=/w/resnet50.npz'])
+  proc = _cli(
+    [
+      f'--config={STUDY_CONFIG}:cub200',
+      f'--workdir={tmp_path}',
+      '--dry-run',
+      '--rows=ms-none,pa-feature',
+      '--seeds=2',
+      '--config.manual_dir=/data/cub',
+      '--config.pretrained=/w/resnet50.npz',
+    ]
+  )
   assert proc.returncode == 0, proc.stderr
   lines = [l for l in proc.stdout.splitlines() if '/seed' in l and not l.startswith('then')]
   assert [l.split()[1] for l in lines] == ['ms-none/seed2', 'pa-feature/seed2']
-  assert all('configs/cub200.py:' in l and '--config.dataset.manual_dir=/data/cub' in l
-             and '--config.model.pretrained=/w/resnet50.npz' in l and '--config.seed=2' in l for l in lines)
+  assert all(
+    'configs/cub200.py:' in l
+    and '--config.dataset.manual_dir=/data/cub' in l
+    and '--config.model.pretrained=/w/resnet50.npz' in l
+    and '--config.seed=2' in l
+    for l in lines
+  )
   assert '--config.dataset.image_size' not in proc.stdout  # the benchmark recipe is used unchanged
 
 
-@pytest.mark.parametrize('args,message', [
+@pytest.mark.parametrize(
+  'args,message',
+  [
     (['--rows=ms-nope'], 'unknown row(s) ms-nope'),
     (['--seeds=7'], 'not in this study'),
     (['--seeds=one'], 'comma-separated integers'),
     (['--config.not_a_key=1'], 'not_a_key'),
     (['--bogus'], 'unrecognised arguments'),
-])
+  ],
+)
 def test_bad_arguments_are_named(tmp_path, args, message):
   proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', '--dry-run', *args])
   assert proc.returncode == 2
@@ -119,8 +150,11 @@ def test_holm_adjustment_by_hand():
   # p sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.2 (x1 = 0.2); monotone running max.
   np.testing.assert_allclose(study.holm([0.03, 0.01, 0.2, 0.02]), [0.06, 0.04, 0.2, 0.06], rtol=1e-12)
   np.testing.assert_allclose(study.holm([0.5, 0.4]), [0.8, 0.8], rtol=1e-12)  # capped by the running max
-  cmps = [{'p_two_sided': 0.01, 'mean_diff': -0.1}, {'p_two_sided': 0.04, 'mean_diff': 0.1},
-          {'p_two_sided': None, 'mean_diff': 0.1}]
+  cmps = [
+    {'p_two_sided': 0.01, 'mean_diff': -0.1},
+    {'p_two_sided': 0.04, 'mean_diff': 0.1},
+    {'p_two_sided': None, 'mean_diff': 0.1},
+  ]
   study.holm_adjust(cmps)
   np.testing.assert_allclose([cmps[0]['p_holm'], cmps[1]['p_holm']], [0.02, 0.04], rtol=1e-12)
   assert cmps[0]['verdict'].startswith('hurt') and cmps[1]['verdict'].startswith('helped')
@@ -141,17 +175,43 @@ def _fake_run(workdir, row, seed, recall, *, util=None, positivity=None):
   run_dir = os.path.join(workdir, row, f'seed{seed}')
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, 'results.json'), 'w') as f:
-    json.dump({'dataset': 'omniglot', 'steps': 5, 'train_loss': 0.1, 'wall_s': 10.0 + seed,
-               'images_per_second': 50.0, 'recall': {str(k): v for k, v in recall.items()},
-               'variant': {'devices': '1 x cpu'}}, f)
+    json.dump(
+      {
+        'dataset': 'omniglot',
+        'steps': 5,
+        'train_loss': 0.1,
+        'wall_s': 10.0 + seed,
+        'images_per_second': 50.0,
+        'recall': {str(k): v for k, v in recall.items()},
+        'variant': {'devices': '1 x cpu'},
+      },
+      f,
+    )
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-    json.dump({'dataset': {'name': 'omniglot', 'image_size': 32}, 'model': {'depth': 18},
-               'loss': {'name': 'multi_similarity', 'multi_similarity': {'alpha': 2.0}}, 'train': {}, 'optim': {},
-               'mix': {}}, f)
+    json.dump(
+      {
+        'dataset': {'name': 'omniglot', 'image_size': 32},
+        'model': {'depth': 18},
+        'loss': {'name': 'multi_similarity', 'multi_similarity': {'alpha': 2.0}},
+        'train': {},
+        'optim': {},
+        'mix': {},
+      },
+      f,
+    )
   if util is not None:
     with open(os.path.join(run_dir, 'eval.json'), 'w') as f:
-      json.dump({'step': 5, 'recall': {str(k): v for k, v in recall.items()}, 'utilization': util,
-                 'alignment': 0.5, 'uniformity': -2.0, 'positivity': positivity}, f)
+      json.dump(
+        {
+          'step': 5,
+          'recall': {str(k): v for k, v in recall.items()},
+          'utilization': util,
+          'alignment': 0.5,
+          'uniformity': -2.0,
+          'positivity': positivity,
+        },
+        f,
+      )
 
 
 def test_report_only_aggregates_finished_runs(tmp_path):
@@ -167,13 +227,25 @@ def test_report_only_aggregates_finished_runs(tmp_path):
       pos = {'lambda': lam, 'empirical': [0.1 * seed, 0.5, None], 'theoretical': [0.0, 0.5, 1.0]}
       _fake_run(tmp_path, row, seed, recall, util=0.1 * seed, positivity=pos)
   report = tmp_path / 'report'
-  proc = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', f'--report_dir={report}',
-               '--report-only', '--rows=ms-none,ms-feature'])
+  proc = _cli(
+    [
+      f'--config={STUDY_CONFIG}:omniglot',
+      f'--workdir={tmp_path}',
+      f'--report_dir={report}',
+      '--report-only',
+      '--rows=ms-none,ms-feature',
+    ]
+  )
   assert proc.returncode == 0, proc.stderr + proc.stdout
   summary = jsonio.read_json(report / 'study.json')  # strict: a NaN token would fail here
   assert str(tmp_path) not in (report / 'study.json').read_text()  # no path of this machine
-  assert [r['dir'] for r in summary['runs']] == ['ms-none/seed1', 'ms-feature/seed1', 'ms-none/seed2',
-                                                  'ms-feature/seed2', 'ms-none/seed3']
+  assert [r['dir'] for r in summary['runs']] == [
+    'ms-none/seed1',
+    'ms-feature/seed1',
+    'ms-none/seed2',
+    'ms-feature/seed2',
+    'ms-none/seed3',
+  ]
   assert summary['planned_runs'] == 6 and summary['finished_runs'] == 5
   assert summary['missing_runs'] == ['ms-feature/seed3']
   rows = {r['row']: r for r in summary['rows']}
@@ -189,9 +261,11 @@ def test_report_only_aggregates_finished_runs(tmp_path):
   assert cmp['row'] == 'ms-feature' and cmp['baseline'] == 'ms-none'
   d = [values['ms-feature', s][1] - values['ms-none', s][1] for s in (1, 2)]
   np.testing.assert_allclose(cmp['by_k']['1']['diffs'], d, rtol=1e-12)
-  np.testing.assert_allclose(cmp['by_k']['1']['p_two_sided'],
-                             stats.ttest_rel([values['ms-feature', s][1] for s in (1, 2)],
-                                             [values['ms-none', s][1] for s in (1, 2)]).pvalue, rtol=1e-10)
+  np.testing.assert_allclose(
+    cmp['by_k']['1']['p_two_sided'],
+    stats.ttest_rel([values['ms-feature', s][1] for s in (1, 2)], [values['ms-none', s][1] for s in (1, 2)]).pvalue,
+    rtol=1e-10,
+  )
   md = (report / 'study.md').read_text()
   assert '| MS + Metrix | 2 |' in md and '| MS | 3 |' in md and 'ms-feature/seed3' in md
   assert 'Loss `multi_similarity`: ' in md and 'ResNet-18' in md  # the recipe, read from the runs' config.json
@@ -217,17 +291,18 @@ def test_damaged_run_json_is_a_user_error_naming_the_file(tmp_path):
 def test_two_step_demo_study_then_resume_skips(tmp_path):
   config = tmp_path / 'study_demo.py'
   config.write_text(
-      'import importlib.util\n'
-      f'spec = importlib.util.spec_from_file_location("s", {STUDY_CONFIG!r})\n'
-      'base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)\n'
-      'def get_config(arg=None):\n'
-      '  s = base.get_config("demo")\n'
-      '  s.rows = ("ms,feature",)\n'
-      '  s.seeds = (1,)\n'
-      '  s.overrides = ("train.num_steps=2", "train.batch_size=16", "dataset.classes_per_batch=4",\n'
-      '                 "dataset.eval_max_images=200", "dataset.eval_batch_size=100", "train.log_every_steps=1",\n'
-      '                 "model.embedding_dim=32")\n'
-      '  return s\n')
+    'import importlib.util\n'
+    f'spec = importlib.util.spec_from_file_location("s", {STUDY_CONFIG!r})\n'
+    'base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)\n'
+    'def get_config(arg=None):\n'
+    '  s = base.get_config("demo")\n'
+    '  s.rows = ("ms,feature",)\n'
+    '  s.seeds = (1,)\n'
+    '  s.overrides = ("train.num_steps=2", "train.batch_size=16", "dataset.classes_per_batch=4",\n'
+    '                 "dataset.eval_max_images=200", "dataset.eval_batch_size=100", "train.log_every_steps=1",\n'
+    '                 "model.embedding_dim=32")\n'
+    '  return s\n'
+  )
   workdir = tmp_path / 'work'
   proc = _cli([f'--config={config}', f'--workdir={workdir}', '--no-evaluate'], timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -235,7 +310,11 @@ def test_two_step_demo_study_then_resume_skips(tmp_path):
   with open(run_dir / 'results.json') as f:
     results = json.load(f)
   assert (results['dataset'], results['loss'], results['mix'], results['steps']) == (
-      'demo', 'multi_similarity', 'feature', 2)
+    'demo',
+    'multi_similarity',
+    'feature',
+    2,
+  )
   with open(run_dir / 'config.json') as f:
     assert json.load(f)['model']['embedding_dim'] == 32
   summary = jsonio.read_json(workdir / 'study.json')

@@ -4,6 +4,7 @@ multi-host.
 Tiny stand-ins (tests/trainer_fakes.py: a 2-conv EmbeddingNet-shaped model, deterministic class-pattern data with a
 checkpointable iterator) keep every run to seconds; `test_demo_config_end_to_end` runs the real demo config.
 """
+
 import functools
 import json
 import os
@@ -33,8 +34,13 @@ STEPS = 4
 
 def _run(workdir, **kwargs):
   config = trainer_fakes.tiny_config(kwargs.pop('loss', 'contrastive'), kwargs.pop('mode', 'none'), steps=STEPS)
-  return train.train_and_evaluate(config, str(workdir), data_factory=trainer_fakes.fake_data_factory(),
-                                  model_factory=trainer_fakes.tiny_model_factory, **kwargs)
+  return train.train_and_evaluate(
+    config,
+    str(workdir),
+    data_factory=trainer_fakes.fake_data_factory(),
+    model_factory=trainer_fakes.tiny_model_factory,
+    **kwargs,
+  )
 
 
 def _final_params(workdir):
@@ -51,10 +57,22 @@ def _logged_steps(workdir):
 
 
 def _subprocess(args, *, devices=1, env_extra=None, timeout=300, **popen):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env_extra or {}))
-  return subprocess.Popen([sys.executable, FAKES] + [str(a) for a in args], env=env, cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    **(env_extra or {}),
+  )
+  return subprocess.Popen(
+    [sys.executable, FAKES] + [str(a) for a in args],
+    env=env,
+    cwd=ROOT,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    **popen,
+  )
 
 
 def _wait_for_checkpoint(proc, workdir, *, step, poll_s, timeout_s=240):
@@ -71,7 +89,7 @@ def _results_of(proc, timeout=300):
   out, _ = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, out[-4000:]
   line = [l for l in out.splitlines() if l.startswith('RESULTS ')][-1]
-  return json.loads(line[len('RESULTS '):]), out
+  return json.loads(line[len('RESULTS ') :]), out
 
 
 @pytest.fixture(scope='module')
@@ -116,8 +134,7 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
 def test_resume_after_sigkill(straight_run, tmp_path):
   """Killed (SIGKILL) while stuck after the step-2 checkpoint; the rerun resumes and matches the straight run."""
   ref_dir, ref = straight_run
-  proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
-                     env_extra={'METRIX_FAKE_DATA_HANG_AT': '3'})
+  proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2], env_extra={'METRIX_FAKE_DATA_HANG_AT': '3'})
   _wait_for_checkpoint(proc, tmp_path, step=2, poll_s=0.5)
   time.sleep(0.5)
   proc.send_signal(signal.SIGKILL)
@@ -135,14 +152,15 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(straight_run, tmp_path):
   """SIGTERM (a pre-emption notice) after the step-2 checkpoint: the run finishes the step in flight, saves a
   checkpoint there, exits 0 with the resume hint; the rerun continues to the straight run's parameters."""
   ref_dir, ref = straight_run
-  proc = _subprocess([tmp_path, '--steps', STEPS, '--checkpoint-every', 2],
-                     env_extra={'METRIX_FAKE_DATA_DELAY_S': '1.5'})
+  proc = _subprocess(
+    [tmp_path, '--steps', STEPS, '--checkpoint-every', 2], env_extra={'METRIX_FAKE_DATA_DELAY_S': '1.5'}
+  )
   _wait_for_checkpoint(proc, tmp_path, step=2, poll_s=0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-3000:]
   assert 'SIGTERM: saving a checkpoint' in out and 'rerun the same command to resume' in out, out[-3000:]
-  stopped_at = json.loads([l for l in out.splitlines() if l.startswith('RESULTS ')][-1][len('RESULTS '):])
+  stopped_at = json.loads([l for l in out.splitlines() if l.startswith('RESULTS ')][-1][len('RESULTS ') :])
   assert stopped_at['stopped_at'] in (2, 3), stopped_at  # the step in flight when the signal came
   assert _final_params(tmp_path)[0] == stopped_at['stopped_at']
   resumed = _run(tmp_path)
@@ -171,8 +189,12 @@ def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(tmp_path):
   config.optim.warmup_epochs = 0
   config.train.checkpoint_every_steps = 1
   with pytest.raises(train.NonFiniteLossError, match=r'at step \d+ \(checked window: steps') as info:
-    train.train_and_evaluate(config, str(tmp_path), data_factory=trainer_fakes.fake_data_factory(),
-                             model_factory=trainer_fakes.tiny_model_factory)
+    train.train_and_evaluate(
+      config,
+      str(tmp_path),
+      data_factory=trainer_fakes.fake_data_factory(),
+      model_factory=trainer_fakes.tiny_model_factory,
+    )
   message = str(info.value)
   bad_step = int(message.split(' at step ')[1].split()[0])
   assert 'Lower --config.optim.lr' in message
@@ -204,6 +226,7 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
   import functools  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from metrix_jax import optim  # pylint: disable=g-import-not-at-top
+
   config = trainer_fakes.tiny_config(loss)
   config.model.bn_freeze = True
   config.optim.warmup_epochs = 0
@@ -213,13 +236,25 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
   if loss_fn.uses_proxies:
     params['proxies'] = losses.init_proxies(jax.random.key(1), 12, config.model.embedding_dim)
   tx = optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
-  state = step_lib.TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=tiny_variables['batch_stats'],
-                              opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(2)))
+  state = step_lib.TrainState(
+    step=jnp.zeros([], jnp.int32),
+    params=params,
+    batch_stats=tiny_variables['batch_stats'],
+    opt_state=tx.init(params),
+    rng=jax.random.key_data(jax.random.key(2)),
+  )
   steps = {}
   for mode in MIX_MODES:
     config.mix.mode = mode
-    steps[mode] = functools.partial(step_lib.train_step, model=model, loss_fn=loss_fn, tx=tx,
-                                    mix=step_lib.mix_settings(config.mix), train_bn=False, dtype=jnp.float32)
+    steps[mode] = functools.partial(
+      step_lib.train_step,
+      model=model,
+      loss_fn=loss_fn,
+      tx=tx,
+      mix=step_lib.mix_settings(config.mix),
+      train_bn=False,
+      dtype=jnp.float32,
+    )
 
   @jax.jit
   def step_per_mode(states, batch):  # one compilation holding the four modes' steps, run twice
@@ -238,8 +273,9 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
   for mode, (step, new_params, m1, m2) in results.items():
     for m in (m1, m2):
       assert all(np.isfinite(v) for v in m.values()), (mode, m)
-      np.testing.assert_allclose(m['loss'], m['clean_loss'] + config.mix.weight * m['mix_loss'], rtol=1e-5,
-                                 atol=1e-6, err_msg=mode)
+      np.testing.assert_allclose(
+        m['loss'], m['clean_loss'] + config.mix.weight * m['mix_loss'], rtol=1e-5, atol=1e-6, err_msg=mode
+      )
     np.testing.assert_allclose(m1['clean_loss'], expected_clean, rtol=1e-5, atol=1e-6, err_msg=mode)
     assert (m1['mix_loss'] == 0.0) == (mode == 'none'), (mode, m1)
     assert int(step) == 2
@@ -249,14 +285,16 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
       assert moved['proxies'] > 0, mode
 
 
-@pytest.mark.parametrize('loss,train_bn', [('multi_similarity', False), ('multi_similarity', True),
-                                           ('contrastive', True)])
+@pytest.mark.parametrize(
+  'loss,train_bn', [('multi_similarity', False), ('multi_similarity', True), ('contrastive', True)]
+)
 def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_variables):
   """Input-level Metrix in the step == the objective on (clean forward, forward of the mixed images built by hand
   in float64 from the plan), with MS mined on the clean embeddings of that same forward (no third pass). With
   trainable BN the mixed images use their own batch statistics and the running statistics follow the clean
   images only."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   config = trainer_fakes.tiny_config(loss, 'input')
   config.mix.input_items_per_anchor = 2
   model, loss_fn = trainer_fakes.tiny_model_factory(config), step_lib.create_loss(config)
@@ -264,9 +302,9 @@ def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_vari
   batch = next(trainer_fakes.FakeTrainIterator(seed=3, batch_size=8, image_size=16, num_classes=12))
   images, labels, key = data_lib.normalize_images(batch['image'], jnp.float32), batch['label'], jax.random.key(7)
   params = dict(tiny_variables['params'])
-  loss_value, (new_stats, parts) = jax.jit(functools.partial(
-      step_lib.compute_loss, model=model, loss_fn=loss_fn, mix=mix, train_bn=train_bn))(
-          params, tiny_variables['batch_stats'], images, labels, key)
+  loss_value, (new_stats, parts) = jax.jit(
+    functools.partial(step_lib.compute_loss, model=model, loss_fn=loss_fn, mix=mix, train_bn=train_bn)
+  )(params, tiny_variables['batch_stats'], images, labels, key)
 
   def forward(x):
     if train_bn:
@@ -279,18 +317,19 @@ def test_input_level_step_equals_two_explicit_forwards(loss, train_bn, tiny_vari
   plan = mixup.plan_for(key, loss_fn, labels, mix, embeddings=clean)  # MS: mined on this clean forward
   assert plan.first.shape == (8 * 2,)
   x, lam = np.asarray(images, np.float64), np.asarray(plan.lam, np.float64)
-  mixed_images = np.stack([lam[m] * x[int(plan.first[m])] + (1 - lam[m]) * x[int(plan.second[m])]
-                           for m in range(lam.shape[0])])
+  mixed_images = np.stack(
+    [lam[m] * x[int(plan.first[m])] + (1 - lam[m]) * x[int(plan.second[m])] for m in range(lam.shape[0])]
+  )
   mixed, _ = forward(jnp.asarray(mixed_images, jnp.float32))
-  expected, expected_parts = mixup.objective(loss_fn, clean, labels, plan, mixed_embeddings=mixed,
-                                             weight=config.mix.weight)
+  expected, expected_parts = mixup.objective(
+    loss_fn, clean, labels, plan, mixed_embeddings=mixed, weight=config.mix.weight
+  )
   np.testing.assert_allclose(parts['clean_loss'], expected_parts['clean'], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(parts['mix_loss'], expected_parts['mixed'], rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(loss_value, expected, rtol=1e-4, atol=1e-6)
   assert float(parts['mix_loss']) > 0
   # float32 BN statistics from two differently compiled graphs: rtol 1e-5.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_stats, clean_stats)
-
 
 
 def test_consecutive_steps_draw_different_mixing_plans(tiny_variables):
@@ -300,6 +339,7 @@ def test_consecutive_steps_draw_different_mixing_plans(tiny_variables):
   every step.)"""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from metrix_jax import optim  # pylint: disable=g-import-not-at-top
+
   config = trainer_fakes.tiny_config('contrastive', 'embedding')
   config.model.bn_freeze = True
   model, loss_fn = trainer_fakes.tiny_model_factory(config), step_lib.create_loss(config)
@@ -307,14 +347,22 @@ def test_consecutive_steps_draw_different_mixing_plans(tiny_variables):
   tx = optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
   base = jax.random.key(2)
   mix = step_lib.mix_settings(config.mix)
-  step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, loss_fn=loss_fn, tx=tx, mix=mix,
-                                      train_bn=False, dtype=jnp.float32))
+  step_fn = jax.jit(
+    functools.partial(
+      step_lib.train_step, model=model, loss_fn=loss_fn, tx=tx, mix=mix, train_bn=False, dtype=jnp.float32
+    )
+  )
   batch = next(trainer_fakes.FakeTrainIterator(seed=0, batch_size=8, image_size=16, num_classes=12))
   embeddings, _ = model.apply(tiny_variables, data_lib.normalize_images(batch['image']), train=False)
   got = {}
   for step in (0, 1):
-    state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
-                                batch_stats=tiny_variables['batch_stats'], rng=jax.random.key_data(base))
+    state = step_lib.TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      batch_stats=tiny_variables['batch_stats'],
+      rng=jax.random.key_data(base),
+    )
     _, metrics = step_fn(state, batch)
     plan = mixup.plan_for(jax.random.fold_in(base, step), loss_fn, batch['label'], mix, embeddings=embeddings)
     _, expected = mixup.objective(loss_fn, embeddings, batch['label'], plan, weight=mix.weight)
@@ -328,14 +376,16 @@ def test_query_gallery_evaluation_and_keep_best_mid_run(tmp_path):
   """In-Shop protocol in the trainer (query -> gallery) at every mid-run evaluation: the logged Recall@K equals
   `evaluation.recall_at_k` on the checkpoint's embeddings, and the best-R@1 checkpoint is kept with its metrics."""
   from metrix_jax import evaluation, rundir  # pylint: disable=g-import-not-at-top
+
   config = trainer_fakes.tiny_config(steps=0)  # train by epochs
   config.train.num_epochs = 2
   config.train.eval_every_epochs = 1  # 32 fake train images / batch 8 = 4 steps per epoch: evaluations at 4 and 8
   config.train.keep = 1
   config.train.checkpoint_every_steps = 2
   factory = trainer_fakes.fake_data_factory(num_train_images=32, gallery=True)
-  results = train.train_and_evaluate(config, str(tmp_path), data_factory=factory,
-                                     model_factory=trainer_fakes.tiny_model_factory)
+  results = train.train_and_evaluate(
+    config, str(tmp_path), data_factory=factory, model_factory=trainer_fakes.tiny_model_factory
+  )
   evals = [l for l in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'eval/recall@1' in l]
   assert [l['step'] for l in evals] == [4, 8]
   best = max(evals, key=lambda l: l['eval/recall@1'])  # the first one on ties, as the trainer
@@ -346,30 +396,48 @@ def test_query_gallery_evaluation_and_keep_best_mid_run(tmp_path):
   assert 8 in kept and len(kept) <= 2, kept  # keep=1 latest + the best by R@1
   assert max(ckpt.metrics(s)['recall@1'] for s in kept) == best['eval/recall@1']
   ckpt.close()
-  trained = rundir.load_trained_model(str(tmp_path), checkpoint=8, config=config,
-                                      model_factory=trainer_fakes.tiny_model_factory)
+  trained = rundir.load_trained_model(
+    str(tmp_path), checkpoint=8, config=config, model_factory=trainer_fakes.tiny_model_factory
+  )
   sets = factory(config).eval_sets()
   embedded = {}
   for split in ('query', 'gallery'):
     batches = sets[split]
     images = np.concatenate([b['image'][b['mask']] for b in batches])
-    embedded[split] = (np.asarray(trained.model.apply(trained.variables, data_lib.normalize_images(images),
-                                                      train=False)[0], np.float64),
-                       np.concatenate([b['label'][b['mask']] for b in batches]))
-  expected = evaluation.recall_at_k(embedded['query'][0], embedded['query'][1], (1, 2),
-                                    gallery_embeddings=embedded['gallery'][0], gallery_labels=embedded['gallery'][1])
+    embedded[split] = (
+      np.asarray(trained.model.apply(trained.variables, data_lib.normalize_images(images), train=False)[0], np.float64),
+      np.concatenate([b['label'][b['mask']] for b in batches]),
+    )
+  expected = evaluation.recall_at_k(
+    embedded['query'][0],
+    embedded['query'][1],
+    (1, 2),
+    gallery_embeddings=embedded['gallery'][0],
+    gallery_labels=embedded['gallery'][1],
+  )
   assert {int(k): v for k, v in results['recall'].items()} == pytest.approx(expected, abs=1e-6)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The real entry point on the real demo data (few steps, a slice of the test split).
 # ----------------------------------------------------------------------------------------------------------------
 def test_demo_config_end_to_end_via_main(tmp_path):
   workdir = tmp_path / 'demo'
-  cmd = [sys.executable, '-m', 'metrix_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
-         '--config.loss.name=multi_similarity', '--config.mix.mode=feature', '--config.train.num_steps=2',
-         '--config.train.batch_size=16', '--config.dataset.classes_per_batch=4',
-         '--config.dataset.eval_max_images=200', '--config.dataset.eval_batch_size=100',
-         '--config.train.log_every_steps=1']
+  cmd = [
+    sys.executable,
+    '-m',
+    'metrix_jax.main',
+    '--config=configs/demo.py',
+    f'--workdir={workdir}',
+    '--config.loss.name=multi_similarity',
+    '--config.mix.mode=feature',
+    '--config.train.num_steps=2',
+    '--config.train.batch_size=16',
+    '--config.dataset.classes_per_batch=4',
+    '--config.dataset.eval_max_images=200',
+    '--config.dataset.eval_batch_size=100',
+    '--config.train.log_every_steps=1',
+  ]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=600)
   out = proc.stdout + proc.stderr
@@ -378,7 +446,11 @@ def test_demo_config_end_to_end_via_main(tmp_path):
   with open(workdir / 'results.json') as f:
     results = json.load(f)
   assert (results['dataset'], results['loss'], results['mix'], results['steps']) == (
-      'demo', 'multi_similarity', 'feature', 2)
+    'demo',
+    'multi_similarity',
+    'feature',
+    2,
+  )
   assert set(results['recall']) == {'1', '2', '4', '8'}
   assert all(0.0 <= v <= 1.0 for v in results['recall'].values())
   assert np.isfinite(results['train_loss']) and results['wall_s'] > 0
@@ -387,10 +459,22 @@ def test_demo_config_end_to_end_via_main(tmp_path):
 
 
 def test_main_rejects_a_bad_value_before_any_work(tmp_path):
-  cmd = [sys.executable, '-m', 'metrix_jax.main', '--config=configs/demo.py', f'--workdir={tmp_path}',
-         '--config.mix.mode=features']
-  proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'), text=True,
-                        capture_output=True, timeout=300)
+  cmd = [
+    sys.executable,
+    '-m',
+    'metrix_jax.main',
+    '--config=configs/demo.py',
+    f'--workdir={tmp_path}',
+    '--config.mix.mode=features',
+  ]
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'),
+    text=True,
+    capture_output=True,
+    timeout=300,
+  )
   assert proc.returncode == 2
   assert "mix.mode='features'" in proc.stderr and 'feature' in proc.stderr and 'embedding' in proc.stderr
   assert not os.listdir(tmp_path)
@@ -401,6 +485,7 @@ def test_main_rejects_a_bad_value_before_any_work(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def _free_port():
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -412,9 +497,14 @@ def test_two_processes_over_localhost_match_one(straight_run, tmp_path):
     pytest.skip('this jax has no jax.distributed.initialize')
   _, ref = straight_run
   port = _free_port()
-  procs = [_subprocess([tmp_path, '--steps', STEPS, '--distributed'], devices=1,
-                       env_extra={'METRIX_COORDINATOR': f'127.0.0.1:{port}', 'METRIX_NUM_PROCESSES': '2',
-                                  'METRIX_PROCESS_ID': str(i)}) for i in range(2)]
+  procs = [
+    _subprocess(
+      [tmp_path, '--steps', STEPS, '--distributed'],
+      devices=1,
+      env_extra={'METRIX_COORDINATOR': f'127.0.0.1:{port}', 'METRIX_NUM_PROCESSES': '2', 'METRIX_PROCESS_ID': str(i)},
+    )
+    for i in range(2)
+  ]
   try:
     outs = [_results_of(p) for p in procs]
   finally:

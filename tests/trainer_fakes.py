@@ -1,4 +1,5 @@
 """Small stand-in data for trainer tests: deterministic, checkpointable, class-structured, tiny."""
+
 import os
 import time
 
@@ -35,7 +36,7 @@ class FakeTrainIterator:
     images, labels = self._global(self.position)
     self.position += 1
     lo = self.process_index * self.batch_size
-    return {'image': images[lo:lo + self.batch_size], 'label': labels[lo:lo + self.batch_size]}
+    return {'image': images[lo : lo + self.batch_size], 'label': labels[lo : lo + self.batch_size]}
 
   def get_state(self):
     return {'position': self.position}
@@ -57,13 +58,20 @@ def class_images(labels, image_size, rng):
   return np.stack(out)
 
 
-def fake_data_factory(*, num_train_images=64, num_train_classes=12, num_test_classes=5, test_per_class=4,
-                      gallery=False):
+def fake_data_factory(
+  *, num_train_images=64, num_train_classes=12, num_test_classes=5, test_per_class=4, gallery=False
+):
   def factory(config):
     import jax
-    it = FakeTrainIterator(seed=config.seed, batch_size=config.train.batch_size // jax.process_count(), image_size=config.dataset.image_size,
-                           num_classes=num_train_classes, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+
+    it = FakeTrainIterator(
+      seed=config.seed,
+      batch_size=config.train.batch_size // jax.process_count(),
+      image_size=config.dataset.image_size,
+      num_classes=num_train_classes,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
 
     def eval_split(offset):
       """Global batches of 8 x device_count rows (the last one padded + masked); this host's rows of each."""
@@ -73,7 +81,7 @@ def fake_data_factory(*, num_train_images=64, num_train_classes=12, num_test_cla
       rows = gbs // jax.process_count()
       batches = []
       for start in range(0, len(labels), gbs):
-        img, lab = images[start:start + gbs], labels[start:start + gbs]
+        img, lab = images[start : start + gbs], labels[start : start + gbs]
         mask = np.ones(len(lab), bool)
         pad = gbs - len(lab)
         if pad:
@@ -81,7 +89,7 @@ def fake_data_factory(*, num_train_images=64, num_train_classes=12, num_test_cla
           lab = np.concatenate([lab, np.zeros(pad, np.int32)])
           mask = np.concatenate([mask, np.zeros(pad, bool)])
         lo = jax.process_index() * rows
-        batches.append({'image': img[lo:lo + rows], 'label': lab[lo:lo + rows], 'mask': mask[lo:lo + rows]})
+        batches.append({'image': img[lo : lo + rows], 'label': lab[lo : lo + rows], 'mask': mask[lo : lo + rows]})
       return batches
 
     def eval_sets():
@@ -89,13 +97,16 @@ def fake_data_factory(*, num_train_images=64, num_train_classes=12, num_test_cla
         return {'query': eval_split(0), 'gallery': eval_split(1)}
       return {'test': eval_split(0)}
 
-    return input_pipeline.DataBundle(train_iterator=it, eval_sets=eval_sets, num_train_images=num_train_images,
-                                     num_train_classes=num_train_classes)
+    return input_pipeline.DataBundle(
+      train_iterator=it, eval_sets=eval_sets, num_train_images=num_train_images, num_train_classes=num_train_classes
+    )
+
   return factory
 
 
 def tiny_config(loss='contrastive', mode='none', *, steps=2):
   from metrix_jax import config_lib
+
   c = config_lib.base_config()
   c.dataset.name = 'demo'
   c.dataset.image_size = 32
@@ -125,6 +136,7 @@ def _define_tiny():
 
   class Tiny(nn.Module):
     """EmbeddingNet's interface (features / head / __call__, same variable collections) at a tiny size."""
+
     depth: int = 0
     embedding_dim: int = 16
     bn_mode: str = 'trainable'
@@ -153,9 +165,13 @@ def _define_tiny():
 
 def tiny_model_factory(config):
   import jax.numpy as jnp
+
   tiny_cls = _define_tiny()
-  model = tiny_cls(embedding_dim=config.model.embedding_dim, dtype=jnp.dtype(config.model.dtype),
-                   bn_mode='frozen' if config.model.bn_freeze else 'trainable')
+  model = tiny_cls(
+    embedding_dim=config.model.embedding_dim,
+    dtype=jnp.dtype(config.model.dtype),
+    bn_mode='frozen' if config.model.bn_freeze else 'trainable',
+  )
   return _BackboneNamed(model)
 
 
@@ -201,6 +217,7 @@ def main():
   import json
   import logging
   import sys
+
   parser = argparse.ArgumentParser()
   parser.add_argument('workdir')
   parser.add_argument('--steps', type=int, default=4)
@@ -212,14 +229,21 @@ def main():
   parser.add_argument('--distributed', action='store_true')
   args = parser.parse_args()
   from metrix_jax import sharding
+
   sharding.maybe_initialize_distributed(args.distributed)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger('metrix_jax').setLevel(logging.INFO)
   from metrix_jax import train
+
   config = tiny_config(args.loss, args.mode, steps=args.steps)
   config.train.checkpoint_every_steps = args.checkpoint_every
-  results = train.train_and_evaluate(config, args.workdir, data_factory=fake_data_factory(),
-                                     model_factory=tiny_model_factory, stop_after_steps=args.stop_after)
+  results = train.train_and_evaluate(
+    config,
+    args.workdir,
+    data_factory=fake_data_factory(),
+    model_factory=tiny_model_factory,
+    stop_after_steps=args.stop_after,
+  )
   sys.stdout.write('RESULTS ' + json.dumps(results, default=float) + '\n')
 
 

@@ -26,11 +26,20 @@ with the paper's benchmarks (pretrained ResNet-50 at 224 px, 60+ epochs).
 epochs), MS and contrastive, baseline vs feature-level Metrix, and MS at input and embedding level, 3 seeds
 (18 runs, ~3-8 min each on 2 cores).
 """
+
 from ml_collections import config_dict
 
 # The 8 rows of the study: baseline vs +Metrix (feature level) for three losses, input and embedding level for MS.
-ROWS = ('ms,none', 'ms,feature', 'ms,input', 'ms,embedding', 'contrastive,none', 'contrastive,feature',
-        'pa,none', 'pa,feature')
+ROWS = (
+  'ms,none',
+  'ms,feature',
+  'ms,input',
+  'ms,embedding',
+  'contrastive,none',
+  'contrastive,feature',
+  'pa,none',
+  'pa,feature',
+)
 
 
 def base_study_config() -> config_dict.ConfigDict:
@@ -60,8 +69,14 @@ def base_study_config() -> config_dict.ConfigDict:
 
 
 # Table columns per data set (the spec's reported Ks).
-REPORT_KS = {'omniglot': (1, 2, 4), 'demo': (1, 2, 4), 'cub200': (1, 2, 4), 'cars196': (1, 2, 4),
-             'sop': (1, 10, 100), 'inshop': (1, 10, 20)}
+REPORT_KS = {
+  'omniglot': (1, 2, 4),
+  'demo': (1, 2, 4),
+  'cub200': (1, 2, 4),
+  'cars196': (1, 2, 4),
+  'sop': (1, 10, 100),
+  'inshop': (1, 10, 20),
+}
 
 
 def get_config(arg=None):
@@ -74,8 +89,10 @@ def get_config(arg=None):
     s.overrides += ('train.num_steps=300', 'train.log_every_steps=50')
     return s
   if dataset not in REPORT_KS:
-    raise ValueError(f'Unknown study data set {dataset!r}; choose one of {", ".join(REPORT_KS)} (or '
-                     f'omniglot_300), e.g. --config=configs/study/metrix.py:omniglot.')
+    raise ValueError(
+      f'Unknown study data set {dataset!r}; choose one of {", ".join(REPORT_KS)} (or '
+      f'omniglot_300), e.g. --config=configs/study/metrix.py:omniglot.'
+    )
   s = base_study_config()
   s.name = dataset
   s.trainer_config = f'configs/{dataset}.py'
@@ -85,13 +102,13 @@ def get_config(arg=None):
   s.name = 'omniglot_cpu'
   s.trainer_config = 'configs/omniglot.py'
   s.overrides = (
-      'dataset.image_size=16',
-      'dataset.eval_resize=16',
-      'dataset.num_workers=0',  # decoding 100 small PNGs per step is cheap; no worker processes on 2 cores
-      'dataset.eval_batch_size=500',
-      'train.num_steps=30',
-      'train.eval_every_epochs=0',  # evaluate once, at the end (the last step is the reported model)
-      'train.checkpoint_every_steps=1000',  # the trainer also checkpoints at the end
-      'train.log_every_steps=10',
+    'dataset.image_size=16',
+    'dataset.eval_resize=16',
+    'dataset.num_workers=0',  # decoding 100 small PNGs per step is cheap; no worker processes on 2 cores
+    'dataset.eval_batch_size=500',
+    'train.num_steps=30',
+    'train.eval_every_epochs=0',  # evaluate once, at the end (the last step is the reported model)
+    'train.checkpoint_every_steps=1000',  # the trainer also checkpoints at the end
+    'train.log_every_steps=10',
   )
   return s

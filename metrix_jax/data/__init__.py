@@ -35,6 +35,7 @@ Training and evaluation read `config.dataset` through `metrix_jax.input_pipeline
 the data set's defaults, `pipeline.augment_defaults`), `with_replacement` (balanced sampler), `num_threads`.
 The train iterator is infinite; `it.steps_per_epoch` = floor(N / global_batch_size).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -45,6 +46,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DatasetSpec(NamedTuple):
   """What is known of a data set without building it (its builder class: `builders.builder_class(name)`)."""
+
   needs_manual_dir: bool  # built from official archives the user downloads (False: generated locally)
   recall_ks: tuple[int, ...]  # the Ks of its Recall@K protocol
   eval_splits: tuple[str, ...] = ('test',)  # ('test',): leave-one-out; ('query', 'gallery'): query -> gallery
@@ -53,12 +55,12 @@ class DatasetSpec(NamedTuple):
 
 # The registry: every data set, in the order the docs list them.
 DATASETS: dict[str, DatasetSpec] = {
-    'demo': DatasetSpec(needs_manual_dir=False, recall_ks=(1, 2, 4, 8)),
-    'omniglot': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8)),
-    'cub200': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
-    'cars196': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
-    'sop': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 10, 100, 1000)),
-    'inshop': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 10, 20, 30, 40, 50), eval_splits=('query', 'gallery')),
+  'demo': DatasetSpec(needs_manual_dir=False, recall_ks=(1, 2, 4, 8)),
+  'omniglot': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8)),
+  'cub200': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
+  'cars196': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
+  'sop': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 10, 100, 1000)),
+  'inshop': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 10, 20, 30, 40, 50), eval_splits=('query', 'gallery')),
 }
 DATASET_NAMES = tuple(DATASETS)
 
@@ -73,6 +75,7 @@ class DatasetInfo(NamedTuple):
 def normalize_images(images, dtype=None):
   """uint8 [..., 3] -> (x / 255 - mean) / std in float32 (or `dtype`), ImageNet statistics; jnp, jit-friendly."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
   x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
   return x if dtype is None else x.astype(dtype)
@@ -92,51 +95,109 @@ def spec(name: str) -> DatasetSpec:
 def download_instructions(name: str) -> str:
   """Which files the manual dir needs and where to download them (imports the builders: tfds)."""
   from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
+
   return builders.builder_class(name).MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs):
   """Builds the data set on first use (instant afterwards); returns the tfds builder. See `builders.prepare`."""
   from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
+
   return builders.prepare(check_name(name), data_dir, manual_dir, **builder_kwargs)
 
 
-def get_dataset_info(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-                     **builder_kwargs) -> DatasetInfo:
+def get_dataset_info(
+  name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs
+) -> DatasetInfo:
   """(num_classes_train, num_train_examples, eval_splits, has_gallery); builds the data set if needed."""
   from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
+
   dataset = spec(name)
   train = builders.load_split(name, dataset.train_split, data_dir, manual_dir, **builder_kwargs)
-  return DatasetInfo(num_classes_train=int(train.labels.max()) + 1, num_train_examples=len(train),
-                     eval_splits=dataset.eval_splits, has_gallery=len(dataset.eval_splits) == 2)
+  return DatasetInfo(
+    num_classes_train=int(train.labels.max()) + 1,
+    num_train_examples=len(train),
+    eval_splits=dataset.eval_splits,
+    has_gallery=len(dataset.eval_splits) == 2,
+  )
 
 
-def create_train_iterator(name: str, *, global_batch_size: int, image_size: int, seed: int,
-                          data_dir: str | None = None, manual_dir: str | None = None, sampler: str = 'random',
-                          classes_per_batch: int = 20, images_per_class: int = 5, with_replacement: bool = True,
-                          process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                          num_threads: int | None = None, start_step: int = 0,
-                          crop_scale: Sequence[float] | None = None, crop_ratio: Sequence[float] | None = None,
-                          flip: bool | None = None, **builder_kwargs):
+def create_train_iterator(
+  name: str,
+  *,
+  global_batch_size: int,
+  image_size: int,
+  seed: int,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  sampler: str = 'random',
+  classes_per_batch: int = 20,
+  images_per_class: int = 5,
+  with_replacement: bool = True,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  num_threads: int | None = None,
+  start_step: int = 0,
+  crop_scale: Sequence[float] | None = None,
+  crop_ratio: Sequence[float] | None = None,
+  flip: bool | None = None,
+  **builder_kwargs,
+):
   """Infinite checkpointable iterator of this host's train batches; see the module docstring."""
   from metrix_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+
   source = builders.load_split(name, spec(name).train_split, data_dir, manual_dir, **builder_kwargs)
-  sampler_fn = pipeline.make_sampler(source.labels, sampler=sampler, global_batch_size=global_batch_size,
-                                     classes_per_batch=classes_per_batch, images_per_class=images_per_class,
-                                     seed=seed, with_replacement=with_replacement)
+  sampler_fn = pipeline.make_sampler(
+    source.labels,
+    sampler=sampler,
+    global_batch_size=global_batch_size,
+    classes_per_batch=classes_per_batch,
+    images_per_class=images_per_class,
+    seed=seed,
+    with_replacement=with_replacement,
+  )
   augment = pipeline.check_crop(pipeline.replace_augment(name, crop_scale, crop_ratio, flip), image_size)
-  return pipeline.TrainIterator(source, sampler_fn, image_size=image_size, augment=augment, seed=seed,
-                                process_index=process_index, process_count=process_count,
-                                num_workers=num_workers, num_threads=num_threads, start_step=start_step)
+  return pipeline.TrainIterator(
+    source,
+    sampler_fn,
+    image_size=image_size,
+    augment=augment,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers,
+    num_threads=num_threads,
+    start_step=start_step,
+  )
 
 
-def create_eval_iterator(name: str, split: str, *, global_batch_size: int, image_size: int,
-                         resize_size: int | None = None, data_dir: str | None = None, manual_dir: str | None = None,
-                         process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                         num_threads: int | None = None, **builder_kwargs):
+def create_eval_iterator(
+  name: str,
+  split: str,
+  *,
+  global_batch_size: int,
+  image_size: int,
+  resize_size: int | None = None,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  num_threads: int | None = None,
+  **builder_kwargs,
+):
   """Re-iterable eval batches of `split` (any split, 'train' included) in a fixed order, padded + masked."""
   from metrix_jax.data import builders, pipeline  # pylint: disable=g-import-not-at-top
+
   source = builders.load_split(check_name(name), split, data_dir, manual_dir, **builder_kwargs)
-  return pipeline.EvalIterable(source, global_batch_size=global_batch_size, image_size=image_size,
-                               resize_size=resize_size, process_index=process_index, process_count=process_count,
-                               num_workers=num_workers, num_threads=num_threads)
+  return pipeline.EvalIterable(
+    source,
+    global_batch_size=global_batch_size,
+    image_size=image_size,
+    resize_size=resize_size,
+    process_index=process_index,
+    process_count=process_count,
+    num_workers=num_workers,
+    num_threads=num_threads,
+  )

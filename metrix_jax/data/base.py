@@ -9,6 +9,7 @@ holds the registry, `prepare` and the split readers.
 Archive helpers read tar/tgz (streamed), zip or an extracted folder: `iter_archive` (sequential pass),
 `RandomAccess` (read one member by name), `read_text_member`, `is_hidden` (macOS resource forks).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -30,10 +31,10 @@ log = logging.getLogger(__name__)
 
 _JPEG_QUALITY = 95
 # How a user points the project at the archives (every missing-archive message ends its first line with this).
-MANUAL_DIR_HINT = ('pass the folder that holds them with --config.dataset.manual_dir=DIR (training, evaluation) '
-                   'or --manual_dir=DIR (python -m metrix_jax.data.builders)')
-
-
+MANUAL_DIR_HINT = (
+  'pass the folder that holds them with --config.dataset.manual_dir=DIR (training, evaluation) '
+  'or --manual_dir=DIR (python -m metrix_jax.data.builders)'
+)
 
 
 class _ExpectedTfdsWarnings(logging.Filter):
@@ -42,6 +43,7 @@ class _ExpectedTfdsWarnings(logging.Filter):
   Our configs are always custom ('Using custom data configuration: ...'), and a variant folder that is not built
   yet has no dataset_info.json ('Variant folder ... has no ...').
   """
+
   EXPECTED = ('Using custom data configuration', 'Variant folder %s has no')
 
   def filter(self, record: logging.LogRecord) -> bool:
@@ -58,14 +60,18 @@ logging.getLogger('absl').addFilter(_ExpectedTfdsWarnings())
 @dataclasses.dataclass
 class ImageConfig(tfds.core.BuilderConfig):
   """Build option of the photo benchmarks: shorter side of the stored images (never upsampled)."""
+
   short_side: int = 256
 
 
 def image_config(short_side: int = 256) -> ImageConfig:
   if short_side < 32:
     raise ValueError(f'short_side={short_side} is too small; use >= 32 (default 256).')
-  return ImageConfig(name=f's{short_side}', short_side=short_side,
-                     description=f'images resized so that the shorter side is {short_side} px')
+  return ImageConfig(
+    name=f's{short_side}',
+    short_side=short_side,
+    description=f'images resized so that the shorter side is {short_side} px',
+  )
 
 
 class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -74,6 +80,7 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   Subclasses define `name`, `VERSION`, `MANUAL_DOWNLOAD_INSTRUCTIONS`, `SPLITS`, `required_files()` and
   `_split_examples(split)`.
   """
+
   SPLITS: tuple[str, ...] = ('train', 'test')
 
   @tfds.core.utils.classproperty
@@ -87,8 +94,15 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls):  # no checksums/metadata files next to the code (and editable installs break the lookup)
     return None
 
-  def __init__(self, *, data_dir: str, manual_dir: str | None = None, check_counts: bool = True,
-               num_workers: int | None = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    data_dir: str,
+    manual_dir: str | None = None,
+    check_counts: bool = True,
+    num_workers: int | None = None,
+    **kwargs,
+  ):
     kwargs.setdefault('file_format', 'array_record')
     super().__init__(data_dir=data_dir, **kwargs)
     self._manual_dir = manual_dir
@@ -97,8 +111,9 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.skipped_files: list[str] = []
 
   @classmethod
-  def default_config(cls, short_side: int = 256, manual_dir: str | None = None,
-                     data_dir: str | None = None) -> tfds.core.BuilderConfig:
+  def default_config(
+    cls, short_side: int = 256, manual_dir: str | None = None, data_dir: str | None = None
+  ) -> tfds.core.BuilderConfig:
     del manual_dir, data_dir
     return image_config(short_side)
 
@@ -120,11 +135,15 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       else:
         missing.append(f'{key} (one of: {", ".join(candidates)})')
     if missing:
-      where = 'no manual dir given' if not manual_dir else (
-          f'manual dir {manual_dir!r}' + ('' if os.path.isdir(manual_dir) else ', which is not a folder'))
+      where = (
+        'no manual dir given'
+        if not manual_dir
+        else (f'manual dir {manual_dir!r}' + ('' if os.path.isdir(manual_dir) else ', which is not a folder'))
+      )
       raise FileNotFoundError(
-          f'{self.dataset_name}: the official archives are missing ({where}); {MANUAL_DIR_HINT}.\n'
-          'Missing:\n  - ' + '\n  - '.join(missing) + f'\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+        f'{self.dataset_name}: the official archives are missing ({where}); {MANUAL_DIR_HINT}.\n'
+        'Missing:\n  - ' + '\n  - '.join(missing) + f'\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}'
+      )
     return found
 
   # -- tfds hooks ----------------------------------------------------------------------------------------
@@ -142,14 +161,19 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # -- helpers for subclasses ----------------------------------------------------------------------------
   def check_count(self, what: str, expected: int, found: int):
     if found != expected:
-      message = (f'{self.name}: expected {expected:,} {what}, found {found:,}: the archive is incomplete or not '
-                 f'the official release.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+      message = (
+        f'{self.name}: expected {expected:,} {what}, found {found:,}: the archive is incomplete or not '
+        f'the official release.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}'
+      )
       if self.check_counts:
         raise ValueError(message)
       log.warning('%s (count check disabled)', message.split('\n')[0])
 
-  def encode_images(self, items: Iterable[tuple[str, bytes, dict[str, Any]]], short_side: int | None,
-                    ) -> Iterator[tuple[str, dict[str, Any]]]:
+  def encode_images(
+    self,
+    items: Iterable[tuple[str, bytes, dict[str, Any]]],
+    short_side: int | None,
+  ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, raw image bytes, other features) -> (key, example); corrupt images skipped and logged.
 
     `short_side=None` keeps the bytes as they are (after checking that they decode).
@@ -164,24 +188,31 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield key, dict(extra, image=data, original_size=np.asarray(original_size, np.int32))
     skipped = len(self.skipped_files) - skipped_before
     if skipped:
-      log.warning('%s: skipped %d corrupt image(s) in this split: %s', self.name, skipped,
-                  ', '.join(self.skipped_files[skipped_before:skipped_before + 20]))
+      log.warning(
+        '%s: skipped %d corrupt image(s) in this split: %s',
+        self.name,
+        skipped,
+        ', '.join(self.skipped_files[skipped_before : skipped_before + 20]),
+      )
 
 
-def photo_features(image_channels: int = 3, encoding: str = 'jpeg', raw_image_shape: tuple[int, ...] | None = None,
-                   **extra) -> tfds.features.FeaturesDict:
+def photo_features(
+  image_channels: int = 3, encoding: str = 'jpeg', raw_image_shape: tuple[int, ...] | None = None, **extra
+) -> tfds.features.FeaturesDict:
   """Common features; `raw_image_shape` stores small images as raw uint8 pixels instead of encoded bytes."""
   if raw_image_shape is not None:
     image = tfds.features.Tensor(shape=raw_image_shape, dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
   else:
     image = tfds.features.Image(shape=(None, None, image_channels), encoding_format=encoding)
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       'image': image,
       'label': tfds.features.Tensor(shape=(), dtype=np.int64),
       'original_size': tfds.features.Tensor(shape=(2,), dtype=np.int32),
       'file_name': tfds.features.Text(),
       **extra,
-  })
+    }
+  )
 
 
 def encode_image(data: bytes, short_side: int | None):
@@ -206,8 +237,9 @@ def encode_image(data: bytes, short_side: int | None):
     return f'{type(e).__name__}: {e}'
 
 
-def parallel_map(fn: Callable, items: Iterable[tuple[str, bytes, Any]], arg, num_workers: int,
-                  chunk: int = 64) -> Iterator[tuple[str, Any, Any]]:
+def parallel_map(
+  fn: Callable, items: Iterable[tuple[str, bytes, Any]], arg, num_workers: int, chunk: int = 64
+) -> Iterator[tuple[str, Any, Any]]:
   """Ordered map of fn(data, arg) over (key, data, extra) with bounded memory; in-process if num_workers < 2."""
   if num_workers < 2:
     for key, data, extra in items:
@@ -218,9 +250,12 @@ def parallel_map(fn: Callable, items: Iterable[tuple[str, bytes, Any]], arg, num
   with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
     block: list = []
     pending: list = []  # at most two blocks in flight
+
     def flush(block):
-      return block, [pool.submit(_map_chunk, fn, [d for _, d, _ in block[i:i + chunk]], arg)
-                     for i in range(0, len(block), chunk)]
+      return block, [
+        pool.submit(_map_chunk, fn, [d for _, d, _ in block[i : i + chunk]], arg) for i in range(0, len(block), chunk)
+      ]
+
     for item in items:
       block.append(item)
       if len(block) == chunk * num_workers * 2:
@@ -278,8 +313,9 @@ def iter_archive(path: str, wanted: Callable[[str], bool]) -> Iterator[tuple[str
           if member.isfile() and wanted(name):
             yield name, tf.extractfile(member).read()
   except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
-    raise ValueError(f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; '
-                     'download it again.') from e
+    raise ValueError(
+      f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; download it again.'
+    ) from e
 
 
 def read_text_member(path: str, name: str) -> str:
@@ -313,4 +349,3 @@ class RandomAccess:
   def close(self):
     if self._zip is not None:
       self._zip.close()
-

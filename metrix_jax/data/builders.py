@@ -34,6 +34,7 @@ writes into `incomplete.*` and renames on success, removing it on failure; the s
 in the build log (never kept with a wrong label). After a build, a small `metrix_labels.npz` (labels per split,
 in record order) is written next to the tfds files so samplers need not read every record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,21 +74,28 @@ def default_manual_dir(data_dir: str, manual_dir: str | None = None) -> str:
 # Prepare, split access.
 
 
-def get_builder(name: str, data_dir: str | None = None, manual_dir: str | None = None, *,
-                config: tfds.core.BuilderConfig | None = None, short_side: int = 256, check_counts: bool = True,
-                num_workers: int | None = None) -> MetrixBuilder:
+def get_builder(
+  name: str,
+  data_dir: str | None = None,
+  manual_dir: str | None = None,
+  *,
+  config: tfds.core.BuilderConfig | None = None,
+  short_side: int = 256,
+  check_counts: bool = True,
+  num_workers: int | None = None,
+) -> MetrixBuilder:
   """The builder object (nothing built). `config` overrides the default config (`short_side` for photos)."""
   cls = builder_class(name)
   data_dir = default_data_dir(data_dir)
   manual_dir = default_manual_dir(data_dir, manual_dir)
   if config is None:
     config = cls.default_config(short_side=short_side, manual_dir=manual_dir, data_dir=data_dir)
-  return cls(data_dir=data_dir, manual_dir=manual_dir, config=config,
-             check_counts=check_counts, num_workers=num_workers)
+  return cls(
+    data_dir=data_dir, manual_dir=manual_dir, config=config, check_counts=check_counts, num_workers=num_workers
+  )
 
 
-def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs
-            ) -> MetrixBuilder:
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs) -> MetrixBuilder:
   """Builds `name` under `data_dir` on first use (instant afterwards) and returns the builder.
 
   `builder_kwargs`: `config`, `short_side` (photos, default 256), `check_counts` (default True; False only
@@ -100,8 +108,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
       builder.find_files()  # fail before writing anything
       tfds.disable_progress_bar()
       log.info('Building %s into %s ...', name, builder.data_dir)
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=builder._manual_dir))  # pylint: disable=protected-access
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=builder._manual_dir))  # pylint: disable=protected-access
       if builder.skipped_files:
         log.warning('%s: %d corrupt image(s) skipped in total.', name, len(builder.skipped_files))
     _write_labels(builder, labels_path)
@@ -191,8 +198,9 @@ class RecordSource:
     return self._reader().image(int(index))
 
 
-def load_split(name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None,
-               **builder_kwargs) -> RecordSource:
+def load_split(
+  name: str, split: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs
+) -> RecordSource:
   builder = prepare(name, data_dir, manual_dir, **builder_kwargs)
   return RecordSource(builder.data_dir, split)
 
@@ -201,20 +209,25 @@ def load_split(name: str, split: str, data_dir: str | None = None, manual_dir: s
 # The four benchmarks.
 
 
-
 class _PhotoBuilder(MetrixBuilder, skip_registration=True):
   """Benchmarks built from official archives: JPEG resized to `short_side`, label/original size/file name."""
+
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   DESCRIPTION = ''
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, description=f'{self.DESCRIPTION} {self.builder_config.description}.',
-                                 features=photo_features(), supervised_keys=('image', 'label'))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=f'{self.DESCRIPTION} {self.builder_config.description}.',
+      features=photo_features(),
+      supervised_keys=('image', 'label'),
+    )
 
   def _encode(self, items, split: str, expected: int | None, expected_classes: int | None = None):
     """items: (key, bytes or None when missing from the archive, label) -> examples; counts checked at the end."""
     listed, missing, classes = 0, [], set()
+
     def examples():
       nonlocal listed
       for key, data, label in items:
@@ -224,10 +237,13 @@ class _PhotoBuilder(MetrixBuilder, skip_registration=True):
           missing.append(key)
           continue
         yield key, data, {'label': label, 'file_name': key}
+
     yield from self.encode_images(examples(), self.builder_config.short_side)
     if missing:
-      message = (f'{self.name}: {len(missing)} image(s) of the {split} split listed in the annotations are missing '
-                 f'from the archive (first: {", ".join(missing[:5])}).')
+      message = (
+        f'{self.name}: {len(missing)} image(s) of the {split} split listed in the annotations are missing '
+        f'from the archive (first: {", ".join(missing[:5])}).'
+      )
       if self.check_counts:
         raise ValueError(f'{message}\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
       log.warning(message)
@@ -240,6 +256,7 @@ class _PhotoBuilder(MetrixBuilder, skip_registration=True):
 
 class Cub200(_PhotoBuilder, skip_registration=True):
   """CUB-200-2011: classes 1-100 train (5,864 images), 101-200 test (5,924); label = class number - 1."""
+
   name = 'metrix_cub200'
   DESCRIPTION = 'CUB-200-2011, metric-learning split (classes 0-99 train, 100-199 test).'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -255,16 +272,19 @@ Download it from the Caltech data repository: https://data.caltech.edu/records/6
 
   def _split_examples(self, split):
     archive = self.find_files()['CUB_200_2011.tgz']
+
     def items():
       for name, data in iter_archive(archive, lambda n: not is_hidden(n) and self._IMAGE.match(n) is not None):
         label = int(self._IMAGE.match(name).group(1)) - 1
         if (label < 100) == (split == 'train'):
           yield name, data, label
+
     return self._encode(items(), split, self.COUNTS[split], 100)
 
 
 class Cars196(_PhotoBuilder, skip_registration=True):
   """Cars196: classes 1-98 train (8,054 images), 99-196 test (8,131); label = `class` - 1 (`test` flag unused)."""
+
   name = 'metrix_cars196'
   DESCRIPTION = 'Cars196 (Stanford Cars), metric-learning split (classes 0-97 train, 98-195 test).'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -283,6 +303,7 @@ train/test archives with the devkit (cars_train.tgz, cars_test.tgz) are a differ
   def annotations(self) -> dict[str, int]:
     """{'car_ims/000001.jpg': label}."""
     import scipy.io  # pylint: disable=g-import-not-at-top  (a jax dependency)
+
     mat = scipy.io.loadmat(self.find_files()['cars_annos.mat'], squeeze_me=True)
     annotations = np.atleast_1d(mat['annotations'])
     out = {str(a['relative_im_path']).lstrip('./'): int(a['class']) - 1 for a in annotations}
@@ -292,6 +313,7 @@ train/test archives with the devkit (cars_train.tgz, cars_test.tgz) are a differ
   def _split_examples(self, split):
     labels = self.annotations()
     wanted = {n: y for n, y in labels.items() if (y < 98) == (split == 'train')}
+
     def items():
       seen = set()
       for name, data in iter_archive(self.find_files()['car_ims.tgz'], lambda n: n in wanted):
@@ -299,11 +321,13 @@ train/test archives with the devkit (cars_train.tgz, cars_test.tgz) are a differ
         yield name, data, wanted[name]
       for name in sorted(set(wanted) - seen):
         yield name, None, wanted[name]
+
     return self._encode(items(), split, self.COUNTS[split], 98)
 
 
 class Sop(_PhotoBuilder, skip_registration=True):
   """Stanford Online Products: Ebay_train.txt (11,318 classes, 59,551 images) / Ebay_test.txt (11,316, 60,502)."""
+
   name = 'metrix_sop'
   DESCRIPTION = 'Stanford Online Products, Ebay_train / Ebay_test (label = class_id - 1).'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
@@ -323,6 +347,7 @@ data set). It holds Ebay_train.txt, Ebay_test.txt and the images."""
     entries = [(f'Stanford_Online_Products/{path}', int(class_id) - 1) for _, class_id, _, path in rows]
     if split == 'train' and entries and sorted({y for _, y in entries}) != list(range(len({y for _, y in entries}))):
       raise ValueError('sop: Ebay_train.txt class ids are not 1..N; not the official file.')
+
     def items():
       reader = RandomAccess(archive)
       try:
@@ -330,6 +355,7 @@ data set). It holds Ebay_train.txt, Ebay_test.txt and the images."""
           yield name, reader.read(name), label
       finally:
         reader.close()
+
     return self._encode(items(), split, *self.COUNTS[split])
 
 
@@ -338,6 +364,7 @@ class InShop(_PhotoBuilder, skip_registration=True):
 
   Labels: train items sorted -> 0..3,996; query and gallery share one map, test items sorted -> 3,997...
   """
+
   name = 'metrix_inshop'
   SPLITS = ('train', 'query', 'gallery')
   DESCRIPTION = 'In-Shop Clothes Retrieval (DeepFashion): train / query / gallery.'
@@ -352,8 +379,10 @@ https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (Google D
   ITEMS = {'train': 3997, 'test': 3985}
 
   def required_files(self):
-    return {'img.zip': ('img.zip', 'Img/img.zip', 'img', 'Img/img'),
-            'list_eval_partition.txt': ('list_eval_partition.txt', 'Eval/list_eval_partition.txt')}
+    return {
+      'img.zip': ('img.zip', 'Img/img.zip', 'img', 'Img/img'),
+      'list_eval_partition.txt': ('list_eval_partition.txt', 'Eval/list_eval_partition.txt'),
+    }
 
   def partition(self) -> dict[str, list[tuple[str, int]]]:
     with open(self.find_files()['list_eval_partition.txt'], encoding='utf-8') as f:
@@ -373,6 +402,7 @@ https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (Google D
   def _split_examples(self, split):
     entries = self.partition()[split]
     archive = self.find_files()['img.zip']
+
     def items():
       reader = RandomAccess(archive)
       try:
@@ -380,6 +410,7 @@ https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html (Google D
           yield name, reader.read(name), label
       finally:
         reader.close()
+
     return self._encode(items(), split, self.COUNTS[split])
 
 
@@ -393,10 +424,10 @@ class OmniglotConfig(tfds.core.BuilderConfig):
 
 
 _OMNIGLOT_ZIPS = {  # archive stem -> (characters, images) for the count check
-    'images_background': (964, 19280),
-    'images_evaluation': (659, 13180),
-    'images_background_small1': (136, 2720),
-    'images_background_small2': (156, 3120),
+  'images_background': (964, 19280),
+  'images_evaluation': (659, 13180),
+  'images_background_small1': (136, 2720),
+  'images_background_small2': (156, 3120),
 }
 
 
@@ -408,6 +439,7 @@ class Omniglot(MetrixBuilder, skip_registration=True):
   positions train, odd positions test. Greek/Latin in both small zips are the same images (de-duplicated).
   The config name lists the zips used, so adding a zip later builds a new variant instead of mixing.
   """
+
   name = 'metrix_omniglot'
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -421,13 +453,15 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
   _IMAGE = re.compile(r'^([^/]+)/([^/]+)/([^/]+)/([^/]+\.png)$')
 
   @classmethod
-  def default_config(cls, short_side: int = 256, manual_dir: str | None = None,
-                     data_dir: str | None = None) -> OmniglotConfig:
+  def default_config(
+    cls, short_side: int = 256, manual_dir: str | None = None, data_dir: str | None = None
+  ) -> OmniglotConfig:
     del short_side
     zips = tuple(z for z in _OMNIGLOT_ZIPS if manual_dir and os.path.exists(os.path.join(manual_dir, z + '.zip')))
     if not zips and data_dir:  # nothing to build from: reuse the one variant already built, if unique
-      built = sorted(os.listdir(os.path.join(data_dir, cls.name))) if os.path.isdir(
-          os.path.join(data_dir, cls.name)) else []
+      built = (
+        sorted(os.listdir(os.path.join(data_dir, cls.name))) if os.path.isdir(os.path.join(data_dir, cls.name)) else []
+      )
       if len(built) == 1:
         zips = tuple(built[0].split('+'))
     return OmniglotConfig(name='+'.join(zips) or 'none', zips=zips, description=f'zips: {", ".join(zips)}')
@@ -440,10 +474,13 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, description=f'Omniglot, classes split by alphabet; {self.builder_config.description}.',
-        features=photo_features(image_channels=1, encoding='png', alphabet=tfds.features.Text(),
-                                character=tfds.features.Text()),
-        supervised_keys=('image', 'label'))
+      builder=self,
+      description=f'Omniglot, classes split by alphabet; {self.builder_config.description}.',
+      features=photo_features(
+        image_channels=1, encoding='png', alphabet=tfds.features.Text(), character=tfds.features.Text()
+      ),
+      supervised_keys=('image', 'label'),
+    )
 
   def _scan(self):
     """{(alphabet, character): {file: (zip stem, member)}} and {alphabet: set of zip stems}; counts checked."""
@@ -455,8 +492,10 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
         with zipfile.ZipFile(path) as zf:
           names = [n for n in zf.namelist() if not is_hidden(n) and self._IMAGE.match(n)]
       except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; '
-                         f'download it again.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}') from e
+        raise ValueError(
+          f'Cannot read {path}: {type(e).__name__}: {e}. The file is truncated or corrupt; '
+          f'download it again.\n\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}'
+        ) from e
       characters = set()
       for member in names:
         _, alphabet, character, fname = self._IMAGE.match(member).groups()
@@ -480,24 +519,34 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
     classes, alphabet_sets = self._scan()
     train_alphabets, test_alphabets = self.split_alphabets(alphabet_sets)
     ordered = sorted(c for c in classes if c[0] in train_alphabets) + sorted(
-        c for c in classes if c[0] in test_alphabets)
+      c for c in classes if c[0] in test_alphabets
+    )
     label_of = {c: i for i, c in enumerate(ordered)}
     wanted = set(train_alphabets if split == 'train' else test_alphabets)
+
     def items():
       opened = {}
       try:
-        for (alphabet, character) in ordered:
+        for alphabet, character in ordered:
           if alphabet not in wanted:
             continue
           for fname, (path, member) in sorted(classes[(alphabet, character)].items()):
             if path not in opened:
               opened[path] = zipfile.ZipFile(path)
-            yield (f'{alphabet}/{character}/{fname}', opened[path].read(member),
-                   {'label': label_of[(alphabet, character)], 'file_name': f'{alphabet}/{character}/{fname}',
-                    'alphabet': alphabet, 'character': character})
+            yield (
+              f'{alphabet}/{character}/{fname}',
+              opened[path].read(member),
+              {
+                'label': label_of[(alphabet, character)],
+                'file_name': f'{alphabet}/{character}/{fname}',
+                'alphabet': alphabet,
+                'character': character,
+              },
+            )
       finally:
         for zf in opened.values():
           zf.close()
+
     log.info('omniglot/%s: alphabets %s', split, ', '.join(sorted(wanted)))
     return self.encode_images(items(), None)
 
@@ -507,7 +556,12 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
 
 
 BUILDERS: dict[str, type[MetrixBuilder]] = {
-    'demo': demo.Demo, 'omniglot': Omniglot, 'cub200': Cub200, 'cars196': Cars196, 'sop': Sop, 'inshop': InShop,
+  'demo': demo.Demo,
+  'omniglot': Omniglot,
+  'cub200': Cub200,
+  'cars196': Cars196,
+  'sop': Sop,
+  'inshop': InShop,
 }
 
 
@@ -538,13 +592,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   Builds NAME once and prints its splits; returns the exit status (2: a user mistake, one line on stderr).
   """
-  parser = _ArgumentParser(prog='python -m metrix_jax.data.builders',
-                           description='Build a data set from its official archives (once) and print its splits.')
+  parser = _ArgumentParser(
+    prog='python -m metrix_jax.data.builders',
+    description='Build a data set from its official archives (once) and print its splits.',
+  )
   parser.add_argument('name', choices=data_lib.DATASET_NAMES)
-  parser.add_argument('--manual_dir', default=None, help='folder with the archives (default: '
-                      '<data_dir>/downloads/manual)')
-  parser.add_argument('--data_dir', default=None, help='where built data sets live (default: $TFDS_DATA_DIR or '
-                      '~/tensorflow_datasets)')
+  parser.add_argument(
+    '--manual_dir', default=None, help='folder with the archives (default: <data_dir>/downloads/manual)'
+  )
+  parser.add_argument(
+    '--data_dir', default=None, help='where built data sets live (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)'
+  )
   parser.add_argument('--short_side', type=int, default=256, help='photo benchmarks: stored shorter side (px)')
   parser.add_argument('--num_workers', type=int, default=None, help='build processes (default: all cores)')
   parser.add_argument('--verbose_libraries', action='store_true', help="keep tfds' INFO log lines")
@@ -552,8 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   def work():
     args = parser.parse_args(argv)
     cli.configure_logging(verbose_libraries=args.verbose_libraries, process_index=0)
-    builder = prepare(args.name, args.data_dir, args.manual_dir, short_side=args.short_side,
-                      num_workers=args.num_workers)
+    builder = prepare(
+      args.name, args.data_dir, args.manual_dir, short_side=args.short_side, num_workers=args.num_workers
+    )
     for split, (images, classes) in split_counts(builder).items():
       print(f'{args.name}/{split}: {images:,} images, {classes:,} classes')
     print(f'in {builder.data_dir}')

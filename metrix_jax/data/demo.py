@@ -17,6 +17,7 @@ chance is 19 / 9,999 = 0.19%.
 Determinism: the bytes are a function of the config (seed included), of matplotlib's font files and of
 Pillow/FreeType's rasteriser; the build records the versions in the dataset description.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,21 +34,21 @@ from metrix_jax.data import base
 
 # (first, last) code points of the blocks drawn from.
 _BLOCKS = (
-    (0x0021, 0x007E),  # Basic Latin
-    (0x00A1, 0x00FF),  # Latin-1 Supplement
-    (0x0100, 0x024F),  # Latin Extended-A/B
-    (0x0250, 0x02AF),  # IPA Extensions
-    (0x0370, 0x03FF),  # Greek
-    (0x0400, 0x04FF),  # Cyrillic
-    (0x0531, 0x058F),  # Armenian
-    (0x10A0, 0x10FF),  # Georgian
-    (0x2100, 0x214F),  # Letterlike Symbols
-    (0x2190, 0x21FF),  # Arrows
-    (0x2200, 0x22FF),  # Mathematical Operators
-    (0x2300, 0x23FF),  # Miscellaneous Technical
-    (0x25A0, 0x25FF),  # Geometric Shapes
-    (0x2600, 0x26FF),  # Miscellaneous Symbols
-    (0x2800, 0x28FF),  # Braille Patterns
+  (0x0021, 0x007E),  # Basic Latin
+  (0x00A1, 0x00FF),  # Latin-1 Supplement
+  (0x0100, 0x024F),  # Latin Extended-A/B
+  (0x0250, 0x02AF),  # IPA Extensions
+  (0x0370, 0x03FF),  # Greek
+  (0x0400, 0x04FF),  # Cyrillic
+  (0x0531, 0x058F),  # Armenian
+  (0x10A0, 0x10FF),  # Georgian
+  (0x2100, 0x214F),  # Letterlike Symbols
+  (0x2190, 0x21FF),  # Arrows
+  (0x2200, 0x22FF),  # Mathematical Operators
+  (0x2300, 0x23FF),  # Miscellaneous Technical
+  (0x25A0, 0x25FF),  # Geometric Shapes
+  (0x2600, 0x26FF),  # Miscellaneous Symbols
+  (0x2800, 0x28FF),  # Braille Patterns
 )
 _MIN_FONTS = 4  # a class needs at least this many faces (instance diversity)
 _REFERENCE_FONT = 'DejaVuSans.ttf'
@@ -62,8 +63,13 @@ class DemoConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-def demo_config(num_classes: int = 1000, num_train_classes: int | None = None, images_per_class: int = 20,
-                image_size: int = 32, seed: int = 0) -> DemoConfig:
+def demo_config(
+  num_classes: int = 1000,
+  num_train_classes: int | None = None,
+  images_per_class: int = 20,
+  image_size: int = 32,
+  seed: int = 0,
+) -> DemoConfig:
   """A named config; the name encodes every field so different configs never share a directory."""
   if num_train_classes is None:
     num_train_classes = num_classes // 2
@@ -71,21 +77,33 @@ def demo_config(num_classes: int = 1000, num_train_classes: int | None = None, i
     raise ValueError(f'num_train_classes={num_train_classes} must be in (0, num_classes={num_classes}).')
   if image_size < 16 or images_per_class < 2:
     raise ValueError(f'image_size={image_size} must be >= 16 and images_per_class={images_per_class} >= 2.')
-  name = 'default' if (num_classes, num_train_classes, images_per_class, image_size, seed) == (
-      1000, 500, 20, 32, 0) else f'c{num_classes}_t{num_train_classes}_n{images_per_class}_s{image_size}_seed{seed}'
-  return DemoConfig(name=name, num_classes=num_classes, num_train_classes=num_train_classes,
-                    images_per_class=images_per_class, image_size=image_size, seed=seed,
-                    description=f'{num_classes} glyph classes ({num_train_classes} train), {images_per_class} '
-                    f'images each, {image_size}px, seed {seed}')
+  name = (
+    'default'
+    if (num_classes, num_train_classes, images_per_class, image_size, seed) == (1000, 500, 20, 32, 0)
+    else f'c{num_classes}_t{num_train_classes}_n{images_per_class}_s{image_size}_seed{seed}'
+  )
+  return DemoConfig(
+    name=name,
+    num_classes=num_classes,
+    num_train_classes=num_train_classes,
+    images_per_class=images_per_class,
+    image_size=image_size,
+    seed=seed,
+    description=f'{num_classes} glyph classes ({num_train_classes} train), {images_per_class} '
+    f'images each, {image_size}px, seed {seed}',
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def font_files() -> tuple[str, ...]:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   font_dir = os.path.join(matplotlib.get_data_path(), 'fonts', 'ttf')
-  names = sorted(f for f in os.listdir(font_dir)
-                 if (f.startswith('DejaVuSans') or f.startswith('DejaVuSerif')) and 'Display' not in f
-                 or f.startswith('STIXGeneral'))
+  names = sorted(
+    f
+    for f in os.listdir(font_dir)
+    if (f.startswith('DejaVuSans') or f.startswith('DejaVuSerif')) and 'Display' not in f or f.startswith('STIXGeneral')
+  )
   if _REFERENCE_FONT not in names:
     raise RuntimeError(f'matplotlib fonts not found in {font_dir}: the demo data set renders them.')
   return tuple(os.path.join(font_dir, f) for f in names)
@@ -94,6 +112,7 @@ def font_files() -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def _charmaps() -> tuple[frozenset, ...]:
   from matplotlib import ft2font  # pylint: disable=g-import-not-at-top
+
   return tuple(frozenset(ft2font.FT2Font(f).get_charmap()) for f in font_files())
 
 
@@ -142,14 +161,13 @@ def select_classes(config: DemoConfig) -> list[tuple[int, tuple[int, ...]]]:
   candidates = candidate_characters()
   if config.num_classes > len(candidates):
     raise ValueError(f'num_classes={config.num_classes} > {len(candidates)} available glyph classes.')
-  order = np.random.default_rng([config.seed, 0xC1A55]).permutation(len(candidates))[:config.num_classes]
-  train = sorted(order[:config.num_train_classes])
-  test = sorted(order[config.num_train_classes:])
+  order = np.random.default_rng([config.seed, 0xC1A55]).permutation(len(candidates))[: config.num_classes]
+  train = sorted(order[: config.num_train_classes])
+  test = sorted(order[config.num_train_classes :])
   return [candidates[i] for i in train] + [candidates[i] for i in test]
 
 
-def render_glyph(codepoint: int, faces: tuple[int, ...], rng: np.random.Generator, size: int
-                 ) -> tuple[np.ndarray, int]:
+def render_glyph(codepoint: int, faces: tuple[int, ...], rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]:
   """One instance: uint8 [size, size] grey image (dark ink on light paper) and the face index used."""
   canvas = 2 * size  # render at 2x, then downsample (antialiasing)
   u = rng.random(11)  # every scalar draw at once (one call: a Generator call costs microseconds)
@@ -157,8 +175,15 @@ def render_glyph(codepoint: int, faces: tuple[int, ...], rng: np.random.Generato
   font_size = int(round(canvas * (0.42 + 0.18 * u[1])))
   stroke = min(int(u[2] * 3), 2) * canvas // 64
   image = Image.new('L', (canvas, canvas), 0)
-  ImageDraw.Draw(image).text((canvas / 2, canvas / 2), chr(codepoint), fill=255, font=_font(face, font_size),
-                             anchor='mm', stroke_width=stroke, stroke_fill=255)
+  ImageDraw.Draw(image).text(
+    (canvas / 2, canvas / 2),
+    chr(codepoint),
+    fill=255,
+    font=_font(face, font_size),
+    anchor='mm',
+    stroke_width=stroke,
+    stroke_fill=255,
+  )
   bbox = image.getbbox() or (0, 0, canvas, canvas)
   # Affine jitter about the ink centre: rotation +-12 deg, shear +-0.2, scale 0.85-1.1, shift +-6%.
   angle = math.radians(24 * u[3] - 12)
@@ -169,8 +194,9 @@ def render_glyph(codepoint: int, faces: tuple[int, ...], rng: np.random.Generato
   a, b, d, e = c, (shear - math.sin(angle)) / scale, s, c  # output -> input (PIL's convention)
   ox, oy = canvas / 2 + shift_x, canvas / 2 + shift_y
   cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
-  image = image.transform((canvas, canvas), Image.AFFINE, (a, b, cx - a * ox - b * oy, d, e, cy - d * ox - e * oy),
-                          resample=Image.BILINEAR)
+  image = image.transform(
+    (canvas, canvas), Image.AFFINE, (a, b, cx - a * ox - b * oy, d, e, cy - d * ox - e * oy), resample=Image.BILINEAR
+  )
   ink = np.asarray(image.resize((size, size), Image.BILINEAR), np.float32) * (1.0 / 255.0)
   paper, pen, sigma = 0.65 + 0.35 * u[8], 0.35 * u[9], 0.01 + 0.05 * u[10]
   pixels = paper + (pen - paper) * ink + rng.normal(0.0, sigma, ink.shape).astype(np.float32)
@@ -179,6 +205,7 @@ def render_glyph(codepoint: int, faces: tuple[int, ...], rng: np.random.Generato
 
 class Demo(base.MetrixBuilder, skip_registration=True):
   """Generated glyph classes; see the module docstring."""
+
   name = 'metrix_demo'
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -193,30 +220,44 @@ class Demo(base.MetrixBuilder, skip_registration=True):
     config = self.builder_config
     import matplotlib  # pylint: disable=g-import-not-at-top
     import PIL  # pylint: disable=g-import-not-at-top
+
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(f'{self.builder_config.description}; rendered with Pillow {PIL.__version__} from the fonts '
-                     f'of matplotlib {matplotlib.__version__}.'),
-        features=base.photo_features(
-            raw_image_shape=(config.image_size, config.image_size, 1),
-            font=tfds.features.Text()),
-        supervised_keys=('image', 'label'),
+      builder=self,
+      description=(
+        f'{self.builder_config.description}; rendered with Pillow {PIL.__version__} from the fonts '
+        f'of matplotlib {matplotlib.__version__}.'
+      ),
+      features=base.photo_features(
+        raw_image_shape=(config.image_size, config.image_size, 1), font=tfds.features.Text()
+      ),
+      supervised_keys=('image', 'label'),
     )
 
   def _split_examples(self, split):
     config = self.builder_config
     classes = select_classes(config)
-    labels = range(config.num_train_classes) if split == 'train' else range(config.num_train_classes,
-                                                                             config.num_classes)
-    items = ((f'U+{classes[label][0]:04X}/{k:03d}', (classes[label], k), label)
-             for label in labels for k in range(config.images_per_class))
+    labels = (
+      range(config.num_train_classes) if split == 'train' else range(config.num_train_classes, config.num_classes)
+    )
+    items = (
+      (f'U+{classes[label][0]:04X}/{k:03d}', (classes[label], k), label)
+      for label in labels
+      for k in range(config.images_per_class)
+    )
     num_items = len(labels) * config.images_per_class
     workers = self.num_workers if num_items >= 4000 else 0  # process start-up costs more than small builds
     names = [os.path.basename(f) for f in font_files()]
-    for key, (pixels, face), label in base.parallel_map(_render_item, items, (config.seed, config.image_size),
-                                                        workers):
-      yield key, {'image': pixels[:, :, None], 'label': label, 'original_size': np.array(pixels.shape, np.int32),
-                  'file_name': key, 'font': names[face]}
+    for key, (pixels, face), label in base.parallel_map(_render_item, items, (config.seed, config.image_size), workers):
+      yield (
+        key,
+        {
+          'image': pixels[:, :, None],
+          'label': label,
+          'original_size': np.array(pixels.shape, np.int32),
+          'file_name': key,
+          'font': names[face],
+        },
+      )
 
 
 def _render_item(item, arg):

@@ -21,6 +21,7 @@ Transforms (PIL, uint8 out, grey/CMYK/palette -> RGB):
     `image_size` (torchvision Resize + CenterCrop rounding).
 JPEGs are decoded at a reduced DCT scale (PIL draft) when that still leaves at least the output resolution.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-_MAX_STEPS = 2 ** 40  # "infinite" train stream
+_MAX_STEPS = 2**40  # "infinite" train stream
 _SALT_AUGMENT, _SALT_EPOCH, _SALT_BALANCED = 1, 2, 3
 
 
@@ -48,8 +49,8 @@ class Augment:
 
 
 _AUGMENT_DEFAULTS = {
-    'demo': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
-    'omniglot': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
+  'demo': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
+  'omniglot': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
 }
 
 
@@ -86,8 +87,9 @@ def _draft(image: Image.Image, box: tuple[float, float, float, float], out_w: in
   return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  width: int, height: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
   """torchvision `RandomResizedCrop.get_params`: (left, top, right, bottom)."""
   area = width * height
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -166,7 +168,7 @@ class RandomSampler:
   def __call__(self, step: int) -> np.ndarray:
     epoch, position = divmod(step, self.steps_per_epoch)
     b = self.global_batch_size
-    return self._permutation(epoch)[position * b:(position + 1) * b]
+    return self._permutation(epoch)[position * b : (position + 1) * b]
 
   def __getstate__(self):
     return dict(self.__dict__, _cache=(None, None))
@@ -175,8 +177,9 @@ class RandomSampler:
 class BalancedSampler:
   """`classes_per_batch` classes (without replacement) x `images_per_class` images; groups contiguous."""
 
-  def __init__(self, labels: np.ndarray, classes_per_batch: int, images_per_class: int, seed: int,
-               with_replacement: bool = True):
+  def __init__(
+    self, labels: np.ndarray, classes_per_batch: int, images_per_class: int, seed: int, with_replacement: bool = True
+  ):
     classes, inverse = np.unique(labels, return_inverse=True)
     if classes_per_batch > len(classes):
       raise ValueError(f'classes_per_batch={classes_per_batch} > {len(classes)} classes in the split.')
@@ -221,7 +224,7 @@ class _TrainBatch:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
-    indices = self.sampler(step)[self.first_row:self.first_row + self.rows]
+    indices = self.sampler(step)[self.first_row : self.first_row + self.rows]
     images = np.empty((self.rows, self.image_size, self.image_size, 3), np.uint8)
     for j, index in enumerate(indices):
       rng = np.random.default_rng([self.seed, step, self.first_row + j, _SALT_AUGMENT])
@@ -232,8 +235,7 @@ class _TrainBatch:
 class _EvalBatch:
   """batch number -> {'image', 'label' (-1 on padding), 'mask' (False on padding), 'index' (-1 on padding)}."""
 
-  def __init__(self, source, global_batch_size: int, image_size: int, resize_size: int, first_row: int,
-               rows: int):
+  def __init__(self, source, global_batch_size: int, image_size: int, resize_size: int, first_row: int, rows: int):
     self.source, self.global_batch_size, self.image_size = source, global_batch_size, image_size
     self.resize_size, self.first_row, self.rows = resize_size, first_row, rows
 
@@ -254,6 +256,7 @@ def _grain_iter(ds: grain.MapDataset, num_workers: int, num_threads: int | None)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 2)))
   if num_workers > 0:
     from absl import flags  # pylint: disable=g-import-not-at-top
+
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults outside an absl app)
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
@@ -272,8 +275,20 @@ class TrainIterator(grain.DatasetIterator):
   process count or worker count); it refuses a state from a different seed, batch size, sampler or split size.
   """
 
-  def __init__(self, source, sampler, *, image_size: int, augment: Augment, seed: int, process_index: int,
-               process_count: int, num_workers: int = 0, num_threads: int | None = None, start_step: int = 0):
+  def __init__(
+    self,
+    source,
+    sampler,
+    *,
+    image_size: int,
+    augment: Augment,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    num_workers: int = 0,
+    num_threads: int | None = None,
+    start_step: int = 0,
+  ):
     super().__init__()
     self._it = None
     self._source, self._sampler, self._seed = source, sampler, seed
@@ -306,16 +321,25 @@ class TrainIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {'step': self._step, 'seed': self._seed, 'global_batch_size': self._sampler.global_batch_size,
-            'num_examples': len(self._source), 'sampler': self._sampler_name}
+    return {
+      'step': self._step,
+      'seed': self._seed,
+      'global_batch_size': self._sampler.global_batch_size,
+      'num_examples': len(self._source),
+      'sampler': self._sampler_name,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     mine = self.get_state()
-    wrong = [f'{k}: saved {state.get(k)!r} != current {mine[k]!r}' for k in mine if k != 'step'
-             and state.get(k) != mine[k]]
+    wrong = [
+      f'{k}: saved {state.get(k)!r} != current {mine[k]!r}' for k in mine if k != 'step' and state.get(k) != mine[k]
+    ]
     if wrong:
-      raise ValueError('Cannot resume the data iterator: the saved state is from a different input pipeline ('
-                       + '; '.join(wrong) + '). Use the same dataset, seed, sampler and batch size.')
+      raise ValueError(
+        'Cannot resume the data iterator: the saved state is from a different input pipeline ('
+        + '; '.join(wrong)
+        + '). Use the same dataset, seed, sampler and batch size.'
+      )
     self._close_inner()
     self._step = int(state['step'])
 
@@ -338,12 +362,22 @@ class EvalIterable:
   `len(it)` = number of batches = ceil(N / global_batch_size); `num_examples` = N.
   """
 
-  def __init__(self, source, *, global_batch_size: int, image_size: int, resize_size: int | None = None,
-               process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-               num_threads: int | None = None):
+  def __init__(
+    self,
+    source,
+    *,
+    global_batch_size: int,
+    image_size: int,
+    resize_size: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    num_threads: int | None = None,
+  ):
     first_row, rows = _host_rows(global_batch_size, process_index, process_count)
-    self._fn = _EvalBatch(source, global_batch_size, image_size, resize_size or default_resize(image_size),
-                          first_row, rows)
+    self._fn = _EvalBatch(
+      source, global_batch_size, image_size, resize_size or default_resize(image_size), first_row, rows
+    )
     self.num_examples = len(source)
     self.global_batch_size = global_batch_size
     self._num_workers, self._num_threads = num_workers, num_threads
@@ -360,8 +394,16 @@ class EvalIterable:
       it.close()
 
 
-def make_sampler(labels: np.ndarray, *, sampler: str, global_batch_size: int, classes_per_batch: int,
-                 images_per_class: int, seed: int, with_replacement: bool = True):
+def make_sampler(
+  labels: np.ndarray,
+  *,
+  sampler: str,
+  global_batch_size: int,
+  classes_per_batch: int,
+  images_per_class: int,
+  seed: int,
+  with_replacement: bool = True,
+):
   """The global-batch sampler over `labels` [N] (int): 'random' (a fresh permutation per epoch) or 'balanced'
   (`classes_per_batch` classes x `images_per_class` images, = global_batch_size). Each step's indices [B] are a
   pure function of (seed, step), so resumed and multi-host runs draw the same batches."""
@@ -369,8 +411,10 @@ def make_sampler(labels: np.ndarray, *, sampler: str, global_batch_size: int, cl
     return RandomSampler(len(labels), global_batch_size, seed)
   if sampler == 'balanced':
     if classes_per_batch * images_per_class != global_batch_size:
-      raise ValueError(f'balanced sampler: classes_per_batch={classes_per_batch} x images_per_class='
-                       f'{images_per_class} must equal global_batch_size={global_batch_size}.')
+      raise ValueError(
+        f'balanced sampler: classes_per_batch={classes_per_batch} x images_per_class='
+        f'{images_per_class} must equal global_batch_size={global_batch_size}.'
+      )
     return BalancedSampler(labels, classes_per_batch, images_per_class, seed, with_replacement)
   raise ValueError(f'Unknown sampler {sampler!r}; valid choices: random, balanced.')
 
@@ -387,9 +431,12 @@ def check_crop(augment: Augment, image_size: int) -> Augment:
   return augment
 
 
-def replace_augment(name: str, crop_scale: Sequence[float] | None, crop_ratio: Sequence[float] | None,
-                    flip: bool | None) -> Augment:
+def replace_augment(
+  name: str, crop_scale: Sequence[float] | None, crop_ratio: Sequence[float] | None, flip: bool | None
+) -> Augment:
   base = augment_defaults(name)
-  return Augment(crop_scale=tuple(crop_scale) if crop_scale is not None else base.crop_scale,
-                 crop_ratio=tuple(crop_ratio) if crop_ratio is not None else base.crop_ratio,
-                 flip=base.flip if flip is None else bool(flip))
+  return Augment(
+    crop_scale=tuple(crop_scale) if crop_scale is not None else base.crop_scale,
+    crop_ratio=tuple(crop_ratio) if crop_ratio is not None else base.crop_ratio,
+    flip=base.flip if flip is None else bool(flip),
+  )
