@@ -42,6 +42,8 @@ def configure_logging(*, verbose_libraries: bool = False, process_index: int | N
   `process_index`: this process's index (default: `jax.process_index()`, which needs the backend: call this
   after `jax.distributed.initialize()` on multi-host runs).
   """
+  for name in LIBRARY_LOGGERS:  # first: querying the process index below starts the backend, which logs
+    logging.getLogger(name).setLevel(logging.INFO if verbose_libraries else logging.WARNING)
   if process_index is None:
     import jax  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of jax
 
@@ -52,8 +54,6 @@ def configure_logging(*, verbose_libraries: bool = False, process_index: int | N
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter('%(levelname).1s %(asctime)s %(name)s] %(message)s', '%H:%M:%S'))
     package.addHandler(handler)
-  for name in LIBRARY_LOGGERS:
-    logging.getLogger(name).setLevel(logging.INFO if verbose_libraries else logging.WARNING)
 
 
 def reject_arguments(argv) -> None:
