@@ -97,6 +97,7 @@ def test_bench_train_quick_prints_a_finite_table(capsys, tmp_path):
   assert json.loads(out.read_text())['rows'][0]['framework'] == 'torch'
 
 
+@pytest.mark.slow
 def test_bench_train_compile_only_reports_flops_without_running(capsys):
   import bench_train  # pylint: disable=g-import-not-at-top
 

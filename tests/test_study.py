@@ -288,6 +288,7 @@ def test_damaged_run_json_is_a_user_error_naming_the_file(tmp_path):
 # One real run: the demo data, 2 steps, through `python -m metrix_jax.main` (evaluate step off: it embeds the
 # whole demo test split; tests/test_cli.py covers it).
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_step_demo_study_then_resume_skips(tmp_path):
   config = tmp_path / 'study_demo.py'
   config.write_text(

@@ -118,6 +118,7 @@ def test_results_and_outputs(straight_run):
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
+@pytest.mark.slow
 def test_resume_equals_straight_run(straight_run, tmp_path):
   ref_dir, ref = straight_run
   stopped = _run(tmp_path, stop_after_steps=STEPS // 2)
@@ -131,6 +132,7 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(straight_run, tmp_path):
   """Killed (SIGKILL) while stuck after the step-2 checkpoint; the rerun resumes and matches the straight run."""
   ref_dir, ref = straight_run
@@ -148,6 +150,7 @@ def test_resume_after_sigkill(straight_run, tmp_path):
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_stops_cleanly_and_resumes(straight_run, tmp_path):
   """SIGTERM (a pre-emption notice) after the step-2 checkpoint: the run finishes the step in flight, saves a
   checkpoint there, exits 0 with the resume hint; the rerun continues to the straight run's parameters."""
@@ -171,6 +174,7 @@ def test_sigterm_checkpoints_stops_cleanly_and_resumes(straight_run, tmp_path):
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7), a, b)
 
 
+@pytest.mark.slow
 def test_four_devices_match_one(straight_run, tmp_path):
   _, ref = straight_run
   four, out = _results_of(_subprocess([tmp_path, '--steps', STEPS], devices=4))
@@ -421,6 +425,7 @@ def test_query_gallery_evaluation_and_keep_best_mid_run(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The real entry point on the real demo data (few steps, a slice of the test split).
 # ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_config_end_to_end_via_main(tmp_path):
   workdir = tmp_path / 'demo'
   cmd = [
@@ -491,6 +496,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_over_localhost_match_one(straight_run, tmp_path):
   """Per-host input slices + jax.distributed (gloo CPU collectives): same loss and recall as one process."""
   if not hasattr(jax.distributed, 'initialize'):
