@@ -16,12 +16,6 @@ LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 MS = dict(alpha=2.0, beta=10.0, base=0.0)
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def random_batch(b=24, dim=4, classes=5, seed=0):
   rng = np.random.default_rng(seed)
   return rng.normal(size=(b, dim)), rng.integers(0, classes, b)
