@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,7 +13,6 @@ import pytest
 from metrix_jax import evaluation
 from reference import evaluation_ref
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KS = (1, 2, 4, 8, 1000)
 
 
@@ -37,9 +33,11 @@ def _single_device_mesh():
 
 
 def _assert_retrieval_equal(got, want):
+  """Recall from integer counts: exact. AP@R / R-Precision per query are float32 sums over R ranks (mean over
+  queries in float64): a few float32 ulps, far below one query's rank moving (>= 1 / (n R) ~ 1e-4 here)."""
   assert got["recall"] == pytest.approx(want["recall"], abs=1e-12)
   for name in ("map_at_r", "r_precision", "precision_at_1"):
-    assert got[name] == pytest.approx(want[name], abs=1e-6, nan_ok=True), name
+    assert got[name] == pytest.approx(want[name], abs=1e-5, nan_ok=True), name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,8 +64,9 @@ def test_query_gallery_matches_reference(seed, num_queries, num_gallery, chunk):
   _assert_retrieval_equal(got, evaluation_ref.retrieval_metrics(q, qy, KS, g, gy))
   assert got["num_lone_queries"] == int(np.sum(~np.isin(qy, gy))) >= int(np.sum(qy >= 20))
   assert evaluation.recall_at_k(q, qy, KS, query_chunk_size=chunk, **kwargs) == got["recall"]
-  assert evaluation.mean_average_precision_at_r(q, qy, **kwargs) == pytest.approx(got["map_at_r"])
-  assert evaluation.r_precision(q, qy, **kwargs) == pytest.approx(got["r_precision"])
+  # float32 per-query values from differently chunked graphs (default chunk vs `chunk`)
+  assert evaluation.mean_average_precision_at_r(q, qy, **kwargs) == pytest.approx(got["map_at_r"], rel=1e-5)
+  assert evaluation.r_precision(q, qy, **kwargs) == pytest.approx(got["r_precision"], rel=1e-5)
 
 
 @pytest.mark.parametrize("seed,n_test,n_train,chunk", [(5, 33, 70, 8), (6, 120, 45, 1024)])
@@ -75,8 +74,9 @@ def test_utilization_matches_reference(seed, n_test, n_train, chunk):
   test, _ = _data(seed, n_test, 10, 1)
   train, _ = _data(seed + 1, n_train, 10, 1)
   got = evaluation.utilization(test, train, query_chunk_size=chunk)
-  assert got == pytest.approx(evaluation_ref.utilization(test, train), abs=1e-6)
-  assert evaluation.utilization(train[:5], train) == pytest.approx(0.0, abs=1e-6)  # train vs itself
+  # float32 squared distances |q|^2 + |g|^2 - 2 q.g of unit vectors (<= 4): a few ulps of 4 each
+  assert got == pytest.approx(evaluation_ref.utilization(test, train), abs=1e-5)
+  assert evaluation.utilization(train[:5], train) == pytest.approx(0.0, abs=1e-5)  # train vs itself
 
 
 @pytest.mark.parametrize("seed,n,dim,num_classes,chunk", [(7, 41, 6, 5, 9), (8, 160, 32, 12, 64)])
@@ -149,9 +149,10 @@ def test_matches_pytorch_metric_learning(leave_one_out):
     want = calculator.get_accuracy(x[:80], y[:80], x[80:], y[80:], ref_includes_query=False)
     got = evaluation.retrieval_metrics(x[:80], y[:80], (1,), query_chunk_size=50,
                                        gallery_embeddings=x[80:], gallery_labels=y[80:])
+  # two float32 implementations of per-query AP@R / R-Precision (counts for precision_at_1)
   assert got["precision_at_1"] == pytest.approx(want["precision_at_1"], abs=1e-6)
-  assert got["map_at_r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-6)
-  assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-6)
+  assert got["map_at_r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-5)
+  assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-5)
   # R@1 counts lone queries as misses; precision_at_1 leaves them out.
   lone = got["num_lone_queries"]
   assert lone >= 3
@@ -167,9 +168,9 @@ def test_invariant_to_chunk_size():
   results = [evaluation.retrieval_metrics(x, y, KS, query_chunk_size=c) for c in (1, 7, 50, 4096)]
   for other in results[1:]:
     _assert_retrieval_equal(other, results[0])
-  # Float metrics agree to rounding (the matmul's blocking may depend on the chunk's shape).
+  # Float metrics agree to float32 rounding (the matmul's blocking may depend on the chunk's shape).
   assert evaluation.utilization(x[:40], x[40:], query_chunk_size=3) == pytest.approx(
-      evaluation.utilization(x[:40], x[40:], query_chunk_size=40), abs=1e-6)
+      evaluation.utilization(x[:40], x[40:], query_chunk_size=40), abs=1e-5)
 
 
 _DEVICE_SCRIPT = textwrap.dedent("""
@@ -190,11 +191,9 @@ _DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_invariant_to_device_count():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT], env=env, capture_output=True, text=True,
-                        timeout=300, cwd=ROOT)
+@pytest.mark.slow  # a second interpreter with 4 fake devices
+def test_invariant_to_device_count(fake_devices_runner):
+  proc = fake_devices_runner(_DEVICE_SCRIPT, num_devices=4, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   four = json.loads(proc.stdout.split("RESULT", 1)[1])
   rng = np.random.default_rng(12)
@@ -204,16 +203,18 @@ def test_invariant_to_device_count():
   one = evaluation.retrieval_metrics(x, y, (1, 2, 4, 8), query_chunk_size=16, mesh=mesh)
   one_gallery = evaluation.retrieval_metrics(x[:50], y[:50], (1, 2, 4, 8), query_chunk_size=16, mesh=mesh,
                                              gallery_embeddings=x[50:], gallery_labels=y[50:])
+  # Recall: integer counts, exact. The rest: float32 per-row values from a sharded and a 1-device graph
+  # (summation order may differ: a few ulps, relative), averaged in float64 on the host.
   for got, want in ((four, one), (four["gallery"], one_gallery)):
     assert {int(k): v for k, v in got["recall"].items()} == want["recall"]
     for name in ("map_at_r", "r_precision", "precision_at_1"):
-      assert got[name] == pytest.approx(want[name], abs=1e-7)
+      assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7)
   assert four["utilization"] == pytest.approx(
-      evaluation.utilization(x[:50], x[50:], query_chunk_size=16, mesh=mesh), abs=1e-7)
+      evaluation.utilization(x[:50], x[50:], query_chunk_size=16, mesh=mesh), rel=1e-5, abs=1e-7)
   assert four["alignment"] == pytest.approx(evaluation.alignment(x, y, query_chunk_size=16, mesh=mesh),
-                                            abs=1e-7)
+                                            rel=1e-5, abs=1e-7)
   assert four["uniformity"] == pytest.approx(evaluation.uniformity(x, query_chunk_size=16, mesh=mesh),
-                                             abs=1e-7)
+                                             rel=1e-5, abs=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------------------
