@@ -70,7 +70,9 @@ def images(batch, size, seed=0):
   return np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32)  # NCHW, as torch
 
 
-@pytest.mark.parametrize('depth,size,batch', [(50, 224, 1), (50, 193, 1), (18, 224, 2), (18, 225, 2)])
+@pytest.mark.parametrize('depth,size,batch', [pytest.param(50, 224, 1, marks=pytest.mark.slow),
+                                              pytest.param(50, 193, 1, marks=pytest.mark.slow),
+                                              (18, 224, 2), (18, 225, 2)])
 def test_parity_with_torch(checkpoints, depth, size, batch):
   model_t, linear, path = checkpoints(depth)
   x = images(batch, size, seed=size)
@@ -159,7 +161,8 @@ def test_head_on_mixed_feature_maps_batched_equals_one_by_one(r18):
   mixed = lam_b * fmap[firsts] + (1 - lam_b) * fmap[seconds]
   batched = model.apply(variables, mixed, method='head')
   one_by_one = np.concatenate([model.apply(variables, mixed[i:i + 1], method='head') for i in range(4)])
-  np.testing.assert_allclose(batched, one_by_one, rtol=1e-6, atol=1e-7)
+  # float32 Dense 512 -> 512 at batch 4 vs batch 1 (gemm vs gemv blocking; 1.1e-7 seen here on entries ~0.1)
+  np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
   # GMP is non-linear: the embedding of a mix is not the mix of pooled features (spec 2.3).
   pooled = models.global_pool(fmap)
   naive = model.apply(variables, lam[:, None] * pooled[firsts] + (1 - lam[:, None]) * pooled[seconds],
@@ -171,6 +174,7 @@ def _loss(embeddings):
   return -jnp.sum(embeddings[0] * embeddings[1]) + jnp.sum(embeddings[2] * embeddings[3])
 
 
+@pytest.mark.slow  # compiles value_and_grad of a ResNet-18
 def test_frozen_bn_step_keeps_batch_stats_bit_identical(r18):
   variables, x, (emb_eval, _) = r18
   model = models.EmbeddingNet(18, bn_mode='frozen')
@@ -188,10 +192,12 @@ def test_frozen_bn_step_keeps_batch_stats_bit_identical(r18):
   jax.tree.map(np.testing.assert_array_equal, new_stats, variables['batch_stats'])
   gamma_old = variables['params']['backbone']['layer2_0']['bn1']['scale']
   assert np.abs(np.asarray(new_params['backbone']['layer2_0']['bn1']['scale'] - gamma_old)).max() > 0
-  # train=True and train=False are the same function in frozen mode.
-  np.testing.assert_allclose(emb_train, emb_eval, atol=1e-6)
+  # train=True and train=False are the same function in frozen mode (float32 ResNet-18: jitted vs eager graph;
+  # a frozen-mode bug using batch statistics moves embeddings by > 1e-2).
+  np.testing.assert_allclose(emb_train, emb_eval, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trainable_bn_matches_torch_train_mode(checkpoints):
   model_t, _, path = checkpoints(18)
   model_t = copy.deepcopy(model_t).train()
