@@ -79,6 +79,31 @@ def _preservation_options(keep: int, keep_best: int) -> dict[str, Any]:
   return {'max_to_keep': keep}
 
 
+class _ExpectedReadOnlyWarnings(logging.Filter):
+  """Drops the two warnings Orbax logs (through absl) for every read-only manager we open on purpose (evaluation,
+  embedding, the trainer's look at a workdir); anything else Orbax says passes."""
+
+  EXPECTED = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (isinstance(record.msg, str) and record.msg.startswith(self.EXPECTED))
+
+
+logging.getLogger('absl').addFilter(_ExpectedReadOnlyWarnings())
+
+
+class UnreadableCheckpointError(Exception):
+  """Checkpoint `step` exists but does not read back (a truncated or missing file: disk full, a killed copy)."""
+
+  def __init__(self, step: int, cause: BaseException):
+    root = cause  # the innermost cause says what is wrong (e.g. 'Requested byte range ... of size 1000')
+    while root.__cause__ is not None or root.__context__ is not None:
+      root = root.__cause__ or root.__context__
+    first_line = (str(root).strip().splitlines() or [''])[0]
+    super().__init__(f'checkpoint {step} is unreadable ({type(root).__name__}: {first_line[:240]})')
+    self.step, self.moved_to = int(step), None
+
+
 class Checkpointer:
   """Save/restore of (state, data iterator states, metrics) under `directory`."""
 
@@ -88,6 +113,10 @@ class Checkpointer:
     # read_only (evaluation, embedding export): never writes, and leaves the temporary directory of a save in
     # progress alone (a training run may be writing into the same directory).
     self.directory = os.path.abspath(directory)
+    if not read_only and os.path.isdir(self.directory):  # what a process killed while saving left (removed below)
+      for name in sorted(os.listdir(self.directory)):
+        if '.orbax-checkpoint-tmp' in name:
+          log.warning('Discarding the unfinished save %s/%s (the process stopped while saving it).', directory, name)
     options = ocp.CheckpointManagerOptions(
       create=not read_only,
       cleanup_tmp_directories=not read_only,
@@ -107,14 +136,21 @@ class Checkpointer:
     """The kept step with the highest R@1 (None if no checkpoint has metrics)."""
     best, best_value = None, -np.inf
     for step in self.all_steps():
-      metrics = self.metrics(step)
+      try:
+        metrics = self.metrics(step)
+      except UnreadableCheckpointError:  # a damaged checkpoint is nobody's best
+        continue
       if metrics and BEST_METRIC in metrics and metrics[BEST_METRIC] > best_value:
         best, best_value = step, metrics[BEST_METRIC]
     return best
 
   def metrics(self, step: int) -> dict[str, float] | None:
+    """The evaluation metrics saved with checkpoint `step` (None if it was saved without)."""
     self._manager.wait_until_finished()
-    meta = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    try:
+      meta = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as error:  # pylint: disable=broad-except  # see _read
+      raise UnreadableCheckpointError(step, error) from error
     return meta.get('metrics')
 
   def save(
@@ -151,19 +187,11 @@ class Checkpointer:
     """Restores the state at `step` into the structure/shardings of `abstract_state` and the iterator in place.
 
     `abstract_state`: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) or of arrays (their shardings are used).
-    Returns (state, meta).
+    Returns (state, meta). A damaged checkpoint raises `UnreadableCheckpointError`.
     """
-    self._manager.wait_until_finished()
-    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = self._manager.restore(
-      int(step),
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-      ),
-    )
-    data = restored['data']
+    restored = self._read(step, abstract_state)
     if data_iterator is not None:
-      entries = data['iterators']
+      entries = restored['data']['iterators']
       if len(entries) != jax.process_count():
         raise ValueError(
           f'Checkpoint {self.directory}/{step} holds data-iterator states of {len(entries)} '
@@ -176,10 +204,47 @@ class Checkpointer:
       data_iterator.set_state(_decode_iterator_state(entry))
     return restored['state'], restored['meta']
 
-  def restore_raw(self, step: int) -> Any:
-    """The saved state as nested dicts of numpy/jax arrays, without a target (inspection, tests)."""
+  def _read(self, step: int, abstract_state: Any | None) -> dict[str, Any]:
+    """Every item of checkpoint `step` (state into `abstract_state`'s structure, or raw when None)."""
     self._manager.wait_until_finished()
-    return self._manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+    target = None if abstract_state is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+    )
+    try:
+      return self._manager.restore(int(step), args=args)
+    except Exception as error:  # pylint: disable=broad-except  # tensorstore, OCDBT, JSON: damage shows many ways
+      raise UnreadableCheckpointError(step, error) from error
+
+  def restore_newest_readable(
+    self, abstract_state: Any, *, data_iterator: Checkpointable | None = None, quarantine: str
+  ) -> tuple[Any, int | None, list[UnreadableCheckpointError]]:
+    """Restores the newest checkpoint that reads back; damaged newer ones are moved to `quarantine`/<step>.
+
+    Returns (state or `abstract_state` when none is readable, its step or None, the damaged checkpoints' errors).
+    Process 0 moves the folders (local checkpoints); every process skips the same steps.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, _ = self.restore(step, abstract_state, data_iterator=data_iterator)
+        return state, step, damaged
+      except UnreadableCheckpointError as error:
+        damaged.append(error)
+        if jax.process_index() == 0 and os.path.isdir(os.path.join(self.directory, str(step))):
+          os.makedirs(quarantine, exist_ok=True)
+          target = os.path.join(quarantine, str(step))
+          suffix = 1
+          while os.path.exists(target):  # an earlier quarantine of the same step: keep both
+            target, suffix = os.path.join(quarantine, f'{step}.{suffix}'), suffix + 1
+          os.replace(os.path.join(self.directory, str(step)), target)
+          error.moved_to = target
+        self._manager.reload()
+    return abstract_state, None, damaged
+
+  def restore_raw(self, step: int) -> Any:
+    """The saved state as nested dicts of numpy/jax arrays, without a target (inspection, evaluation)."""
+    return self._read(step, None)['state']
 
   def restore_params(self, step: int) -> tuple[dict[str, Any], Any]:
     """(params {'backbone', 'head'[, 'proxies']}, batch_stats) at `step`, without the optimiser (evaluation)."""

@@ -10,18 +10,21 @@ ours and keeps its traceback.
       cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
       return cli.run_user_command(lambda: work(FLAGS.workdir))
 
-Exit statuses: 0 done, 2 a user mistake (the message says how to fix it), 3 training stopped on a non-finite loss.
+Exit statuses: 0 done, 2 a user mistake (the message says how to fix it), 3 training stopped on a non-finite loss,
+130 aborted by a second Ctrl-C.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_INTERRUPTED = 130  # a second Ctrl-C (128 + SIGINT, as shells report it)
 
 # Loggers of libraries whose INFO lines bury the progress log (Orbax logs through absl; tfds and grain have
 # their own). `configure_logging(verbose_libraries=True)` keeps them.
@@ -62,6 +65,59 @@ def reject_arguments(argv) -> None:
     from absl import app  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of absl
 
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}; every option is a --flag=VALUE.')
+
+
+def _flag_error_text(error: BaseException) -> str:
+  """The user-relevant part of a flag-parsing error: ml_collections embeds the config file's traceback in its
+  message (keep its last line) and wraps key typos in AttributeError/KeyError (say it is a config key)."""
+  text = str(error).strip()
+  if 'Traceback (most recent call last)' in text:
+    head, _, trace = text.partition('Traceback (most recent call last)')
+    last = [line for line in trace.splitlines() if line.strip()][-1].strip()
+    text = f'{head.strip()} {last}'
+  if isinstance(error, (AttributeError, KeyError)):
+    text = 'a --config.KEY override names no key of the config: ' + text.strip('\'"').replace('\\n', ' ')
+  return ' '.join(text.replace("\\'", "'").split())
+
+
+def _command_name(argv0: str) -> str:
+  """'python -m metrix_jax.main' when run as a module, else argv[0]."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  return f'python -m {spec.name}' if spec is not None and spec.name else argv0
+
+
+def _missing_config_file(argv) -> str | None:
+  """The path of `--config=PATH[:ARG]` when that file does not exist (ml_collections reports it lazily)."""
+  for i, arg in enumerate(argv):
+    value = (
+      arg.split('=', 1)[1]
+      if arg.startswith('--config=')
+      else argv[i + 1]
+      if arg == '--config' and i + 1 < len(argv)
+      else None
+    )
+    if value is not None and not os.path.isfile(value.split(':', 1)[0]):
+      return value.split(':', 1)[0]
+  return None
+
+
+def parse_flags(argv):
+  """absl `flags_parser` for `app.run`: a mistyped flag, a bad value, a missing or broken --config file or a
+  --config.KEY override of a key that does not exist is one line on stderr and exit 2 (no traceback)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of absl
+
+  try:
+    missing = _missing_config_file(argv)
+    if missing is not None:
+      raise UserError(f'the config file {missing} does not exist (e.g. --config=configs/demo.py).')
+    return flags.FLAGS(argv)
+  except UserError as error:
+    text = str(error)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as error:
+    text = _flag_error_text(error)
+  print(f'error: {text}', file=sys.stderr)
+  print(f'  ({_command_name(argv[0])} --helpshort lists the flags)', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
 
 
 def error_line(error: BaseException) -> str:

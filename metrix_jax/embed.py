@@ -195,7 +195,7 @@ def main() -> int:
 
     return cli.run_user_command(work)
 
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)
   return 0
 
 

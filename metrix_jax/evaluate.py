@@ -122,7 +122,7 @@ def main() -> int:
 
     return cli.run_user_command(work)
 
-  app.run(_main)  # exits with _main's return value
+  app.run(_main, flags_parser=cli.parse_flags)  # exits with _main's return value
   return 0
 
 

@@ -5,11 +5,15 @@ Any config value can be overridden on the command line, e.g.
     python -m metrix_jax.main --config=configs/cub200.py:ms --workdir=workdirs/cub_ms \
       --config.mix.mode=feature --config.dataset.manual_dir=/data/cub --config.model.pretrained=resnet50.npz
 
-Running the same command again resumes from the latest checkpoint in --workdir. Multi-host (every host of a TPU
+Running the same command again resumes from the latest checkpoint in --workdir (a finished run prints its results).
+SIGTERM or Ctrl-C saves a checkpoint after the current step and stops (a second Ctrl-C aborts at once). Exit
+status: 0 done or stopped with a checkpoint, 2 a user mistake (one line on stderr), 3 a non-finite loss, 130
+aborted by a second Ctrl-C. Multi-host (every host of a TPU
 pod, or several GPU hosts): add `--config.train.distributed=True` (or set METRIX_DISTRIBUTED=1) on every host.
 """
 
 import os
+import shlex
 import sys
 
 from absl import app
@@ -25,6 +29,11 @@ from metrix_jax import train
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, config.json and results.json.')
 flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
+flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Continue the checkpoints in --workdir with a config that differs from its config.json (kept as config.<step>.json).',
+)
 config_flags.DEFINE_config_file(
   'config', None, 'Config file, e.g. configs/demo.py or configs/cub200.py:ms,feature.', lock_config=True
 )
@@ -43,16 +52,30 @@ def main(argv) -> int:
   import jax  # pylint: disable=g-import-not-at-top  # after the distributed initialisation
 
   absl_logging.info('process %d/%d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
+  command = 'python -m metrix_jax.main ' + ' '.join(shlex.quote(arg) for arg in sys.argv[1:])
   try:
-    train.train_and_evaluate(config, os.path.expanduser(FLAGS.workdir))
+    results = train.train_and_evaluate(
+      config, os.path.expanduser(FLAGS.workdir), allow_config_change=FLAGS.allow_config_change
+    )
+  except (cli.UserError, FileNotFoundError) as error:  # an unusable workdir, a changed config, missing data
+    return cli.report(error)
   except train.NonFiniteLossError as e:
     absl_logging.error('%s', e)
     return cli.EXIT_NON_FINITE
+  except KeyboardInterrupt:
+    print(
+      'aborted by a second Ctrl-C: the steps since the last checkpoint are lost; rerun to resume:\n  ' + command,
+      file=sys.stderr,
+      flush=True,
+    )
+    return cli.EXIT_INTERRUPTED
+  if 'stopped_at' in results:
+    print(f'stopped at step {results["stopped_at"]} with a checkpoint; to resume, rerun:\n  {command}', flush=True)
   return cli.EXIT_OK
 
 
 def run():
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

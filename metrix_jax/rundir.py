@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+QUARANTINE_DIR = 'checkpoints_unreadable'
 METRICS_FILE = 'metrics.jsonl'
 RESULTS_FILE = 'results.json'
 EVAL_FILE = 'eval.json'
@@ -45,6 +46,138 @@ TRAIN_COMMAND = 'python -m metrix_jax.main --config=configs/demo.py --workdir=DI
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def quarantine_dir(workdir: str) -> str:
+  """Where damaged checkpoints are moved (never deleted): WORKDIR/checkpoints_unreadable/<step>."""
+  return os.path.join(workdir, QUARANTINE_DIR)
+
+
+# Config keys that change how a run is operated, not what it computes: they may differ between the runs that
+# continue one another in a WORKDIR (every other key is compared: loss, mix, model, data, optimiser, seed, schedule).
+OPERATIONAL_KEYS = frozenset(
+  {
+    'train.log_every_steps',
+    'train.checkpoint_every_steps',
+    'train.keep',
+    'train.nan_check_every_steps',
+    'train.profile_steps',
+    'train.distributed',
+    'train.eval_every_epochs',
+    'dataset.data_dir',
+    'dataset.manual_dir',
+    'dataset.num_workers',
+    'dataset.eval_batch_size',
+  }
+)
+
+
+def _exists(path: str) -> bool:
+  if jsonio.is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top  # cloud workdirs only
+
+    return epath.Path(path).exists()
+  return os.path.exists(path)
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates a local WORKDIR; cli.UserError when it is a file or cannot be created or written."""
+  if jsonio.is_remote(workdir):
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise cli.UserError(f'--workdir={workdir} is a file, not a folder: pass a folder (it is created if missing).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_probe.{os.getpid()}')
+    with open(probe, 'w'):
+      pass
+    os.remove(probe)
+  except OSError as error:
+    raise cli.UserError(
+      f'--workdir={workdir} cannot be used ({error.strerror or error}): pass a folder you can write to.'
+    ) from None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """'key: old -> new' for every non-operational key whose value differs (JSON values compared), sorted."""
+  old, new = _flatten(jsonio.to_jsonable(stored)), _flatten(jsonio.to_jsonable(current))
+  keys = sorted(k for k in set(old) | set(new) if k not in OPERATIONAL_KEYS and old.get(k) != new.get(k))
+  return [f'{k}: {old.get(k, "(absent)")!r} -> {new.get(k, "(absent)")!r}' for k in keys]
+
+
+def _archive(workdir: str, name: str, step: int) -> str | None:
+  """WORKDIR/<name> copied to <stem>.<step>.json (never overwriting an earlier copy); the copy's name."""
+  source = os.path.join(workdir, name)
+  if not _exists(source):
+    return None
+  stem, suffix = os.path.splitext(name)
+  target, n = f'{stem}.{step}{suffix}', 1
+  while _exists(os.path.join(workdir, target)):
+    target, n = f'{stem}.{step}.{n}{suffix}', n + 1
+  jsonio.write_json(os.path.join(workdir, target), jsonio.read_json(source))
+  return target
+
+
+def trained_step(workdir: str) -> int | None:
+  """The newest committed checkpoint step in WORKDIR (None: nothing trained yet); reads, never writes."""
+  directory = checkpoint_dir(workdir)
+  if not _exists(directory):
+    return None
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
+
+
+def check_config(workdir: str, config, *, step: int | None, allow_change: bool = False) -> list[str]:
+  """Before a run continues the checkpoints of WORKDIR (at `step`; None: nothing trained yet, nothing to check).
+
+  The stored config.json and `config` must agree on every key that changes the result; otherwise cli.UserError
+  with a one-line diff, unless `allow_change`: then config.json and results.json are kept as
+  config.<step>.json / results.<step>.json (never overwritten) and the differences are returned (to be logged).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if step is None or not _exists(path):
+    return []
+  differences = config_differences(jsonio.read_json(path), config.to_dict())
+  if not differences:
+    return []
+  if not allow_change:
+    raise cli.UserError(
+      f'{workdir} holds a run trained to step {step} with another config ({"; ".join(differences)}). Use a new '
+      '--workdir, or pass --allow_config_change to continue this run with the new config (the old config.json '
+      'is kept as config.<step>.json).'
+    )
+  for name in (CONFIG_FILE, RESULTS_FILE):
+    _archive(workdir, name, step)
+  return differences
+
+
+def finished_results(workdir: str, config) -> dict[str, Any] | None:
+  """The stored results.json when the run in WORKDIR has finished the schedule of `config`, else None."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not _exists(path):
+    return None
+  results = jsonio.read_json(path)
+  steps, epochs = int(results.get('steps') or 0), float(results.get('epochs') or 0)
+  if config.train.num_steps > 0:
+    total = int(config.train.num_steps)
+  elif epochs > 0:
+    total = int(config.train.num_epochs) * round(steps / epochs)  # steps per epoch of the finished run
+  else:
+    return None
+  return results if steps >= total else None
 
 
 def _train_command(workdir: str) -> str:
@@ -133,6 +266,22 @@ def select_step(ckpt: checkpointing.Checkpointer, checkpoint: str | int = 'best'
   return step, 'requested'
 
 
+def _readable_hint(ckpt: checkpointing.Checkpointer, *, exclude: int) -> str:
+  """Which --checkpoint= reads back, newest first (each kept step other than `exclude` is tried)."""
+  readable = []
+  for step in sorted(ckpt.all_steps(), reverse=True):
+    if step == exclude:
+      continue
+    try:
+      ckpt.restore_params(step)
+      readable.append(step)
+    except checkpointing.UnreadableCheckpointError:
+      pass
+  if not readable:
+    return 'no other kept checkpoint reads back: rerun the training command, which moves damaged ones aside'
+  return f'pass --checkpoint={readable[0]} (readable kept steps: {", ".join(map(str, readable))})'
+
+
 @dataclasses.dataclass
 class TrainedModel:
   """A model restored from a workdir: `model.apply(variables, images, train=False)` -> (embeddings, map)."""
@@ -158,7 +307,10 @@ def load_trained_model(
   ckpt = open_checkpoints(workdir)
   try:
     step, selection = select_step(ckpt, checkpoint)
-    params, batch_stats = ckpt.restore_params(step)
+    try:
+      params, batch_stats = ckpt.restore_params(step)
+    except checkpointing.UnreadableCheckpointError as error:
+      raise cli.UserError(f'{error} in {ckpt.directory}; {_readable_hint(ckpt, exclude=step)}.') from None
     train_metrics = ckpt.metrics(step)
   finally:
     ckpt.close()

@@ -43,17 +43,23 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _PreemptionFlag:
-  """SIGTERM sets `requested` (the loop then checkpoints and stops) instead of killing the process mid-step."""
+  """SIGTERM (pre-emption) and the first Ctrl-C set `requested`: the loop checkpoints after the step in flight and
+  stops. A second Ctrl-C raises KeyboardInterrupt at once (what was saved stays; the steps since are lost)."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    log.warning('SIGTERM: saving a checkpoint after this step and stopping.')
+    del frame
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C aborts
+      log.warning('Ctrl-C: saving a checkpoint after this step and stopping (Ctrl-C again aborts at once).')
+    else:
+      log.warning('SIGTERM: saving a checkpoint after this step and stopping.')
     self.requested = True
 
   def should_stop(self, step: int, every: int) -> bool:
@@ -65,9 +71,9 @@ class _PreemptionFlag:
     return bool(np.any(multihost_utils.process_allgather(np.asarray([self.requested]))))
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 class _FiniteCheck:
@@ -88,11 +94,15 @@ class _FiniteCheck:
     values = jax.device_get([v for _, v in self._pending])
     for (s, _), v in zip(self._pending, values):
       if not np.all(np.isfinite(v)):
-        good = 'none' if self.last_good is None else f'{rundir.checkpoint_dir(self.workdir)}/{self.last_good}'
+        if self.last_good is None:
+          where = 'no checkpoint was written before it, so rerunning starts over'
+        else:
+          where = (
+            f'last finite checkpoint: {rundir.checkpoint_dir(self.workdir)}/{self.last_good}; rerunning resumes from it'
+          )
         raise NonFiniteLossError(
           f'Loss became {float(v[0])} (gradient norm {float(v[1])}) at step {s} (checked window: steps '
-          f'{self._pending[0][0]}-{self._pending[-1][0]}; last finite checkpoint: {good}). Lower '
-          '--config.optim.lr or check the data; rerunning resumes from that checkpoint.'
+          f'{self._pending[0][0]}-{self._pending[-1][0]}; {where}). Lower --config.optim.lr or check the data.'
         )
     self.last_loss = float(values[-1][0])
     self._pending = []
@@ -148,23 +158,14 @@ def _results(
 
 
 def _log_step(writer, timer: progress.TrainTimer, config, scalars, step: int, total: int, spe: int) -> None:
-  images_per_second, steps_per_second = timer.window()
+  images_per_second, steps_per_second = timer.window()  # NaN in a window without a timed step (after compiling)
   lrs = optim.learning_rates(config.optim, steps_per_epoch=spe, total_steps=total, step=step - 1)
-  writer.write_scalars(
-    step,
-    {**{k: float(v) for k, v in scalars.items()}, 'images_per_second': images_per_second, 'epoch': step / spe, **lrs},
-  )
-  log.info(
-    'step %d/%d (epoch %.2f)  loss %.4f (clean %.4f, mix %.4f)  %.1f img/s  ETA %s',
-    step,
-    total,
-    step / spe,
-    scalars['loss'],
-    scalars['clean_loss'],
-    scalars['mix_loss'],
-    images_per_second,
-    progress.format_eta((total - step) / steps_per_second),
-  )
+  rate = {} if math.isnan(images_per_second) else {'images_per_second': images_per_second}
+  writer.write_scalars(step, {**{k: float(v) for k, v in scalars.items()}, **rate, 'epoch': step / spe, **lrs})
+  losses = f'loss {scalars["loss"]:.4f} (clean {scalars["clean_loss"]:.4f}, mix {scalars["mix_loss"]:.4f})'
+  speed = '-' if math.isnan(images_per_second) else f'{images_per_second:.1f}'
+  eta = progress.format_eta((total - step) / steps_per_second)
+  log.info('step %d/%d (epoch %.2f)  %s  %s img/s  ETA %s', step, total, step / spe, losses, speed, eta)
 
 
 class _Profiler:
@@ -233,10 +234,15 @@ def _setup(config, workdir: str, data_factory, model_factory) -> _Setup:
     total,
   )
   ckpt = checkpointing.Checkpointer(rundir.checkpoint_dir(workdir), keep=config.train.keep)
-  latest = ckpt.latest_step()
+  state, latest, damaged = ckpt.restore_newest_readable(
+    state, data_iterator=data.train_iterator, quarantine=rundir.quarantine_dir(workdir)
+  )
+  for error in damaged:
+    log.warning('%s; moved aside to %s (not deleted).', error, error.moved_to or 'nowhere (remote workdir)')
   if latest is not None:
-    state, _ = ckpt.restore(latest, state, data_iterator=data.train_iterator)
-    log.info('Resumed from %s/%d.', rundir.checkpoint_dir(workdir), latest)
+    log.info('Resumed from %s/%d (step %d of %d).', rundir.checkpoint_dir(workdir), latest, latest, total)
+  elif damaged:
+    log.warning('No readable checkpoint is left: training starts from step 0.')
   step_fn = step_lib.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
   return _Setup(mesh, data, spe, total, model, state, step_fn, ckpt, latest)
 
@@ -248,15 +254,36 @@ def train_and_evaluate(
   data_factory: Callable[[Any], input_pipeline.DataBundle] | None = None,
   model_factory: Callable[[Any], Any] | None = None,
   stop_after_steps: int | None = None,
+  allow_config_change: bool = False,
 ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the results dict.
 
+  A finished run returns its stored results.json (nothing is retrained or re-evaluated). A run that continues
+  checkpoints trained with another config stops with cli.UserError unless `allow_config_change` (`rundir.check_config`).
   Test seams: `data_factory(config) -> DataBundle` replaces the project's pipelines, `model_factory(config)` the
   EmbeddingNet; `stop_after_steps` stops (with a checkpoint) as a pre-emption would.
   """
   config_lib.validate(config)
   start_time = time.time()
   workdir = metric_writers.resolve_workdir(workdir)  # local: absolute path; gs://...: as given
+  rundir.prepare_workdir(workdir)
+  trained_to = rundir.trained_step(workdir)
+  for change in rundir.check_config(workdir, config, step=trained_to, allow_change=allow_config_change):
+    log.warning(
+      'config changed after step %s (--allow_config_change; the old config.json is kept): %s', trained_to, change
+    )
+  finished = rundir.finished_results(workdir, config)
+  if finished is not None:
+    log.info(
+      'This run has finished (step %d; %s/%s): R@%s. Nothing to train. Evaluate it again with '
+      '`python -m metrix_jax.evaluate --workdir=%s`.',
+      finished['steps'],
+      workdir,
+      rundir.RESULTS_FILE,
+      '  R@'.join(f'{k} {100 * v:.2f}' for k, v in finished['recall'].items()),
+      workdir,
+    )
+    return finished
   mesh, data, spe, total, model, state, step_fn, ckpt, latest = _setup(config, workdir, data_factory, model_factory)
   writer = metric_writers.MetricWriter(workdir)
   writer.write_config(config)
@@ -329,8 +356,10 @@ def train_and_evaluate(
       log.info('Stopped at step %d/%d with a checkpoint; rerun the same command to resume.', step, total)
       writer.close()
       return {'stopped_at': step}
-    if step not in history['eval']:  # resumed after the end: evaluate the final state
-      save(step, run_eval(step))
+    if step not in history['eval']:  # resumed after the end (killed before results.json): evaluate the final state
+      evaluated = run_eval(step)
+      if step not in ckpt.all_steps():
+        save(step, evaluated)
   finally:
     preempted.restore()
     ckpt.close()
