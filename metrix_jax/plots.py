@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,10 +68,11 @@ def _new_figure(width: float = 5.0, height: float = 3.6):
   return figure
 
 
-def _save(figure, path: str | os.PathLike) -> str:
+def _save(figure, path: str | os.PathLike, *, layout: bool = True) -> str:
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.tight_layout()
+  if layout:
+    figure.tight_layout()
   figure.savefig(path, format='png')
   return path
 
@@ -124,6 +126,15 @@ def plot_recall_at_k(recalls: Mapping, path: str | os.PathLike, *, title: str = 
   return _save(figure, path)
 
 
+POSITIVITY_EXPLANATION = (
+  "empirical: fraction of mixed items v = mix_lambda(x, x') (x of the anchor's class, x' not) that the loss pulls "
+  'towards the anchor (d loss / d s(a, v) < 0), every item at the same lambda, all items of an anchor together in '
+  'its loss. theoretical (multi-similarity): the same for an item alone, positive iff s(a, v) <= base + '
+  'log(lambda / (1 - lambda)) / (alpha + beta); the paper expects a rise from 0 to 1, but with several items per '
+  'anchor the lambdas partly cancel inside the log-sums, so a measured curve can be flat or fall.'
+)
+
+
 def plot_positivity(
   lambdas: Any,
   empirical: Any,
@@ -131,25 +142,31 @@ def plot_positivity(
   path: str | os.PathLike,
   *,
   title: str = 'Positivity of mixed embeddings',
+  explanation: str | None = POSITIVITY_EXPLANATION,
 ) -> str:
   """Fraction of mixed items that act as positives vs lambda, empirical and theoretical; writes a PNG.
 
-  Args: as `positivity_record` (`theoretical` may be None); path: output .png path. Returns the path.
+  Args: as `positivity_record` (`theoretical` may be None); path: output .png path; explanation: the caption
+  under the axes (what is plotted and what the theory assumes; None: no caption). Returns the path.
   """
   record = positivity_record(lambdas, empirical, theoretical)
   nan = lambda values: [math.nan if v is None else v for v in values]  # noqa: E731
-  figure = _new_figure()
+  figure = _new_figure(height=3.6 if explanation is None else 4.8)
   axes = figure.add_subplot()
   axes.plot(record['lambda'], nan(record['empirical']), marker='o', linestyle='-', label='empirical')
   if record['theoretical'] is not None:
-    axes.plot(record['lambda'], nan(record['theoretical']), linestyle='--', label='theoretical')
-  axes.set_xlabel('lambda')
-  axes.set_ylabel('P(positive)')
+    axes.plot(record['lambda'], nan(record['theoretical']), linestyle='--', label='theoretical (isolated item)')
+  axes.set_xlabel('lambda (weight of the same-class item x)')
+  axes.set_ylabel('P(mixed item acts as a positive)')
   axes.set_xlim(0, 1)
   axes.set_ylim(-0.02, 1.02)
   axes.grid(True, alpha=0.3)
   axes.set_title(title)
   axes.legend()
+  if explanation:
+    figure.text(0.02, 0.01, textwrap.fill(explanation, 95), fontsize=6.5, va='bottom', ha='left')
+    figure.tight_layout(rect=(0, 0.2, 1, 1))
+    return _save(figure, path, layout=False)
   return _save(figure, path)
 
 

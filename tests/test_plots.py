@@ -80,3 +80,21 @@ def test_import_does_not_load_matplotlib():
   code = "import sys, metrix_jax.plots; print('matplotlib' in sys.modules)"
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)
   assert out.stdout.strip() == 'False'
+
+
+def test_positivity_plot_carries_its_explanation(tmp_path):
+  """The caption (what is plotted, what the isolated-item theory assumes) makes the figure taller: 500 x 480 px
+  with it, 500 x 360 without (PNG header)."""
+  import struct  # pylint: disable=g-import-not-at-top
+
+  lam = np.linspace(0.05, 0.95, 5)
+  sizes = {}
+  for name, explanation in (('with', plots.POSITIVITY_EXPLANATION), ('without', None)):
+    path = plots.plot_positivity(lam, lam, None, tmp_path / f'{name}.png', explanation=explanation)
+    with open(path, 'rb') as f:
+      header = f.read(24)
+    sizes[name] = struct.unpack('>II', header[16:24])
+  assert sizes == {'with': (500, 480), 'without': (500, 360)}
+  assert 'd loss / d s(a, v) < 0' in plots.POSITIVITY_EXPLANATION and 'log(lambda / (1 - lambda))' in (
+    plots.POSITIVITY_EXPLANATION
+  )
