@@ -333,6 +333,30 @@ def generic_loss(
 # ----------------------------------------------------------------------------------------------------------
 # Reductions.
 # ----------------------------------------------------------------------------------------------------------
+def nan_if_nonfinite(value: Array, *arrays: Optional[Array]) -> Array:
+  """`value`, or NaN when any of `arrays` (embeddings, proxies) holds a NaN or an infinity.
+
+  Masks and mining drop a row whose similarities are NaN (a comparison with NaN is False), so a bad embedding
+  would otherwise give a finite loss with NaN gradients. Exact for finite inputs: value + sum(0 * x) adds 0.
+  """
+  value = jnp.asarray(value)
+  for x in arrays:
+    if x is not None:
+      value = value + jnp.sum(jnp.asarray(x).astype(value.dtype) * 0)
+  return value
+
+
+def _propagates_nonfinite(loss_fn: Callable) -> Callable:
+  """A named loss `fn(embeddings, labels[, proxies], **hparams)` whose value is NaN for non-finite inputs."""
+
+  @functools.wraps(loss_fn)
+  def wrapped(embeddings, labels, *args, **kwargs):
+    proxies = args[0] if args else kwargs.get('proxies')
+    return nan_if_nonfinite(loss_fn(embeddings, labels, *args, **kwargs), embeddings, proxies)
+
+  return wrapped
+
+
 def avg_non_zero(values: Array) -> Array:
   """Mean of the entries > 0 (0 if none): PML AvgNonZeroReducer."""
   nonzero = values > 0
@@ -467,6 +491,7 @@ def contrastive_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Arra
   return all_pairs_terms(embeddings, labels)
 
 
+@_propagates_nonfinite
 def contrastive_loss(
   embeddings: Array, labels: Array, *, pos_margin: float = 0.0, neg_margin: float = 0.5, form: str = 'pml'
 ) -> Array:
@@ -520,6 +545,7 @@ def multi_similarity_clean_terms(
   return sim, targets, mask
 
 
+@_propagates_nonfinite
 def multi_similarity_loss(
   embeddings: Array,
   labels: Array,
@@ -568,6 +594,7 @@ def proxy_anchor_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Arr
   return proxy_terms(embeddings, labels, proxies)
 
 
+@_propagates_nonfinite
 def proxy_anchor_loss(
   embeddings: Array, labels: Array, proxies: Array, *, alpha: float = 32.0, margin: float = 0.1, form: str = 'pml'
 ) -> Array:
@@ -601,6 +628,7 @@ def circle_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Array, Ar
   return all_pairs_terms(embeddings, labels)
 
 
+@_propagates_nonfinite
 def circle_loss(embeddings: Array, labels: Array, *, m: float = 0.4, gamma: float = 80.0, form: str = 'pml') -> Array:
   """Circle loss (Sun et al. 2020), scalar: PML CircleLoss(m, gamma). Per anchor
   softplus(logsumexp_p(-gamma [1+m-s]_+ (s-1+m)) + logsumexp_n(gamma [s+m]_+ (s-m))) (weights detached)."""
@@ -635,6 +663,7 @@ def proxy_nca_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Array,
   return sim.T, targets.T, mask.T
 
 
+@_propagates_nonfinite
 def proxy_nca_loss(
   embeddings: Array, labels: Array, proxies: Array, *, softmax_scale: float = 1.0, form: str = 'pml'
 ) -> Array:
@@ -673,6 +702,7 @@ def lifted_structure_clean_terms(embeddings, labels, proxies=None, **_) -> tuple
   return all_pairs_terms(embeddings, labels)
 
 
+@_propagates_nonfinite
 def lifted_structure_loss(
   embeddings: Array, labels: Array, *, pos_margin: float = 0.0, neg_margin: float = 1.0, form: str = 'pml'
 ) -> Array:
@@ -727,7 +757,8 @@ class Loss:
     return self._from_similarity(sim, targets, mask)
 
   def __call__(self, embeddings: Array, labels: Array, proxies: Optional[Array] = None) -> Array:
-    return self.from_similarity(*self.clean_terms(embeddings, labels, proxies))
+    """The clean loss, scalar; NaN when an embedding or proxy is not finite (`nan_if_nonfinite`)."""
+    return nan_if_nonfinite(self.from_similarity(*self.clean_terms(embeddings, labels, proxies)), embeddings, proxies)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -825,6 +856,7 @@ __all__ = [
   'cosine_similarity',
   'distance_from_similarity',
   'l2_normalize',
+  'nan_if_nonfinite',
   'same_label',
   'all_pairs_terms',
   'proxy_terms',

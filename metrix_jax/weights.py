@@ -29,6 +29,8 @@ from typing import Mapping
 
 import numpy as np
 
+from metrix_jax import cli
+
 # jax/flax/models are imported inside the functions that need them so that the `convert` CLI stays light.
 
 IGNORED_KEY = re.compile(r'(^fc\.(weight|bias)$)|(num_batches_tracked$)')
@@ -325,16 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     '--depth', type=int, default=None, choices=(18, 34, 50), help='ResNet depth (default: inferred from the keys)'
   )
   args = parser.parse_args(argv)
-  try:
+
+  def work():
     depth = convert_file(args.src, args.dst, depth=args.depth)
-  except (FileNotFoundError, ImportError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print(
-    f'wrote {args.dst} (torchvision ResNet-{depth} state dict as numpy; '
-    f'load with metrix_jax.weights.load_torchvision({args.dst!r}, depth={depth}))'
-  )
-  return 0
+    print(
+      f'wrote {args.dst} (torchvision ResNet-{depth} state dict as numpy; '
+      f'load with metrix_jax.weights.load_torchvision({args.dst!r}, depth={depth}))'
+    )
+
+  return cli.run_user_command(work, user_errors=cli.USER_ERRORS + (ImportError,))  # ImportError: torch missing
 
 
 if __name__ == '__main__':
