@@ -31,6 +31,7 @@ Fixtures
     Each call pays an interpreter start and a jax import (~2-4 s on a loaded 2-core CPU) plus its compilations:
     put everything a test needs from the devices in one snippet.
 """
+
 import os
 import subprocess
 import sys
@@ -47,6 +48,7 @@ _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 def x64():
   """float64 inside the test only (never flips jax_enable_x64 for the session)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   with jax.enable_x64(True):
     yield
 
@@ -56,10 +58,15 @@ def run_with_fake_devices(code: str, num_devices: int = 4, timeout: float = 180)
   if num_devices < 1:
     raise ValueError(f'num_devices must be >= 1, got {num_devices}')
   flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags + [f'{_DEVICE_COUNT_FLAG}={num_devices}']),
-             PYTHONPATH=os.pathsep.join([ROOT, TESTS_DIR] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-  return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout)
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=' '.join(flags + [f'{_DEVICE_COUNT_FLAG}={num_devices}']),
+    PYTHONPATH=os.pathsep.join([ROOT, TESTS_DIR] + [p for p in [os.environ.get('PYTHONPATH')] if p]),
+  )
+  return subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """metrix_jax.analysis: positivity of mixed embeddings (paper section 3.3) against a float64 loop reference of
 the explicit gradient (checked by finite differences), the single-item limit (empirical == theoretical,
 increasing in lambda), and the record format metrix_jax.plots expects."""
+
 import math
 
 import jax
@@ -43,10 +44,13 @@ def test_positivity_matches_float64_reference(epsilon, x64):
   key = jax.random.key(1)
   out = analysis.positivity_curve(loss, emb, labels, key, lambdas=LAMBDAS, num_mixed=4)
   pos, neg = mixup.pair_masks(loss, jnp.asarray(emb), jnp.asarray(labels))  # the same plan as inside
-  plan = mixup.make_plan(key, jnp.asarray(labels), pos_mask=pos, neg_mask=neg, pair_sets=('pos_neg',),
-                         num_mixed=4, lam=0.5)
-  items = [[(int(x), int(x2)) for x, x2, l, an, ok in zip(*(np.asarray(a) for a in plan[:5]))
-            if ok and an == a] for a in range(len(labels))]
+  plan = mixup.make_plan(
+    key, jnp.asarray(labels), pos_mask=pos, neg_mask=neg, pair_sets=('pos_neg',), num_mixed=4, lam=0.5
+  )
+  items = [
+    [(int(x), int(x2)) for x, x2, l, an, ok in zip(*(np.asarray(a) for a in plan[:5])) if ok and an == a]
+    for a in range(len(labels))
+  ]
   if epsilon is not None:  # the plan's pairs are the miner's pairs
     mined = losses_ref.ms_mined_pairs(emb, labels, epsilon)
     assert all(x in mined[a][0] and x2 in mined[a][1] for a in range(len(labels)) for x, x2 in items[a])
@@ -64,8 +68,9 @@ def test_single_item_positivity_equals_theory_and_increases_with_lambda():
   theoretical one at every lambda, and it increases from 0 (lam = 0) to 1 (lam = 1)."""
   emb, labels = random_batch(b=60, seed=2)
   grid = np.linspace(0, 1, 21)
-  out = analysis.positivity_curve(losses.get('multi_similarity', epsilon=None, **MS), emb, labels,
-                                  jax.random.key(0), lambdas=grid, num_mixed=1)
+  out = analysis.positivity_curve(
+    losses.get('multi_similarity', epsilon=None, **MS), emb, labels, jax.random.key(0), lambdas=grid, num_mixed=1
+  )
   np.testing.assert_allclose(out['empirical'], out['theoretical'], atol=1.0 / out['num_items'] + 1e-9)
   assert out['empirical'][0] == 0.0 and out['empirical'][-1] == 1.0
   assert np.all(np.diff(out['empirical']) >= -2.0 / out['num_items'])  # monotone up to one flipped item
@@ -74,13 +79,13 @@ def test_single_item_positivity_equals_theory_and_increases_with_lambda():
 
 def test_other_losses_all_pairs_and_plot_record(tmp_path):
   emb, labels = random_batch(b=12)
-  out = analysis.positivity_curve('contrastive', emb, labels, lambdas=LAMBDAS, num_mixed=None,
-                                  pair_sets=('pos_neg', 'anc_neg'))
+  out = analysis.positivity_curve(
+    'contrastive', emb, labels, lambdas=LAMBDAS, num_mixed=None, pair_sets=('pos_neg', 'anc_neg')
+  )
   assert out['theoretical'] is None and out['num_items'] > 0
   assert np.all((out['empirical'] >= 0) & (out['empirical'] <= 1))
   proxies = losses.init_proxies(jax.random.key(0), 5, 4)
-  out_pa = analysis.positivity_curve('proxy_anchor', emb, labels, jax.random.key(1), lambdas=LAMBDAS,
-                                     proxies=proxies)
+  out_pa = analysis.positivity_curve('proxy_anchor', emb, labels, jax.random.key(1), lambdas=LAMBDAS, proxies=proxies)
   assert out_pa['empirical'][0] < out_pa['empirical'][-1]
   out_ms = analysis.positivity_curve('multi_similarity', emb, labels, jax.random.key(1), lambdas=LAMBDAS)
   record = plots.positivity_record(out_ms['lambdas'], out_ms['empirical'], out_ms['theoretical'])

@@ -1,4 +1,5 @@
 """Every config file loads and validates; validate() lists every problem; typos in overrides are readable."""
+
 import glob
 import importlib.util
 import os
@@ -31,8 +32,20 @@ def test_config_loads_and_validates(path, arg):
   config = _load(path, arg)
   config_lib.validate(config, check_files=False)
   assert config.dataset.name == os.path.basename(path)[:-3]
-  for key in ('dataset.manual_dir', 'model.depth', 'model.pretrained', 'loss.name', 'mix.mode', 'mix.pairs',
-              'mix.alpha', 'mix.weight', 'train.batch_size', 'train.num_epochs', 'train.num_steps', 'seed'):
+  for key in (
+    'dataset.manual_dir',
+    'model.depth',
+    'model.pretrained',
+    'loss.name',
+    'mix.mode',
+    'mix.pairs',
+    'mix.alpha',
+    'mix.weight',
+    'train.batch_size',
+    'train.num_epochs',
+    'train.num_steps',
+    'seed',
+  ):
     node = config
     for part in key.split('.'):
       assert part in node, key
@@ -45,18 +58,35 @@ def test_recipes_follow_the_spec_table():
   sop = os.path.join(ROOT, 'configs', 'sop.py')
   inshop = os.path.join(ROOT, 'configs', 'inshop.py')
   c = _load(cub, 'contrastive')
-  assert (c.train.num_epochs, c.optim.lr, c.optim.step_epochs, c.optim.gamma, c.optim.warmup_epochs,
-          c.model.bn_freeze, c.dataset.sampler) == (60, 1e-4, 10, 0.1, 5, True, 'random')
+  assert (
+    c.train.num_epochs,
+    c.optim.lr,
+    c.optim.step_epochs,
+    c.optim.gamma,
+    c.optim.warmup_epochs,
+    c.model.bn_freeze,
+    c.dataset.sampler,
+  ) == (60, 1e-4, 10, 0.1, 5, True, 'random')
   c = _load(cub, 'ms,feature')
   assert (c.train.num_epochs, c.optim.step_epochs, c.optim.gamma) == (100, 10, 0.5)
   assert c.loss.name == 'multi_similarity' and c.mix.mode == 'feature'
   c = _load(sop, 'ms')
   assert (c.optim.lr, c.optim.step_epochs, c.optim.warmup_epochs, c.model.bn_freeze, c.dataset.sampler) == (
-      6e-4, 20, 1, False, 'balanced')
+    6e-4,
+    20,
+    1,
+    False,
+    'balanced',
+  )
   assert c.dataset.classes_per_batch * c.dataset.images_per_class == c.train.batch_size == 100
   c = _load(inshop, 'contrastive,feature')
   assert (c.optim.lr, c.optim.step_epochs, c.optim.gamma, c.optim.warmup_epochs, c.model.bn_freeze) == (
-      1e-4, 10, 0.25, 5, True)
+    1e-4,
+    10,
+    0.25,
+    5,
+    True,
+  )
   assert c.dataset.recall_ks == (1, 10, 20, 30, 40, 50)
   c = _load(cub, 'ms')
   assert c.optim.weight_decay == 1e-4 and c.optim.clip_value == 10.0 and c.optim.proxy_lr_mult == 100.0
@@ -79,8 +109,19 @@ def test_validate_lists_every_problem_with_choices():
   with pytest.raises(ValueError) as err:
     config_lib.validate(c, check_files=False)
   msg = str(err.value)
-  for expected in ("mix.mode='features'", "'embedding'", 'model.depth=51', '18', "dataset.name='cub'", "'cub200'",
-                   'train.batch_size=0', "'pos_anchor'", "'anc_neg'", "loss.name='triplet'", "'multi_similarity'"):
+  for expected in (
+    "mix.mode='features'",
+    "'embedding'",
+    'model.depth=51',
+    '18',
+    "dataset.name='cub'",
+    "'cub200'",
+    'train.batch_size=0',
+    "'pos_anchor'",
+    "'anc_neg'",
+    "loss.name='triplet'",
+    "'multi_similarity'",
+  ):
     assert expected in msg, (expected, msg)
 
 
@@ -113,8 +154,15 @@ def _parse(argv):
 
 def test_command_line_overrides_and_typos():
   path = os.path.join(ROOT, 'configs', 'cub200.py')
-  c = _parse([f'--config={path}:ms', '--config.mix.mode=feature', '--config.train.num_steps=7',
-              '--config.model.pretrained=None', "--config.mix.pairs=('pos_neg',)"])
+  c = _parse(
+    [
+      f'--config={path}:ms',
+      '--config.mix.mode=feature',
+      '--config.train.num_steps=7',
+      '--config.model.pretrained=None',
+      "--config.mix.pairs=('pos_neg',)",
+    ]
+  )
   assert c.loss.name == 'multi_similarity' and c.mix.mode == 'feature' and c.train.num_steps == 7
   assert c.mix.pairs == ('pos_neg',) and config_lib.optional(c.model.pretrained) is None
   config_lib.validate(c, check_files=False)

@@ -1,5 +1,6 @@
 """metrix_jax.losses: values against brute-force float64 loops and pytorch-metric-learning 2.9.0, soft-target
 properties, numerical safety (empty sums, overflow, identical embeddings, bfloat16), registry contract."""
+
 import functools
 import math
 
@@ -42,17 +43,17 @@ def _proxies(labels, dim, seed=1):
 
 # name -> (jax function, reference function, PML builder(hparams, num_classes, dim) -> (loss, miner))
 CASES = {
-    'contrastive': dict(hp=dict(pos_margin=0.05, neg_margin=0.5)),
-    'contrastive_paper': dict(hp=dict(neg_margin=0.8, form='paper')),
-    'multi_similarity': dict(hp=dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)),
-    'multi_similarity_official': dict(hp=dict(alpha=17.97, beta=75.66, base=0.77, epsilon=0.39)),
-    'multi_similarity_nomine': dict(hp=dict(alpha=2.0, beta=40.0, base=0.5, epsilon=None)),
-    'proxy_anchor': dict(hp=dict(alpha=32.0, margin=0.1)),
-    'proxy_anchor_paper': dict(hp=dict(alpha=16.0, margin=0.1, form='paper')),
-    'circle': dict(hp=dict(m=0.4, gamma=80.0)),
-    'circle_paper': dict(hp=dict(m=0.25, gamma=64.0, form='paper')),
-    'proxy_nca': dict(hp=dict(softmax_scale=3.0)),
-    'lifted_structure': dict(hp=dict(pos_margin=0.1, neg_margin=1.2)),
+  'contrastive': dict(hp=dict(pos_margin=0.05, neg_margin=0.5)),
+  'contrastive_paper': dict(hp=dict(neg_margin=0.8, form='paper')),
+  'multi_similarity': dict(hp=dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)),
+  'multi_similarity_official': dict(hp=dict(alpha=17.97, beta=75.66, base=0.77, epsilon=0.39)),
+  'multi_similarity_nomine': dict(hp=dict(alpha=2.0, beta=40.0, base=0.5, epsilon=None)),
+  'proxy_anchor': dict(hp=dict(alpha=32.0, margin=0.1)),
+  'proxy_anchor_paper': dict(hp=dict(alpha=16.0, margin=0.1, form='paper')),
+  'circle': dict(hp=dict(m=0.4, gamma=80.0)),
+  'circle_paper': dict(hp=dict(m=0.25, gamma=64.0, form='paper')),
+  'proxy_nca': dict(hp=dict(softmax_scale=3.0)),
+  'lifted_structure': dict(hp=dict(pos_margin=0.1, neg_margin=1.2)),
 }
 
 
@@ -133,8 +134,9 @@ def test_matches_bruteforce_reference(case):
   for kind in BATCHES:
     emb, labels = make_batch(kind, seed=REF_SEEDS[0])
     proxies = _proxies(labels, emb.shape[1], seed=REF_SEEDS[0] + 1)
-    np.testing.assert_allclose(got[kind, REF_SEEDS[0]], _ref_value(case, emb, labels, proxies), rtol=1e-9,
-                               atol=1e-12, err_msg=kind)
+    np.testing.assert_allclose(
+      got[kind, REF_SEEDS[0]], _ref_value(case, emb, labels, proxies), rtol=1e-9, atol=1e-12, err_msg=kind
+    )
 
 
 @pytest.mark.parametrize('case', sorted(c for c in CASES if 'paper' not in c))
@@ -145,8 +147,9 @@ def test_matches_pytorch_metric_learning(case):
   for kind in BATCHES:
     emb, labels = make_batch(kind, seed=PML_SEEDS[0])
     proxies = _proxies(labels, emb.shape[1], seed=PML_SEEDS[0] + 1)
-    np.testing.assert_allclose(got[kind, PML_SEEDS[0]], _pml_value(case, emb, labels, proxies), rtol=1e-5,
-                               atol=1e-9, err_msg=kind)
+    np.testing.assert_allclose(
+      got[kind, PML_SEEDS[0]], _pml_value(case, emb, labels, proxies), rtol=1e-5, atol=1e-9, err_msg=kind
+    )
 
 
 def test_reference_is_not_trivially_zero(x64):
@@ -171,11 +174,24 @@ def _random_terms(seed, shape=(6, 11), soft=True):
 
 def test_generic_loss_plain_callables_match_loops(x64):
   sim, targets, mask = _random_terms(0)
-  kwargs = dict(rho_pos=lambda s: jnp.exp(-2.0 * (s - 0.3)), rho_neg=lambda s: jnp.maximum(s - 0.1, 0.0),
-                sigma_pos=jnp.log1p, sigma_neg=lambda x: jnp.sqrt(x + 1.0), tau=jnp.tanh)
+  kwargs = dict(
+    rho_pos=lambda s: jnp.exp(-2.0 * (s - 0.3)),
+    rho_neg=lambda s: jnp.maximum(s - 0.1, 0.0),
+    sigma_pos=jnp.log1p,
+    sigma_neg=lambda x: jnp.sqrt(x + 1.0),
+    tau=jnp.tanh,
+  )
   got = losses.generic_loss(jnp.asarray(sim), jnp.asarray(targets), jnp.asarray(mask), **kwargs)
-  expected = ref.generic(sim, targets, mask, lambda s: math.exp(-2.0 * (s - 0.3)), lambda s: max(s - 0.1, 0.0),
-                         math.log1p, lambda x: math.sqrt(x + 1.0), math.tanh)
+  expected = ref.generic(
+    sim,
+    targets,
+    mask,
+    lambda s: math.exp(-2.0 * (s - 0.3)),
+    lambda s: max(s - 0.1, 0.0),
+    math.log1p,
+    lambda x: math.sqrt(x + 1.0),
+    math.tanh,
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
@@ -184,10 +200,12 @@ def test_generic_log_sum_exp_path_matches_literal_evaluation(pieces, x64):
   """Pieces recognised for log-sum-exp evaluation give the literal formula (soft targets, empty anchors)."""
   sim, targets, mask = _random_terms(1)
   mask[1] = mask[1] & (np.arange(mask.shape[1]) < 2)
-  kw = {'ms': losses.multi_similarity_pieces(alpha=3.0, beta=7.0, base=0.5),
-        'pa': losses.proxy_anchor_pieces(alpha=5.0, margin=0.1),
-        'circle': losses.circle_pieces(m=0.3, gamma=4.0),
-        'nca': losses.proxy_nca_pieces(softmax_scale=2.0)}[pieces]
+  kw = {
+    'ms': losses.multi_similarity_pieces(alpha=3.0, beta=7.0, base=0.5),
+    'pa': losses.proxy_anchor_pieces(alpha=5.0, margin=0.1),
+    'circle': losses.circle_pieces(m=0.3, gamma=4.0),
+    'nca': losses.proxy_nca_pieces(softmax_scale=2.0),
+  }[pieces]
   kw.pop('tau', None)
   args = (jnp.asarray(sim), jnp.asarray(targets), jnp.asarray(mask))
   got = losses.generic_terms(*args, **kw)
@@ -200,8 +218,13 @@ def test_generic_loss_empty_sums_and_gradients_are_finite():
   sim = jnp.zeros((3, 4))
   mask = jnp.zeros((3, 4), bool)
   targets = jnp.ones((3, 4))
-  for kw in (losses.multi_similarity_pieces(), losses.proxy_anchor_pieces(), losses.circle_pieces(),
-             losses.contrastive_pieces(), losses.lifted_structure_pieces()):
+  for kw in (
+    losses.multi_similarity_pieces(),
+    losses.proxy_anchor_pieces(),
+    losses.circle_pieces(),
+    losses.contrastive_pieces(),
+    losses.lifted_structure_pieces(),
+  ):
     value, grad = jax.jit(jax.value_and_grad(lambda s: jnp.sum(losses.generic_loss(s, targets, mask, **kw))))(sim)
     assert float(value) == 0.0
     assert np.all(np.asarray(grad) == 0.0)
@@ -209,8 +232,13 @@ def test_generic_loss_empty_sums_and_gradients_are_finite():
 
 def test_generic_loss_shape_mismatch_error_says_how_to_fix():
   with pytest.raises(ValueError, match='one shape.*broadcast'):
-    losses.generic_loss(jnp.zeros((3, 4)), jnp.zeros((3, 5)), jnp.ones((3, 4), bool),
-                        rho_pos=losses.NegSimilarity(), rho_neg=losses.SimilarityHinge(0.5))
+    losses.generic_loss(
+      jnp.zeros((3, 4)),
+      jnp.zeros((3, 5)),
+      jnp.ones((3, 4), bool),
+      rho_pos=losses.NegSimilarity(),
+      rho_neg=losses.SimilarityHinge(0.5),
+    )
 
 
 def test_generic_loss_jit_and_vmap():
@@ -231,8 +259,9 @@ def _pml_mined_mask(emb, labels, epsilon):
   """pytorch_metric_learning.miners.MultiSimilarityMiner in float64 -> [B, B] bool of the mined (a, j)."""
   torch = pytest.importorskip('torch')
   pml_miners = pytest.importorskip('pytorch_metric_learning.miners')
-  a1, p, a2, n = pml_miners.MultiSimilarityMiner(epsilon=epsilon)(torch.tensor(emb, dtype=torch.float64),
-                                                                  torch.tensor(labels))
+  a1, p, a2, n = pml_miners.MultiSimilarityMiner(epsilon=epsilon)(
+    torch.tensor(emb, dtype=torch.float64), torch.tensor(labels)
+  )
   mined = np.zeros((len(labels), len(labels)), bool)
   mined[a1.numpy(), p.numpy()] = True
   mined[a2.numpy(), n.numpy()] = True
@@ -247,8 +276,12 @@ def _epsilon_bands(sim, targets, mask, epsilon):
   hardest_neg = np.max(np.where(neg, sim, -np.inf), axis=1, keepdims=True)
   hardest_pos = np.min(np.where(pos, sim, np.inf), axis=1, keepdims=True)
   with np.errstate(invalid='ignore'):
-    gaps = np.concatenate([np.abs(sim - epsilon - hardest_neg)[pos & np.isfinite(hardest_neg)],
-                           np.abs(sim + epsilon - hardest_pos)[neg & np.isfinite(hardest_pos)]])
+    gaps = np.concatenate(
+      [
+        np.abs(sim - epsilon - hardest_neg)[pos & np.isfinite(hardest_neg)],
+        np.abs(sim + epsilon - hardest_pos)[neg & np.isfinite(hardest_pos)],
+      ]
+    )
   return int(np.sum(pos & (keep != flipped))), int(np.sum(neg & (keep != flipped))), float(np.min(gaps))
 
 
@@ -265,8 +298,7 @@ def test_ms_miner_mined_pairs_match_loops_and_pml(epsilon):
   assert num_pos > 0 and num_neg > 0 and gap > 1e-4, (num_pos, num_neg, gap)
   expected = ref.ms_miner_mask(sim, targets, all_pairs, epsilon)
   pairs = ref.ms_mined_pairs(emb, labels, epsilon)  # the loss references' per-anchor lists agree
-  np.testing.assert_array_equal(expected, [[j in pos or j in neg for j in range(len(labels))]
-                                           for pos, neg in pairs])
+  np.testing.assert_array_equal(expected, [[j in pos or j in neg for j in range(len(labels))] for pos, neg in pairs])
   loss = losses.get('multi_similarity', epsilon=epsilon)
   _, got_targets, mined = jax.jit(loss.clean_terms)(jnp.asarray(emb, jnp.float32), jnp.asarray(labels))
   np.testing.assert_array_equal(np.asarray(got_targets), targets)
@@ -290,8 +322,7 @@ def test_ms_miner_on_a_similarity_matrix_matches_loops(x64):
   for epsilon in (0.1, 0.25):
     num_pos, num_neg, gap = _epsilon_bands(sim, targets, mask, epsilon)
     assert num_pos > 0 and num_neg > 0 and gap > 1e-6, (num_pos, num_neg, gap)
-    got = losses.multi_similarity_mining(jnp.asarray(sim), jnp.asarray(targets), jnp.asarray(mask),
-                                         epsilon=epsilon)
+    got = losses.multi_similarity_mining(jnp.asarray(sim), jnp.asarray(targets), jnp.asarray(mask), epsilon=epsilon)
     expected = ref.ms_miner_mask(sim, targets, mask, epsilon)
     np.testing.assert_array_equal(np.asarray(got), expected, err_msg=str(epsilon))
     assert not expected[1:4].any() and expected.any()
@@ -316,8 +347,7 @@ def test_soft_targets_at_zero_one_equal_binary_loss(name, x64):
     sim, targets, mask = loss.clean_terms(emb, labels, proxies)
     soft = jnp.asarray(targets, jnp.float64)
     nudged = jnp.clip(soft, 1e-9, 1 - 1e-9)
-    return (loss(emb, labels, proxies), loss.from_similarity(sim, soft, mask),
-            loss.from_similarity(sim, nudged, mask))
+    return (loss(emb, labels, proxies), loss.from_similarity(sim, soft, mask), loss.from_similarity(sim, nudged, mask))
 
   direct, soft, nudged = values(jnp.asarray(emb), jnp.asarray(labels), proxies)
   np.testing.assert_allclose(soft, direct, rtol=1e-12)
@@ -375,12 +405,16 @@ def test_large_scales_do_not_overflow_float32():
   """MS far beyond the official scales: exp(200 * 1.77) overflows float32 unless in log-sum-exp form."""
   emb, labels = make_batch('uneven', seed=7)
   emb = jnp.asarray(emb, jnp.float32)
-  value, grad = jax.jit(jax.value_and_grad(lambda e: losses.multi_similarity_loss(
-      e, jnp.asarray(labels), alpha=200.0, beta=200.0, base=-0.77, epsilon=None)))(emb)
+  value, grad = jax.jit(
+    jax.value_and_grad(
+      lambda e: losses.multi_similarity_loss(e, jnp.asarray(labels), alpha=200.0, beta=200.0, base=-0.77, epsilon=None)
+    )
+  )(emb)
   assert np.isfinite(float(value)) and float(value) > 1.0
   assert np.all(np.isfinite(np.asarray(grad)))
-  expected = ref.multi_similarity(np.asarray(emb, np.float64), labels, alpha=200.0, beta=200.0, base=-0.77,
-                                  epsilon=None)
+  expected = ref.multi_similarity(
+    np.asarray(emb, np.float64), labels, alpha=200.0, beta=200.0, base=-0.77, epsilon=None
+  )
   np.testing.assert_allclose(float(value), expected, rtol=1e-4)
 
 
@@ -392,7 +426,8 @@ def test_bfloat16_and_float32_under_jit_match_float64(name):
   assert v16.dtype == jnp.float32
   with jax.enable_x64(True):
     v64 = jax.jit(lambda e, l: _call(name, e, l))(
-        jnp.asarray(np.asarray(emb16.astype(jnp.float32)), jnp.float64), jnp.asarray(labels))
+      jnp.asarray(np.asarray(emb16.astype(jnp.float32)), jnp.float64), jnp.asarray(labels)
+    )
   np.testing.assert_allclose(float(v16), float(v64), rtol=1e-4)
 
 
@@ -400,11 +435,11 @@ def test_bfloat16_and_float32_under_jit_match_float64(name):
 # Registry / contract
 # ---------------------------------------------------------------------------------------------------------
 def test_registry_names_and_defaults():
-  assert {'contrastive', 'multi_similarity', 'proxy_anchor', 'circle', 'proxy_nca',
-          'lifted_structure'} <= set(losses.LOSS_NAMES)
+  assert {'contrastive', 'multi_similarity', 'proxy_anchor', 'circle', 'proxy_nca', 'lifted_structure'} <= set(
+    losses.LOSS_NAMES
+  )
   assert set(losses.PROXY_LOSS_NAMES) == {'proxy_anchor', 'proxy_nca'}
-  assert losses.default_hparams('multi_similarity') == dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1,
-                                                            form='pml')
+  assert losses.default_hparams('multi_similarity') == dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, form='pml')
   assert losses.default_hparams('contrastive') == dict(pos_margin=0.0, neg_margin=0.5, form='pml')
   for name in losses.LOSS_NAMES:
     loss = losses.get(name, **losses.default_hparams(name))
@@ -430,9 +465,9 @@ def test_get_matches_named_function():
   emb, labels = jnp.asarray(emb, jnp.float32), jnp.asarray(labels)
   hp = dict(alpha=17.97, beta=75.66, base=0.77, epsilon=0.39)
   loss = losses.get('multi_similarity', **hp)
-  np.testing.assert_allclose(jax.jit(loss)(emb, labels),
-                             jax.jit(lambda e, l: losses.multi_similarity_loss(e, l, **hp))(emb, labels),
-                             rtol=1e-5)  # float32, two separately compiled graphs
+  np.testing.assert_allclose(
+    jax.jit(loss)(emb, labels), jax.jit(lambda e, l: losses.multi_similarity_loss(e, l, **hp))(emb, labels), rtol=1e-5
+  )  # float32, two separately compiled graphs
   sim, targets, mask = jax.jit(loss.clean_terms)(emb, labels)
   assert sim.shape == targets.shape == mask.shape == (20, 20) and mask.dtype == jnp.bool_
   proxies = losses.init_proxies(jax.random.PRNGKey(1), NUM_CLASSES, 8)

@@ -2,6 +2,7 @@
 sampling on device (items in M(a), uniform, degenerate anchors), limits (lam = 1 / 0, w = 0), closed form ==
 materialised mixing, feature / input mixing == explicit one-by-one mixing, and jit + grad for every
 (loss x level x pair set)."""
+
 import functools
 
 import flax.linen as nn
@@ -41,15 +42,15 @@ def proxies_for(dim, seed=1):
 
 # case -> (registry name, hyperparameters). Non-default values so that every term is active at B = 10.
 CASES = {
-    'contrastive': ('contrastive', dict(pos_margin=0.05, neg_margin=1.2)),
-    'contrastive_paper': ('contrastive', dict(neg_margin=1.2, form='paper')),
-    'multi_similarity': ('multi_similarity', dict(alpha=2.0, beta=10.0, base=0.3, epsilon=0.5)),
-    'multi_similarity_nomine': ('multi_similarity', dict(alpha=2.0, beta=10.0, base=0.3, epsilon=None)),
-    'proxy_anchor': ('proxy_anchor', dict(alpha=8.0, margin=0.1)),
-    'proxy_anchor_paper': ('proxy_anchor', dict(alpha=8.0, margin=0.1, form='paper')),
-    'circle': ('circle', dict(m=0.4, gamma=8.0)),
-    'proxy_nca': ('proxy_nca', dict(softmax_scale=2.0)),
-    'lifted_structure': ('lifted_structure', dict(pos_margin=0.1, neg_margin=1.2)),
+  'contrastive': ('contrastive', dict(pos_margin=0.05, neg_margin=1.2)),
+  'contrastive_paper': ('contrastive', dict(neg_margin=1.2, form='paper')),
+  'multi_similarity': ('multi_similarity', dict(alpha=2.0, beta=10.0, base=0.3, epsilon=0.5)),
+  'multi_similarity_nomine': ('multi_similarity', dict(alpha=2.0, beta=10.0, base=0.3, epsilon=None)),
+  'proxy_anchor': ('proxy_anchor', dict(alpha=8.0, margin=0.1)),
+  'proxy_anchor_paper': ('proxy_anchor', dict(alpha=8.0, margin=0.1, form='paper')),
+  'circle': ('circle', dict(m=0.4, gamma=8.0)),
+  'proxy_nca': ('proxy_nca', dict(softmax_scale=2.0)),
+  'lifted_structure': ('lifted_structure', dict(pos_margin=0.1, neg_margin=1.2)),
 }
 PAIR_SET_CHOICES = [(p,) for p in mixup.PAIR_SETS] + [('pos_neg', 'anc_neg'), mixup.PAIR_SETS]
 
@@ -68,16 +69,28 @@ def _ref_sets(case, emb, labels):
   return ref.pair_sets_of(labels)
 
 
-SAMPLED_CONFIGS = [(i, pair_sets, mask_mode) for i, pair_sets in enumerate(PAIR_SET_CHOICES)
-                   for mask_mode in ('own', 'all')]
+SAMPLED_CONFIGS = [
+  (i, pair_sets, mask_mode) for i, pair_sets in enumerate(PAIR_SET_CHOICES) for mask_mode in ('own', 'all')
+]
 
 
 @jax.jit
 def _sampled_plans(labels, pos, neg):
   """The plans of every (pair sets, mask mode) of SAMPLED_CONFIGS (key i per pair-set choice), one compilation
   instead of one per static configuration."""
-  return [mixup.make_plan(jax.random.key(i), labels, pos_mask=pos, neg_mask=neg, pair_sets=pair_sets, num_mixed=3,
-                          lambda_mode='item', mask_mode=mask_mode) for i, pair_sets, mask_mode in SAMPLED_CONFIGS]
+  return [
+    mixup.make_plan(
+      jax.random.key(i),
+      labels,
+      pos_mask=pos,
+      neg_mask=neg,
+      pair_sets=pair_sets,
+      num_mixed=3,
+      lambda_mode='item',
+      mask_mode=mask_mode,
+    )
+    for i, pair_sets, mask_mode in SAMPLED_CONFIGS
+  ]
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,6 +104,7 @@ def _mixed_fn(case):
     mixed = mixup.mix_embeddings(emb, plan)
     materialised = mixup.mixed_loss(loss, emb, labels, plan, mixed_embeddings=mixed, proxies=proxies)
     return closed, materialised
+
   return jax.jit(fn)
 
 
@@ -103,8 +117,10 @@ def _reference(case, emb, labels, plan, proxies, mask_mode='own'):
     items = [(int(x), int(x2), float(l)) for x, x2, l, ok in zip(first, second, lam, valid) if ok]
   elif int(anchor[0]) < 0:  # all-pairs plan: per-anchor membership from the plan's own mask
     mask = np.asarray(plan.mask)
-    items = [[(int(first[m]), int(second[m]), float(lam[m])) for m in range(len(first)) if mask[a, m]]
-             for a in range(len(labels))]
+    items = [
+      [(int(first[m]), int(second[m]), float(lam[m])) for m in range(len(first)) if mask[a, m]]
+      for a in range(len(labels))
+    ]
   else:
     items = ref.items_from_plan(first, second, lam, anchor, valid, len(labels), mask_mode)
   return ref.mixed_loss(name, emb, labels, items, proxies=proxies, hp=hp, form=form)
@@ -128,8 +144,7 @@ def test_sampled_mixed_loss_matches_reference(case, x64):
       continue  # proxies see every item either way
     first, second, anchor, valid = (np.asarray(a) for a in (plan.first, plan.second, plan.anchor, plan.valid))
     for x, x2, a, ok in zip(first, second, anchor, valid):  # sampled items lie in M(a)
-      has_items = any(ref.in_pair_set(a, u, v, sets, pair_sets) for u in range(len(labels))
-                      for v in range(len(labels)))
+      has_items = any(ref.in_pair_set(a, u, v, sets, pair_sets) for u in range(len(labels)) for v in range(len(labels)))
       assert ok == has_items, (pair_sets, a)
       assert not ok or ref.in_pair_set(a, x, x2, sets, pair_sets), (pair_sets, a, x, x2)
     closed, materialised = _mixed_fn(case)(jnp.asarray(emb), jnp.asarray(labels), plan, jnp.asarray(proxies))
@@ -148,12 +163,15 @@ def test_all_pairs_mixed_loss_matches_triple_loop(case, x64):
   pos, neg = mixup.pair_masks(loss, jnp.asarray(emb), jnp.asarray(labels), jnp.asarray(proxies))
   lam = float(np.float32(0.3))  # plans hold lambda in float32
   for pair_sets in PAIR_SET_CHOICES[:4] + PAIR_SET_CHOICES[-1:]:
-    plan = mixup.all_pairs_plan(None, jnp.asarray(labels), pos_mask=pos, neg_mask=neg, pair_sets=pair_sets,
-                                lam=lam)
+    plan = mixup.all_pairs_plan(None, jnp.asarray(labels), pos_mask=pos, neg_mask=neg, pair_sets=pair_sets, lam=lam)
     items = ref.all_pairs_items(labels, sets, pair_sets, lambda x, x2: lam)
     np.testing.assert_array_equal(  # the plan's membership is the triple loop's
-        np.asarray(plan.mask), [[(m // len(labels), m % len(labels), lam) in items[a]
-                                 for m in range(len(labels) ** 2)] for a in range(len(labels))])
+      np.asarray(plan.mask),
+      [
+        [(m // len(labels), m % len(labels), lam) in items[a] for m in range(len(labels) ** 2)]
+        for a in range(len(labels))
+      ],
+    )
     closed, materialised = _mixed_fn(case)(jnp.asarray(emb), jnp.asarray(labels), plan, jnp.asarray(proxies))
     if loss.uses_proxies:
       flat = sorted({item for per_anchor in items for item in per_anchor})
@@ -189,8 +207,9 @@ def test_closed_form_equals_materialised_float32():
 # ----------------------------------------------------------------------------------------------------------
 # Limits.
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('case', ['contrastive', 'contrastive_paper', 'multi_similarity_nomine', 'circle',
-                                  'lifted_structure'])
+@pytest.mark.parametrize(
+  'case', ['contrastive', 'contrastive_paper', 'multi_similarity_nomine', 'circle', 'lifted_structure']
+)
 def test_lambda_one_and_zero_reduce_to_clean_positive_and_negative_terms(case, x64):
   """pos_neg with lam = 1: every mixed item IS its positive p (y = 1), the mixed loss is the loss's positive
   term on the sampled pairs (a, p) with the clean similarities; lam = 0: the item is n, y = 0, negative term."""
@@ -269,8 +288,9 @@ def test_sampling_is_uniform_over_the_union_of_pair_sets():
   sample = jax.jit(mixup.sample_pairs, static_argnames=('pair_sets', 'num_mixed', 'balance_sets'))  # not op by op
   first, second, valid = sample(jax.random.key(0), *_label_masks(l), pair_sets=pair_sets, num_mixed=k)
   for a in range(len(labels)):
-    members = [(x, x2) for x in range(len(labels)) for x2 in range(len(labels))
-               if ref.in_pair_set(a, x, x2, sets, pair_sets)]
+    members = [
+      (x, x2) for x in range(len(labels)) for x2 in range(len(labels)) if ref.in_pair_set(a, x, x2, sets, pair_sets)
+    ]
     counts = {}
     for x, x2 in zip(np.asarray(first[a]), np.asarray(second[a])):
       counts[(int(x), int(x2))] = counts.get((int(x), int(x2)), 0) + 1
@@ -278,8 +298,9 @@ def test_sampling_is_uniform_over_the_union_of_pair_sets():
     expected = k / len(members)
     assert max(abs(c - expected) for c in counts.values()) < 5 * np.sqrt(expected) + 1, a
     assert bool(np.all(valid[a]))
-  first, second, _ = sample(jax.random.key(1), *_label_masks(l), pair_sets=('pos_neg', 'anc_neg'), num_mixed=k,
-                            balance_sets=True)
+  first, second, _ = sample(
+    jax.random.key(1), *_label_masks(l), pair_sets=('pos_neg', 'anc_neg'), num_mixed=k, balance_sets=True
+  )
   a = int(np.flatnonzero(np.sum(labels[:, None] == labels[None], 1) > 2)[0])  # has >= 2 positives
   anc_share = np.mean(np.asarray(first[a]) == a)
   assert abs(anc_share - 0.5) < 0.05
@@ -352,7 +373,7 @@ def test_degenerate_batches_finite_loss_and_grads():
       for all_pairs in (False, True):
         pos, neg = mixup.pair_masks(loss, e, l, p)
         kw = dict(pos_mask=pos, neg_mask=neg, pair_sets=mixup.PAIR_SETS)
-        plan = (mixup.all_pairs_plan(key, l, **kw) if all_pairs else mixup.make_plan(key, l, num_mixed=2, **kw))
+        plan = mixup.all_pairs_plan(key, l, **kw) if all_pairs else mixup.make_plan(key, l, num_mixed=2, **kw)
         out.append(mixup.objective(loss, e, l, plan, proxies=p)[1]['mixed'])
     return jnp.stack(out)
 
@@ -371,8 +392,13 @@ def test_degenerate_batches_finite_loss_and_grads():
     return out
 
   # one compilation for both batches (labels traced)
-  fn = jax.jit(lambda e, p, l, k: (mixed_terms(e, p, l, k), jax.grad(
-      lambda e, p: jnp.sum(mixed_terms(e, p, l, k)), argnums=(0, 1))(e, p), empty_set_terms(e, p, l, k)))
+  fn = jax.jit(
+    lambda e, p, l, k: (
+      mixed_terms(e, p, l, k),
+      jax.grad(lambda e, p: jnp.sum(mixed_terms(e, p, l, k)), argnums=(0, 1))(e, p),
+      empty_set_terms(e, p, l, k),
+    )
+  )
   for kind in ('one_class', 'no_positives'):
     emb, labels = make_batch(kind)
     e, l = jnp.asarray(emb, jnp.float32), jnp.asarray(labels)
@@ -391,6 +417,7 @@ def test_degenerate_batches_finite_loss_and_grads():
 # ----------------------------------------------------------------------------------------------------------
 class TinyNet(nn.Module):
   """conv -> feature map [B, 4, 4, 8] -> GAP + GMP (summed) -> Dense -> L2: the EmbeddingNet layout, tiny."""
+
   dim: int = 6
 
   def setup(self):
@@ -422,8 +449,7 @@ def test_feature_mixing_equals_mixing_maps_one_by_one():
   net, images, labels, params = _tiny()
   feature_map = net.apply(params, images, method='features')
   assert feature_map.shape == (8, 4, 4, 8)
-  plan = mixup.make_plan(jax.random.key(2), labels, pair_sets=('pos_neg', 'anc_neg'), num_mixed=2,
-                         lambda_mode='item')
+  plan = mixup.make_plan(jax.random.key(2), labels, pair_sets=('pos_neg', 'anc_neg'), num_mixed=2, lambda_mode='item')
   head = jax.jit(functools.partial(net.apply, method='head'))
   batched = head(params, mixup.mix(feature_map, plan))
   maps = np.asarray(feature_map, np.float64)
@@ -443,16 +469,18 @@ def test_input_mixing_equals_embedding_explicitly_mixed_images():
   plan = mixup.make_plan(jax.random.key(4), labels, pair_sets=mixup.PAIR_SETS, num_mixed=1, lambda_mode='item')
   batched = net.apply(params, jnp.concatenate([images, mixup.mix(images, plan)]))[8:]
   x = np.asarray(images, np.float64)
-  explicit = np.stack([float(plan.lam[m]) * x[int(plan.first[m])] + (1 - float(plan.lam[m])) *
-                       x[int(plan.second[m])] for m in range(8)])
+  explicit = np.stack(
+    [float(plan.lam[m]) * x[int(plan.first[m])] + (1 - float(plan.lam[m])) * x[int(plan.second[m])] for m in range(8)]
+  )
   # float32 unit vectors from two differently compiled forwards (batch 16 vs 8)
   np.testing.assert_allclose(batched, net.apply(params, jnp.asarray(explicit, jnp.float32)), atol=1e-5)
   uint8 = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 3, 3, 3)), jnp.uint8)  # raw images
   mixed = mixup.mix(uint8, plan)
   lam = np.asarray(plan.lam)[:, None, None, None]
   assert mixed.dtype == jnp.float32
-  np.testing.assert_allclose(mixed, lam * np.asarray(uint8)[plan.first] + (1 - lam) *
-                             np.asarray(uint8)[plan.second], rtol=1e-6)  # two non-negative float32 terms: ulps
+  np.testing.assert_allclose(
+    mixed, lam * np.asarray(uint8)[plan.first] + (1 - lam) * np.asarray(uint8)[plan.second], rtol=1e-6
+  )  # two non-negative float32 terms: ulps
 
 
 @pytest.mark.slow  # one large jit + jacrev compilation
@@ -473,8 +501,11 @@ def test_jit_and_grad_every_loss_level_and_pair_set():
       loss = losses.get(name)
       pos, neg = mixup.pair_masks(loss, emb, labels, proxies if loss.uses_proxies else None)
       kw = dict(pos_mask=pos, neg_mask=neg, pair_sets=pair_sets)
-      out.append(mixup.all_pairs_plan(key, labels, **kw) if level == 'embedding'
-                 else mixup.make_plan(key, labels, num_mixed=2, **kw))
+      out.append(
+        mixup.all_pairs_plan(key, labels, **kw)
+        if level == 'embedding'
+        else mixup.make_plan(key, labels, num_mixed=2, **kw)
+      )
     return out
 
   def mixed_terms(params, proxies, plan_list, level):
@@ -488,8 +519,11 @@ def test_jit_and_grad_every_loss_level_and_pair_set():
         mixed = net.apply(params, mixup.mix(fmap, plan), method='head')
       elif level == 'input':
         mixed = net.apply(params, mixup.mix(images, plan))
-      out.append(mixup.objective(loss, emb, labels, plan, mixed_embeddings=mixed,
-                                 proxies=proxies if loss.uses_proxies else None)[1]['mixed'])
+      out.append(
+        mixup.objective(
+          loss, emb, labels, plan, mixed_embeddings=mixed, proxies=proxies if loss.uses_proxies else None
+        )[1]['mixed']
+      )
     return jnp.stack(out)
 
   def check(values, jac, zero_ok=()):
@@ -509,21 +543,28 @@ def test_jit_and_grad_every_loss_level_and_pair_set():
   def all_sets(params, proxies, key):  # plans inside jit (MS mining on traced embeddings), embedding level
     fn = lambda pr, px: mixed_terms(pr, px, plans(pr, px, key, 'embedding', mixup.PAIR_SETS), 'embedding')
     return fn(params, proxies), jax.jacrev(fn, argnums=(0, 1))(params, proxies)
+
   check(*all_sets(params, proxies, key))
 
   @jax.jit
   def all_plans(params, proxies, key):
     """level -> pair set -> the per-loss plans (one compilation for every plan of the test)."""
-    return {level: {pair_set: plans(params, proxies, key, level, (pair_set,)) for pair_set in mixup.PAIR_SETS}
-            for level in mixup.LEVELS}
+    return {
+      level: {pair_set: plans(params, proxies, key, level, (pair_set,)) for pair_set in mixup.PAIR_SETS}
+      for level in mixup.LEVELS
+    }
 
   plans_by_level = all_plans(params, proxies, key)
   for level in mixup.LEVELS:
+
     @jax.jit
     def given_plans(params, proxies, plan_list, level=level):
       fn = lambda pr, px: mixed_terms(pr, px, plan_list, level)
       return fn(params, proxies), jax.jacrev(fn, argnums=(0, 1))(params, proxies)
+
     for pair_set in mixup.PAIR_SETS:
       # circle needs both sides: with only y = 1 (pos_pos) or y = 0 (neg_neg) items its mixed term is 0
-      check(*given_plans(params, proxies, plans_by_level[level][pair_set]),
-            zero_ok=('circle',) if pair_set in ('pos_pos', 'neg_neg') else ())
+      check(
+        *given_plans(params, proxies, plans_by_level[level][pair_set]),
+        zero_ok=('circle',) if pair_set in ('pos_pos', 'neg_neg') else (),
+      )

@@ -54,6 +54,7 @@ def checkpoints(tmp_path_factory):
       linear = torch.nn.Linear(models.feature_channels(depth), 512)
       cache[depth] = (model, linear, str(path))
     return cache[depth]
+
   return get
 
 
@@ -61,8 +62,10 @@ def embedding_variables(depth, checkpoint_path, linear):
   """EmbeddingNet variables: backbone from the checkpoint (via load_torchvision), head from the torch Linear."""
   shapes = jax.eval_shape(models.EmbeddingNet(depth).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   variables = weights.with_backbone(shapes, weights.load_torchvision(checkpoint_path, depth=depth))
-  variables['params']['head'] = {'kernel': jnp.asarray(linear.weight.detach().numpy().T),
-                                 'bias': jnp.asarray(linear.bias.detach().numpy())}
+  variables['params']['head'] = {
+    'kernel': jnp.asarray(linear.weight.detach().numpy().T),
+    'bias': jnp.asarray(linear.bias.detach().numpy()),
+  }
   return variables
 
 
@@ -70,9 +73,15 @@ def images(batch, size, seed=0):
   return np.random.RandomState(seed).randn(batch, 3, size, size).astype(np.float32)  # NCHW, as torch
 
 
-@pytest.mark.parametrize('depth,size,batch', [pytest.param(50, 224, 1, marks=pytest.mark.slow),
-                                              pytest.param(50, 193, 1, marks=pytest.mark.slow),
-                                              (18, 224, 2), (18, 225, 2)])
+@pytest.mark.parametrize(
+  'depth,size,batch',
+  [
+    pytest.param(50, 224, 1, marks=pytest.mark.slow),
+    pytest.param(50, 193, 1, marks=pytest.mark.slow),
+    (18, 224, 2),
+    (18, 225, 2),
+  ],
+)
 def test_parity_with_torch(checkpoints, depth, size, batch):
   model_t, linear, path = checkpoints(depth)
   x = images(batch, size, seed=size)
@@ -84,16 +93,19 @@ def test_parity_with_torch(checkpoints, depth, size, batch):
   variables = embedding_variables(depth, path, linear)
   with jax.default_matmul_precision('highest'):  # no TF32 when run on a GPU
     emb, fmap = models.EmbeddingNet(depth).apply(variables, jnp.asarray(nchw_to_nhwc(x)))
-    fmap_backbone = models.ResNet(depth).apply(weights.load_torchvision(path, depth=depth),
-                                               jnp.asarray(nchw_to_nhwc(x)))
+    fmap_backbone = models.ResNet(depth).apply(
+      weights.load_torchvision(path, depth=depth), jnp.asarray(nchw_to_nhwc(x))
+    )
   assert fmap.shape == fmap_t.shape == (batch, -(-size // 32), -(-size // 32), models.feature_channels(depth))
   assert emb.dtype == jnp.float32 and emb.shape == (batch, 512)
   assert_close(fmap, fmap_t)
   assert_close(fmap_backbone, fmap_t)
   assert_close(emb, emb_t)
   (fmap_max, fmap_l2), (emb_max, emb_l2) = relative_errors(fmap, fmap_t), relative_errors(emb, emb_t)
-  print(f'ResNet-{depth} {size}px rel err (max, l2): feature map {fmap_max:.1e}, {fmap_l2:.1e}; '
-        f'embedding {emb_max:.1e}, {emb_l2:.1e}')
+  print(
+    f'ResNet-{depth} {size}px rel err (max, l2): feature map {fmap_max:.1e}, {fmap_l2:.1e}; '
+    f'embedding {emb_max:.1e}, {emb_l2:.1e}'
+  )
 
 
 @pytest.mark.parametrize('depth,channels', [(18, 512), (34, 512), (50, 2048)])
@@ -136,8 +148,11 @@ def test_random_init_matches_torchvision_scheme():
   head = np.asarray(params['head']['kernel'])
   np.testing.assert_allclose(head.std(), np.sqrt(2 / 512), rtol=0.02)
   np.testing.assert_array_equal(params['head']['bias'], 0)
-  bn = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf
-        in jax.tree_util.tree_leaves_with_path(params['backbone']) if '_bn' in str(path) or 'bn' in str(path[-2])}
+  bn = {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params['backbone'])
+    if '_bn' in str(path) or 'bn' in str(path[-2])
+  }
   assert len(bn) == 2 * 20  # scale and bias of 20 BN layers
   for path, leaf in bn.items():
     np.testing.assert_array_equal(leaf, 1 if path.endswith("'scale']") else 0, err_msg=path)
@@ -160,13 +175,12 @@ def test_head_on_mixed_feature_maps_batched_equals_one_by_one(r18):
   lam_b = jnp.asarray(lam, jnp.float32)[:, None, None, None]
   mixed = lam_b * fmap[firsts] + (1 - lam_b) * fmap[seconds]
   batched = model.apply(variables, mixed, method='head')
-  one_by_one = np.concatenate([model.apply(variables, mixed[i:i + 1], method='head') for i in range(4)])
+  one_by_one = np.concatenate([model.apply(variables, mixed[i : i + 1], method='head') for i in range(4)])
   # float32 Dense 512 -> 512 at batch 4 vs batch 1 (gemm vs gemv blocking; 1.1e-7 seen here on entries ~0.1)
   np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-6)
   # GMP is non-linear: the embedding of a mix is not the mix of pooled features (spec 2.3).
   pooled = models.global_pool(fmap)
-  naive = model.apply(variables, lam[:, None] * pooled[firsts] + (1 - lam[:, None]) * pooled[seconds],
-                      method='project')
+  naive = model.apply(variables, lam[:, None] * pooled[firsts] + (1 - lam[:, None]) * pooled[seconds], method='project')
   assert np.abs(np.asarray(naive) - np.asarray(batched)).max() > 1e-4
 
 
@@ -180,8 +194,9 @@ def test_frozen_bn_step_keeps_batch_stats_bit_identical(r18):
   model = models.EmbeddingNet(18, bn_mode='frozen')
 
   def loss_fn(params):
-    (emb, _), updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                                    train=True, mutable=['batch_stats'])
+    (emb, _), updates = model.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True, mutable=['batch_stats']
+    )
     return _loss(emb), (emb, updates['batch_stats'])
 
   (_, (emb_train, new_stats)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
@@ -225,15 +240,22 @@ def test_trainable_bn_matches_torch_train_mode(checkpoints):
     expected[name + '.running_var'] = 0.9 * old_var + 0.1 * unbiased * (n - 1) / n
   expected_stats = weights.convert_state_dict(expected, depth=18)['batch_stats']
   torch_stats = weights.convert_state_dict(new_t, depth=18)['batch_stats']
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               updates['batch_stats'], expected_stats)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a['mean'], b['mean'], rtol=1e-4, atol=1e-5),
-               updates['batch_stats'], torch_stats, is_leaf=lambda t: isinstance(t, dict) and 'mean' in t)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), updates['batch_stats'], expected_stats
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a['mean'], b['mean'], rtol=1e-4, atol=1e-5),
+    updates['batch_stats'],
+    torch_stats,
+    is_leaf=lambda t: isinstance(t, dict) and 'mean' in t,
+  )
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), updates['batch_stats'], variables['batch_stats'])
   assert all(jax.tree.leaves(changed))
   # Eval mode of a trainable-BN model uses the running statistics, like frozen mode.
-  np.testing.assert_array_equal(model.apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=False),
-                                models.ResNet(18).apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=True))
+  np.testing.assert_array_equal(
+    model.apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=False),
+    models.ResNet(18).apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=True),
+  )
 
 
 def test_bfloat16_runs_and_is_close_to_float32(r18):

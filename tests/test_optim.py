@@ -1,4 +1,5 @@
 """The optimiser against torch.optim.Adam / AdamW (coupled L2, clip by value, group lr, warm-up freezing)."""
+
 import math
 
 import jax
@@ -14,17 +15,29 @@ torch = pytest.importorskip('torch')
 
 def _params(rng):
   return {
-      'backbone': {'conv1': {'kernel': rng.normal(size=(3, 3, 2, 4))},
-                   'bn1': {'scale': 1.0 + 0.1 * rng.normal(size=(4,)), 'bias': 0.1 * rng.normal(size=(4,))}},
-      'head': {'kernel': rng.normal(size=(4, 3)), 'bias': np.zeros(3)},
-      'proxies': 0.3 * rng.normal(size=(5, 3)),
+    'backbone': {
+      'conv1': {'kernel': rng.normal(size=(3, 3, 2, 4))},
+      'bn1': {'scale': 1.0 + 0.1 * rng.normal(size=(4,)), 'bias': 0.1 * rng.normal(size=(4,))},
+    },
+    'head': {'kernel': rng.normal(size=(4, 3)), 'bias': np.zeros(3)},
+    'proxies': 0.3 * rng.normal(size=(5, 3)),
   }
 
 
 def _optim_config(**overrides):
   o = config_lib.base_config().optim
-  o.update(dict(lr=1e-2, step_epochs=1, gamma=0.5, warmup_epochs=2, head_lr_mult=2.0, proxy_lr_mult=100.0,
-                weight_decay=1e-2, proxy_weight_decay=3e-2))  # large decays so a coupling error shows
+  o.update(
+    dict(
+      lr=1e-2,
+      step_epochs=1,
+      gamma=0.5,
+      warmup_epochs=2,
+      head_lr_mult=2.0,
+      proxy_lr_mult=100.0,
+      weight_decay=1e-2,
+      proxy_weight_decay=3e-2,
+    )
+  )  # large decays so a coupling error shows
   o.update(overrides)
   return o
 
@@ -36,8 +49,11 @@ def _torch_run(params0, grads, o, steps_per_epoch, *, freeze_bn_affine=False):
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       flat[(group, jax.tree_util.keystr(path))] = torch.tensor(np.asarray(leaf, np.float64), requires_grad=True)
   groups = []
-  for g, mult, wd in (('backbone', 1.0, o.weight_decay), ('head', o.head_lr_mult, o.weight_decay),
-                      ('proxies', o.proxy_lr_mult, o.proxy_weight_decay)):
+  for g, mult, wd in (
+    ('backbone', 1.0, o.weight_decay),
+    ('head', o.head_lr_mult, o.weight_decay),
+    ('proxies', o.proxy_lr_mult, o.proxy_weight_decay),
+  ):
     ps = [t for (gg, _), t in flat.items() if gg == g]
     groups.append({'params': ps, 'lr': o.lr * mult, 'weight_decay': wd, 'mult': mult})
   cls = torch.optim.Adam if o.name == 'adam' else torch.optim.AdamW
@@ -62,8 +78,9 @@ def _torch_run(params0, grads, o, steps_per_epoch, *, freeze_bn_affine=False):
 
 def _jax_run(params0, grads, o, steps_per_epoch, total_steps, *, freeze_bn_affine=False):
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params0)
-  tx = optim.make_optimizer(o, params=params, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                            freeze_bn_affine=freeze_bn_affine)
+  tx = optim.make_optimizer(
+    o, params=params, steps_per_epoch=steps_per_epoch, total_steps=total_steps, freeze_bn_affine=freeze_bn_affine
+  )
   state = tx.init(params)
   traces = []
 
@@ -91,6 +108,7 @@ def _jax_run(params0, grads, o, steps_per_epoch, total_steps, *, freeze_bn_affin
 
 def optax_apply(params, updates):
   import optax
+
   return optax.apply_updates(params, updates)
 
 
@@ -122,8 +140,9 @@ def test_matches_torch_across_unfreeze(name, freeze_bn_affine):
       np.testing.assert_allclose(got[step][key], want, rtol=2e-5, atol=2e-6, err_msg=f'step {step} {key}')
   # the backbone did not move while frozen; the head did
   for step in range(4):
-    np.testing.assert_array_equal(got[step][('backbone', "['conv1']['kernel']")],
-                                  np.asarray(params0['backbone']['conv1']['kernel'], np.float32))
+    np.testing.assert_array_equal(
+      got[step][('backbone', "['conv1']['kernel']")], np.asarray(params0['backbone']['conv1']['kernel'], np.float32)
+    )
   assert not np.allclose(got[0][('head', "['kernel']")], params0['head']['kernel'])
 
 

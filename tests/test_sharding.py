@@ -1,5 +1,6 @@
 """Mesh, batch sharding and host-local -> global batches: in this process (any device count) and with 4 fake CPU
 devices in a subprocess (conftest's fake_devices_runner), where the multi-device path really runs."""
+
 import json
 
 import jax
@@ -13,8 +14,10 @@ def test_mesh_and_global_batch():
   mesh = sharding.make_mesh()
   assert mesh.axis_names == ('data',) and mesh.devices.size == jax.device_count()
   n = jax.device_count()
-  local = {'image': np.arange(4 * n * 2 * 2 * 3, dtype=np.uint8).reshape(4 * n, 2, 2, 3),
-           'label': np.arange(4 * n, dtype=np.int32)}
+  local = {
+    'image': np.arange(4 * n * 2 * 2 * 3, dtype=np.uint8).reshape(4 * n, 2, 2, 3),
+    'label': np.arange(4 * n, dtype=np.int32),
+  }
   batch = sharding.global_batch(local, mesh)
   assert batch['image'].shape == (4 * n * jax.process_count(), 2, 2, 3)
   assert batch['label'].sharding == sharding.batch_sharding(mesh)
@@ -56,7 +59,7 @@ def _value_and_grads(name, embeddings, labels, proxies):
   return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(embeddings, proxies)
 
 
-_FOUR_DEVICES = '''
+_FOUR_DEVICES = """
     import json
     import jax
     import numpy as np
@@ -85,7 +88,7 @@ _FOUR_DEVICES = '''
                              'grad_proxies': np.asarray(g_proxies).tolist(),
                              'grad_sharded': len(g_emb.sharding.device_set) == 4}
     print('RESULT' + json.dumps(out))
-'''
+"""
 
 
 def test_four_fake_devices(fake_devices_runner):

@@ -57,8 +57,9 @@ def test_layout_conversion(r18_checkpoint):
   np.testing.assert_array_equal(p['bn1']['bias'], state['bn1.bias'])
   np.testing.assert_array_equal(s['bn1']['mean'], state['bn1.running_mean'])
   np.testing.assert_array_equal(s['bn1']['var'], state['bn1.running_var'])
-  np.testing.assert_array_equal(p['layer2_0']['downsample_conv']['kernel'],
-                                state['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    p['layer2_0']['downsample_conv']['kernel'], state['layer2.0.downsample.0.weight'].transpose(2, 3, 1, 0)
+  )
   np.testing.assert_array_equal(s['layer4_1']['bn2']['var'], state['layer4.1.bn2.running_var'])
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
   expected = jax.eval_shape(models.ResNet(18).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -68,8 +69,13 @@ def test_layout_conversion(r18_checkpoint):
 def test_convert_cli_npz_round_trip(r18_checkpoint, tmp_path):
   _, path = r18_checkpoint
   npz = tmp_path / 'resnet18.npz'
-  result = subprocess.run([sys.executable, '-m', 'metrix_jax.weights', 'convert', path, str(npz)],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+  result = subprocess.run(
+    [sys.executable, '-m', 'metrix_jax.weights', 'convert', path, str(npz)],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr
   assert 'ResNet-18' in result.stdout and npz.exists()
   with np.load(npz) as data:
@@ -99,6 +105,7 @@ def test_wrapped_and_ddp_state_dicts(r18_checkpoint, tmp_path):
 def test_safetensors_round_trip(r18_checkpoint, tmp_path):
   pytest.importorskip('safetensors', reason='safetensors is not installed (optional reader: pip install safetensors)')
   from safetensors.torch import save_file
+
   model_t, path = r18_checkpoint
   st_path = tmp_path / 'r18.safetensors'
   save_file(model_t.state_dict(), str(st_path))
@@ -116,9 +123,10 @@ def test_safetensors_without_the_package_says_how_to_install(tmp_path, monkeypat
 
 def test_missing_file_says_how_to_produce_it(tmp_path):
   missing = str(tmp_path / 'resnet50.npz')
-  for call in (lambda: weights.load_torchvision(missing, depth=50),
-               lambda: weights.init_embedding_variables(models.EmbeddingNet(50), jax.random.key(0),
-                                                        pretrained=missing)):
+  for call in (
+    lambda: weights.load_torchvision(missing, depth=50),
+    lambda: weights.init_embedding_variables(models.EmbeddingNet(50), jax.random.key(0), pretrained=missing),
+  ):
     with pytest.raises(FileNotFoundError) as info:
       call()
     message = str(info.value)
@@ -166,8 +174,11 @@ def test_init_embedding_variables(r18_checkpoint, caplog):
   assert_trees_equal(loaded['params']['head'], random_vars['params']['head'])
   assert jax.tree.structure(loaded) == jax.tree.structure(random_vars)
   with pytest.raises(ValueError, match='different depth'):
-    weights.with_backbone(random_vars, weights.load_torchvision(path, depth=18) | {
-        'params': jax.eval_shape(models.ResNet(34).init, key, jnp.zeros((1, 32, 32, 3)))['params']})
+    weights.with_backbone(
+      random_vars,
+      weights.load_torchvision(path, depth=18)
+      | {'params': jax.eval_shape(models.ResNet(34).init, key, jnp.zeros((1, 32, 32, 3)))['params']},
+    )
 
 
 def test_infer_depth():

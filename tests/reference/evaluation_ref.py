@@ -59,7 +59,7 @@ def retrieval_metrics(embeddings, labels, ks, gallery_embeddings=None, gallery_l
     rps.append(hits / r)
     p1s.append(float(rel[0]))
   mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
-  return {"recall": recall, "map_at_r": mean(aps), "r_precision": mean(rps), "precision_at_1": mean(p1s)}
+  return {'recall': recall, 'map_at_r': mean(aps), 'r_precision': mean(rps), 'precision_at_1': mean(p1s)}
 
 
 def utilization(test_embeddings, train_embeddings):
@@ -74,14 +74,14 @@ def utilization(test_embeddings, train_embeddings):
 def alignment(embeddings, labels):
   """Mean of ||f(x) - f(x+)||^2 over unordered same-class pairs."""
   z = normalize(embeddings)
-  values = [float(np.sum((z[i] - z[j]) ** 2))
-            for i in range(len(z)) for j in range(i + 1, len(z)) if labels[i] == labels[j]]
+  values = [
+    float(np.sum((z[i] - z[j]) ** 2)) for i in range(len(z)) for j in range(i + 1, len(z)) if labels[i] == labels[j]
+  ]
   return sum(values) / len(values)
 
 
 def uniformity(embeddings, t=2.0):
   """log of the mean of exp(-t ||f(x) - f(y)||^2) over unordered distinct pairs."""
   z = normalize(embeddings)
-  values = [math.exp(-t * float(np.sum((z[i] - z[j]) ** 2)))
-            for i in range(len(z)) for j in range(i + 1, len(z))]
+  values = [math.exp(-t * float(np.sum((z[i] - z[j]) ** 2))) for i in range(len(z)) for j in range(i + 1, len(z))]
   return math.log(sum(values) / len(values))

@@ -1,5 +1,6 @@
 """Brute-force float64 references of the named losses: explicit Python loops over anchors and pairs, written
 from the formulas (spec section 1, PML 2.9.0 semantics). Used only by tests; slow by design."""
+
 import math
 
 import numpy as np
@@ -41,7 +42,7 @@ def contrastive(emb, labels, pos_margin=0.0, neg_margin=0.5, form='pml'):
   e = normalize(emb)
   b = len(labels)
   if form == 'paper':
-    m = 1.0 - neg_margin ** 2 / 2.0
+    m = 1.0 - neg_margin**2 / 2.0
     total = 0.0
     for a in range(b):
       for j in range(b):
@@ -78,8 +79,9 @@ def ms_mined_pairs(emb, labels, epsilon):
       continue
     max_neg = max((cos(e[a], e[n]) for n in neg), default=-math.inf)
     min_pos = min((cos(e[a], e[p]) for p in pos), default=math.inf)
-    out.append(([p for p in pos if cos(e[a], e[p]) - epsilon < max_neg],
-                [n for n in neg if cos(e[a], e[n]) + epsilon > min_pos]))
+    out.append(
+      ([p for p in pos if cos(e[a], e[p]) - epsilon < max_neg], [n for n in neg if cos(e[a], e[n]) + epsilon > min_pos])
+    )
   return out
 
 

@@ -1,5 +1,6 @@
 """Brute-force float64 references of the Metrix mixed loss (spec sections 2.2-2.4): explicit Python loops over
 anchors, pairs and mixed items, written from the formulas. Used only by tests; slow by design."""
+
 import math
 
 import numpy as np
@@ -20,10 +21,12 @@ def pair_sets_of(labels, pos_lists=None, neg_lists=None):
 
 def in_pair_set(a, x, x2, sets, pair_sets):
   pos, neg = sets[a]
-  return (('pos_neg' in pair_sets and x in pos and x2 in neg)
-          or ('anc_neg' in pair_sets and x == a and x2 in neg)
-          or ('pos_pos' in pair_sets and x in pos and x2 in pos and x != x2)
-          or ('neg_neg' in pair_sets and x in neg and x2 in neg and x != x2))
+  return (
+    ('pos_neg' in pair_sets and x in pos and x2 in neg)
+    or ('anc_neg' in pair_sets and x == a and x2 in neg)
+    or ('pos_pos' in pair_sets and x in pos and x2 in pos and x != x2)
+    or ('neg_neg' in pair_sets and x in neg and x2 in neg and x != x2)
+  )
 
 
 def mixed_vector(e, x, x2, lam, renormalize=True):
@@ -86,7 +89,7 @@ def mixed_loss(name, emb, labels, items_per_anchor, *, proxies=None, hp=None, fo
     if name == 'contrastive':
       pos_margin, neg_margin = hp.get('pos_margin', 0.0), hp.get('neg_margin', 0.5)
       if form == 'paper':
-        m = 1 - neg_margin ** 2 / 2
+        m = 1 - neg_margin**2 / 2
         per_anchor.append(sum(y * (-s) + (1 - y) * max(s - m, 0.0) for s, _, y in rows))
       else:
         pos_terms += [y * max(d - pos_margin, 0.0) for _, d, y in rows]
@@ -123,15 +126,19 @@ def items_from_plan(first, second, lam, anchor, valid, b, mask_mode='own'):
   items = [(int(x), int(x2), float(l)) for x, x2, l, ok in zip(first, second, lam, valid) if ok]
   if mask_mode == 'all':
     return [items] * b
-  return [[(int(x), int(x2), float(l)) for x, x2, l, an, ok in zip(first, second, lam, anchor, valid)
-           if ok and an == a] for a in range(b)]
+  return [
+    [(int(x), int(x2), float(l)) for x, x2, l, an, ok in zip(first, second, lam, anchor, valid) if ok and an == a]
+    for a in range(b)
+  ]
 
 
 def all_pairs_items(labels, sets, pair_sets, lam_of):
   """Per anchor, every (x, x', lam) with (x, x') in M(a), by a triple loop; lam_of(x, x') gives lambda."""
   b = len(labels)
-  return [[(x, x2, lam_of(x, x2)) for x in range(b) for x2 in range(b) if in_pair_set(a, x, x2, sets, pair_sets)]
-          for a in range(b)]
+  return [
+    [(x, x2, lam_of(x, x2)) for x in range(b) for x2 in range(b) if in_pair_set(a, x, x2, sets, pair_sets)]
+    for a in range(b)
+  ]
 
 
 def ms_mixed_gradients(s, y, alpha, beta, base):
@@ -145,8 +152,10 @@ def ms_mixed_gradients(s, y, alpha, beta, base):
 
 def ms_mixed_anchor_loss(s, y, alpha, beta, base):
   """l~(a) for one anchor's items (for finite differences)."""
-  return (math.log1p(sum(yv * math.exp(-alpha * (sv - base)) for sv, yv in zip(s, y))) / alpha
-          + math.log1p(sum((1 - yv) * math.exp(beta * (sv - base)) for sv, yv in zip(s, y))) / beta)
+  return (
+    math.log1p(sum(yv * math.exp(-alpha * (sv - base)) for sv, yv in zip(s, y))) / alpha
+    + math.log1p(sum((1 - yv) * math.exp(beta * (sv - base)) for sv, yv in zip(s, y))) / beta
+  )
 
 
 def ms_positivity(emb, labels, items_per_anchor, lam, alpha, beta, base):
@@ -159,8 +168,7 @@ def ms_positivity(emb, labels, items_per_anchor, lam, alpha, beta, base):
     rows = []
     for x, x2 in items:
       v = mixed_vector(e, x, x2, lam)
-      rows.append((cos(e[a], v), soft_label(lam, labels[x], labels[x2], labels[a]),
-                   labels[x] == labels[a]))
+      rows.append((cos(e[a], v), soft_label(lam, labels[x], labels[x2], labels[a]), labels[x] == labels[a]))
     grads = ms_mixed_gradients([r[0] for r in rows], [r[1] for r in rows], alpha, beta, base)
     for (s, y, involved), g in zip(rows, grads):
       if not involved or g == 0:

@@ -93,8 +93,9 @@ class ResNet(nn.Module):
   def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
     downsample = None
     if stride != 1 or self.inplanes != planes * block.expansion:
-      downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
-                                 nn.BatchNorm2d(planes * block.expansion))
+      downsample = nn.Sequential(
+        conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+      )
     layers = [block(self.inplanes, planes, stride, downsample)]
     self.inplanes = planes * block.expansion
     layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
