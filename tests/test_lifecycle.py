@@ -15,7 +15,11 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
+
+from metrix_jax import checkpointing
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -263,3 +267,34 @@ def test_a_non_finite_loss_without_any_checkpoint_says_rerunning_starts_over(tmp
   assert proc.returncode == 3, proc.stderr[-3000:]
   assert 'no checkpoint was written before it, so rerunning starts over' in proc.stderr
   assert 'last finite checkpoint' not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_loses_at_most_the_steps_since_the_last_save(finished, tmp_path):
+  """Killed (SIGKILL) at arbitrary moments of a run that saves every step (some kills land inside a save): each
+  rerun resumes from a committed checkpoint and says which, and the run ends where the uninterrupted one ends."""
+  workdir = tmp_path / 'run'
+  args = ('--config.train.checkpoint_every_steps=1',)
+  for kill_after_s in (0.35, 0.8):
+    before = set(os.listdir(workdir / 'checkpoints')) if (workdir / 'checkpoints').exists() else set()
+    proc = subprocess.Popen(
+      [sys.executable, '-c', _script('main'), CONFIG, f'--workdir={workdir}', *args],
+      env=_env({'METRIX_FAKE_DATA_DELAY_S': '0.25'}),
+      cwd=ROOT,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    _wait_for_step(proc, workdir, len(before) + 1)  # at least one new step trained in this process
+    time.sleep(kill_after_s)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+  proc = _train(workdir, *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Resumed from' in proc.stderr and 'Traceback' not in proc.stderr
+  assert json.load(open(workdir / 'results.json'))['steps'] == 4
+  reference, resumed = (checkpointing.Checkpointer(str(d / 'checkpoints')) for d in (finished, workdir))
+  a, b = reference.restore_raw(4), resumed.restore_raw(4)
+  reference.close(), resumed.close()
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a['params'], b['params'])
