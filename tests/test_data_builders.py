@@ -7,6 +7,7 @@ except where a test checks that it fires.
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metrix_jax import config_lib, data
+from metrix_jax import config_lib, data, jsonio
 from metrix_jax.data import base, builders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -444,3 +445,285 @@ def test_omniglot_config_has_no_development_default_and_names_the_flag(tmp_path)
   ) in message
   for expected in ('images_background.zip', 'images_evaluation.zip', 'https://github.com/brendenlake/omniglot'):
     assert expected in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A build records its sources; prepare rebuilds when they change (Omniglot zips with the official counts of
+# images_background_small1.zip, 136 characters x 20 drawers = 2,720 tiny PNGs: the real count check runs).
+
+
+def tiny_png(seed):
+  out = io.BytesIO()
+  Image.fromarray(np.random.default_rng(seed).random((8, 8)) > 0.5).save(out, format='PNG')
+  return out.getvalue()
+
+
+def small1_zip(folder, prefix, seed=0):
+  """images_background_small1.zip: alphabets `prefix`0..3, 34 characters x 20 drawers each (2,720 images)."""
+  payloads = [tiny_png(seed), tiny_png(seed + 1)]
+  files = {}
+  for a in range(4):
+    for c in range(1, 35):
+      for d in range(1, 21):
+        files[f'images_background_small1/{prefix}{a}/character{c:02d}/{c:02d}{d:02d}_{d:02d}.png'] = payloads[d % 2]
+  write_zip(folder / 'images_background_small1.zip', files)
+  return folder / 'images_background_small1.zip'
+
+
+@pytest.fixture(scope='module')
+def small1_zips(tmp_path_factory):
+  """{'old': zip, 'new': zip of the same name and size, other alphabets, 'corrupt': not a zip}."""
+  root = tmp_path_factory.mktemp('small1')
+  zips = {}
+  for version, prefix in (('old', 'Old'), ('new', 'New')):
+    (root / version).mkdir()
+    zips[version] = small1_zip(root / version, prefix, seed=len(zips))
+  old_mtime = os.stat(zips['old']).st_mtime_ns
+  os.utime(zips['new'], ns=(old_mtime + 10**9, old_mtime + 10**9))  # replaced a second later (any file system)
+  (root / 'corrupt').mkdir()
+  zips['corrupt'] = root / 'corrupt' / 'images_background_small1.zip'
+  zips['corrupt'].write_bytes(b'PK\x03\x04 not a zip any more')
+  return zips
+
+
+def put(archive, manual):
+  """Copies `archive` into the manual dir with its mtime (shutil.copy2), as `cp -p` does."""
+  manual.mkdir(exist_ok=True)
+  return shutil.copy2(archive, manual / archive.name)
+
+
+def snapshot(folder):
+  """{relative path: (size, mtime_ns, inode)} of every file under `folder`."""
+  out = {}
+  for d, _, files in os.walk(folder):
+    for f in files:
+      st = os.stat(os.path.join(d, f))
+      out[os.path.relpath(os.path.join(d, f), folder)] = (st.st_size, st.st_mtime_ns, st.st_ino)
+  return out
+
+
+def alphabets(builder):
+  source = builders.RecordSource(builder.data_dir, 'train')
+  return sorted({source.record(i)['alphabet'].decode() for i in range(0, len(source), 20)})
+
+
+def prepare_omniglot(data_dir, manual, **kwargs):
+  return data.prepare('omniglot', str(data_dir), str(manual), num_workers=0, **kwargs)
+
+
+def test_build_records_its_sources_and_an_unchanged_build_is_reused(small1_zips, tmp_path, caplog):
+  manual = tmp_path / 'manual'
+  archive = put(small1_zips['old'], manual)
+  builder = prepare_omniglot(tmp_path / 'data', manual)
+  assert builder.prepared == 'built'
+  st = os.stat(archive)
+  assert jsonio.read_json(os.path.join(builder.data_dir, base.SOURCES_FILE)) == {
+    'format': 1,
+    'dataset': 'omniglot',
+    'version': '1.0.0',
+    'config': {'name': 'images_background_small1', 'zips': ['images_background_small1']},
+    'files': {'images_background_small1.zip': {'size': st.st_size, 'mtime_ns': st.st_mtime_ns}},
+  }
+  before = snapshot(tmp_path / 'data')
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='metrix_jax'):
+    again = prepare_omniglot(tmp_path / 'data', manual)
+  assert again.prepared == 'reused' and again.data_dir == builder.data_dir
+  assert snapshot(tmp_path / 'data') == before  # nothing rewritten: same files, sizes, mtimes, inodes
+  assert caplog.records == []
+  assert alphabets(again) == ['Old0', 'Old2']
+
+
+def test_a_replaced_archive_is_rebuilt_on_prepare(small1_zips, tmp_path, caplog):
+  manual = tmp_path / 'manual'
+  put(small1_zips['old'], manual)
+  old = prepare_omniglot(tmp_path / 'data', manual)
+  old_labels = os.stat(os.path.join(old.data_dir, builders.LABELS_FILE))
+  archive = put(small1_zips['new'], manual)  # same name and size, other content and mtime
+  assert os.path.getsize(archive) == os.path.getsize(small1_zips['old'])
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='metrix_jax'):
+    new = prepare_omniglot(tmp_path / 'data', manual)
+  assert new.prepared == 'rebuilt' and new.data_dir == old.data_dir
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1
+  assert warnings[0].startswith(f'omniglot: changed since the build in {old.data_dir}: images_background_small1.zip ')
+  assert '(modified ' in warnings[0] and 'size' not in warnings[0]
+  assert alphabets(new) == ['New0', 'New2']  # the records and labels come from the new archive
+  assert os.stat(os.path.join(new.data_dir, builders.LABELS_FILE)).st_ino != old_labels.st_ino
+  recorded = jsonio.read_json(os.path.join(new.data_dir, base.SOURCES_FILE))['files']
+  assert recorded['images_background_small1.zip']['mtime_ns'] == os.stat(archive).st_mtime_ns
+  assert sorted(os.listdir(tmp_path / 'data')) == ['downloads', 'metrix_omniglot']  # no staging folder left
+  assert os.listdir(tmp_path / 'data' / 'metrix_omniglot' / 'images_background_small1') == ['1.0.0']
+  assert prepare_omniglot(tmp_path / 'data', manual).prepared == 'reused'
+
+
+def test_a_build_without_its_archives_is_used_as_it_is(small1_zips, tmp_path, caplog):
+  manual = tmp_path / 'manual'
+  put(small1_zips['old'], manual)
+  built = prepare_omniglot(tmp_path / 'data', manual)
+  # Only the built data, copied to another machine: no manual dir there (the default one does not exist).
+  shutil.copytree(tmp_path / 'data', tmp_path / 'elsewhere')
+  before = snapshot(tmp_path / 'elsewhere')
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='metrix_jax'):
+    copy = data.prepare('omniglot', str(tmp_path / 'elsewhere'), num_workers=0)
+    data.prepare('omniglot', str(tmp_path / 'elsewhere'), num_workers=0)
+  assert copy.prepared == 'reused' and copy.builder_config.name == built.builder_config.name
+  assert snapshot(tmp_path / 'elsewhere') == before
+  assert [(r.levelname, r.getMessage().split(';')[0]) for r in caplog.records] == [
+    (
+      'INFO',
+      f'omniglot: the manual dir {tmp_path / "elsewhere" / "downloads" / "manual"} does not hold the archives '
+      f'the build in {copy.data_dir} was made from',
+    )
+  ]  # once per process
+
+
+def test_a_build_from_before_source_records_is_used_as_it_is(small1_zips, tmp_path, caplog):
+  manual = tmp_path / 'manual'
+  put(small1_zips['old'], manual)
+  built = prepare_omniglot(tmp_path / 'data', manual)
+  os.remove(os.path.join(built.data_dir, base.SOURCES_FILE))  # as builds made before this change
+  put(small1_zips['new'], manual)
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='metrix_jax'):
+    legacy = prepare_omniglot(tmp_path / 'data', manual)
+    prepare_omniglot(tmp_path / 'data', manual)
+  assert legacy.prepared == 'reused' and alphabets(legacy) == ['Old0', 'Old2']
+  assert [r.levelname for r in caplog.records] == ['INFO']
+  assert (
+    caplog.records[0]
+    .getMessage()
+    .endswith(
+      f'To rebuild it from the archives: python -m metrix_jax.data.builders omniglot --rebuild '
+      f'--manual_dir={manual} --data_dir={tmp_path / "data"}'
+    )
+  )
+  rebuilt = prepare_omniglot(tmp_path / 'data', manual, rebuild=True)
+  assert rebuilt.prepared == 'rebuilt' and alphabets(rebuilt) == ['New0', 'New2']
+  assert os.path.exists(os.path.join(rebuilt.data_dir, base.SOURCES_FILE))
+
+
+def test_an_extracted_folder_is_recorded_file_by_file(tmp_path):
+  manual = tmp_path / 'manual'
+  folder = manual / 'CUB_200_2011' / 'images'
+  for cls in (1, 101):
+    (folder / f'{cls:03d}.Bird').mkdir(parents=True)
+    for k in range(2):
+      (folder / f'{cls:03d}.Bird' / f'{k}.jpg').write_bytes(jpeg(cls + k))
+  builder, splits = build('cub200', tmp_path / 'data', manual)
+  assert labels_of(splits['train']) == [0, 0] and labels_of(splits['test']) == [100, 100]
+  recorded = jsonio.read_json(os.path.join(builder.data_dir, base.SOURCES_FILE))['files']
+  assert list(recorded) == ['CUB_200_2011'] and recorded['CUB_200_2011']['files'] == 4
+  assert builders.source_changes(builder) == []
+  (folder / '001.Bird' / '2.jpg').write_bytes(jpeg(7))
+  assert builders.source_changes(builder) == [
+    f'CUB_200_2011 (4 -> 5 files, size {recorded["CUB_200_2011"]["size"]:,} -> '
+    f'{base.stat_source(str(manual / "CUB_200_2011"))["size"]:,} bytes, modified '
+    + builders.source_changes(builder)[0].split('modified ')[1]
+  ]
+  write_tar(manual / 'CUB_200_2011.tgz', {})  # read before the folder from now on
+  assert builders.source_changes(builder) == [
+    'CUB_200_2011 is no longer the file read',
+    'CUB_200_2011.tgz is new (not read by the build)',
+  ]
+
+
+def _fake_small1_command(*args):
+  return _builders_command('omniglot', *args, '--num_workers=0')
+
+
+def test_rebuild_command_line(small1_zips, tmp_path):
+  manual = tmp_path / 'manual'
+  put(small1_zips['old'], manual)
+  paths = (f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}')
+  proc = _fake_small1_command(*paths)
+  assert proc.returncode == 0, proc.stderr
+  dataset_dir = tmp_path / 'data' / 'metrix_omniglot' / 'images_background_small1' / '1.0.0'
+  assert proc.stdout.splitlines() == [
+    'omniglot/train: 1,360 images, 68 classes',
+    'omniglot/test: 1,360 images, 68 classes',
+    f'built: {dataset_dir}',
+  ]
+  before = snapshot(dataset_dir)
+  proc = _fake_small1_command(*paths)
+  assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == f'already built, up to date: {dataset_dir}'
+  assert snapshot(dataset_dir) == before
+  proc = _fake_small1_command(*paths, '--rebuild')
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines()[-1] == f'rebuilt: {dataset_dir}'
+  assert f'omniglot: rebuilding {dataset_dir} (rebuild requested) ...' in proc.stderr.splitlines()[0]
+  after = snapshot(dataset_dir)
+  assert after.keys() == before.keys() and all(after[f][2] != before[f][2] for f in after)  # new files
+  assert sorted(os.listdir(tmp_path / 'data')) == ['downloads', 'metrix_omniglot']
+
+
+def test_a_failed_rebuild_keeps_the_old_build(small1_zips, tmp_path):
+  manual = tmp_path / 'manual'
+  put(small1_zips['old'], manual)
+  paths = (f'--manual_dir={manual}', f'--data_dir={tmp_path / "data"}')
+  assert _fake_small1_command(*paths).returncode == 0
+  dataset_dir = tmp_path / 'data' / 'metrix_omniglot' / 'images_background_small1' / '1.0.0'
+  before = snapshot(tmp_path / 'data')
+  put(small1_zips['corrupt'], manual)  # a broken download of the same name
+  for extra, why in (((), 'W'), (('--rebuild',), 'I')):
+    proc = _fake_small1_command(*paths, *extra)
+    first = proc.stderr.splitlines()[0]
+    if why == 'W':  # found on its own: one warning names the file
+      assert first.startswith('W ') and first.endswith(
+        f'omniglot: changed since the build in {dataset_dir}: images_background_small1.zip (size '
+        f'{os.path.getsize(small1_zips["old"]):,} -> {os.path.getsize(small1_zips["corrupt"])} bytes, modified '
+        + first.split(', modified ')[1]
+      )
+    else:
+      assert first.startswith('I ') and first.endswith(f'omniglot: rebuilding {dataset_dir} (rebuild requested) ...')
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith(('I ', 'W ', '  '))]
+    assert errors == [
+      f'error: omniglot: the rebuild failed; the previous build in {dataset_dir} is unchanged. Cannot read '
+      f'{manual / "images_background_small1.zip"}: BadZipFile: File is not a zip file. The file is truncated or '
+      'corrupt; download it again.'
+    ]
+    assert 'Traceback' not in proc.stderr and proc.stdout == ''
+    assert snapshot(tmp_path / 'data') == before  # the old build untouched, no staging folder left
+  # The old build is still complete and readable; with the archive it was made from back, it is used as it is.
+  assert alphabets(tfds_builder_at(dataset_dir)) == ['Old0', 'Old2']
+  put(small1_zips['old'], manual)
+  assert prepare_omniglot(tmp_path / 'data', manual).prepared == 'reused'
+  assert snapshot(tmp_path / 'data') == before
+
+
+def tfds_builder_at(dataset_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  return tfds.builder_from_directory(str(dataset_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Console: tfds' "Downloading and preparing dataset ..." prints only with --verbose_libraries.
+
+TFDS_PRINTS = ('Downloading and preparing dataset', 'downloaded and prepared to', 'Subsequent calls will reuse')
+
+
+def test_building_prints_no_tfds_lines_unless_verbose(small1_zips, tmp_path):
+  manual = tmp_path / 'manual'
+  put(small1_zips['old'], manual)
+  proc = _fake_small1_command(f'--manual_dir={manual}', f'--data_dir={tmp_path / "quiet"}')
+  assert proc.returncode == 0, proc.stderr
+  for noise in TFDS_PRINTS + ('INFO:absl', 'absl]'):
+    assert noise not in proc.stdout + proc.stderr, noise
+  lines = proc.stderr.splitlines()  # our own progress lines only
+  assert lines[0].endswith(
+    f'metrix_jax.data.builders] Building omniglot into {tmp_path / "quiet"}/metrix_omniglot/'
+    'images_background_small1/1.0.0 ...'
+  )
+  assert all(line.startswith('I ') and ' metrix_jax.data.builders] ' in line for line in lines), lines
+  proc = _fake_small1_command(f'--manual_dir={manual}', f'--data_dir={tmp_path / "verbose"}', '--verbose_libraries')
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stderr.splitlines()
+  for noise in TFDS_PRINTS:
+    assert [line for line in lines if noise in line and line.startswith('I ') and 'tensorflow_datasets]' in line]
+  assert any('absl] Generating dataset metrix_omniglot' in line for line in lines)
+  assert len(lines) == len(set(lines))  # every line once (absl adds no second handler)
+  assert TFDS_PRINTS[0] not in proc.stdout

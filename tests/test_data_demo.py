@@ -2,13 +2,15 @@
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from metrix_jax import data
-from metrix_jax.data import builders, demo
+from metrix_jax import data, jsonio
+from metrix_jax.data import base, builders, demo
 
 
 def _record_files_digest(dataset_dir):
@@ -20,12 +22,36 @@ def _record_files_digest(dataset_dir):
   return digest.hexdigest()
 
 
+# What tfds prints while it builds (termcolor, on stdout) and logs (absl INFO): none of it by default.
+TFDS_NOISE = ('Downloading and preparing dataset', 'downloaded and prepared to', 'Generating dataset', 'absl')
+
+
 @pytest.fixture(scope='module')
 def default_demo(tmp_path_factory):
+  """The default demo, built by the documented command (a subprocess), which must print only our lines."""
   data_dir = str(tmp_path_factory.mktemp('demo_data'))
   start = time.time()
+  proc = subprocess.run(
+    [sys.executable, '-m', 'metrix_jax.data.builders', 'demo', f'--data_dir={data_dir}'],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  seconds = time.time() - start
+  assert proc.returncode == 0, proc.stderr
+  dataset_dir = os.path.join(data_dir, 'metrix_demo', 'default', '1.0.0')
+  assert proc.stdout.splitlines() == [
+    'demo/train: 10,000 images, 500 classes',
+    'demo/test: 10,000 images, 500 classes',
+    f'built: {dataset_dir}',
+  ]
+  assert [line.split('] ', 1)[1] for line in proc.stderr.splitlines()] == [f'Building demo into {dataset_dir} ...']
+  for noise in TFDS_NOISE:
+    assert noise not in proc.stdout + proc.stderr, noise
   builder = data.prepare('demo', data_dir)
-  return data_dir, builder, time.time() - start
+  assert builder.prepared == 'reused' and builder.data_dir == dataset_dir
+  return data_dir, builder, seconds
 
 
 def test_default_demo_counts_and_split(default_demo):
@@ -58,6 +84,20 @@ def test_default_demo_counts_and_split(default_demo):
 
 def test_demo_is_cached(default_demo):
   data_dir, builder, _ = default_demo
+  assert jsonio.read_json(os.path.join(builder.data_dir, base.SOURCES_FILE)) == {
+    'format': 1,
+    'dataset': 'demo',
+    'version': '1.0.0',
+    'config': {
+      'name': 'default',
+      'image_size': 32,
+      'images_per_class': 20,
+      'num_classes': 1000,
+      'num_train_classes': 500,
+      'seed': 0,
+    },
+    'files': {},  # generated: its config is all it is made from
+  }
   stamp = os.path.getmtime(os.path.join(builder.data_dir, builders.LABELS_FILE))
   start = time.time()
   again = data.prepare('demo', data_dir)

@@ -15,7 +15,8 @@ Training and evaluation read `config.dataset` through `metrix_jax.input_pipeline
 (all arguments plain values):
 
     from metrix_jax import data
-    data.prepare(name, data_dir=None, manual_dir=None)           # build on first use (call before forking work)
+    data.prepare(name, data_dir=None, manual_dir=None)           # build on first use (call before forking work);
+    #   rebuilds when the archives it was built from changed (builders.prepare); rebuild=True always rebuilds
     info = data.get_dataset_info(name, data_dir, manual_dir)
     # -> DatasetInfo(num_classes_train, num_train_examples, eval_splits, has_gallery)
     #    eval_splits: ('test',) or, with a gallery, ('query', 'gallery')
@@ -100,7 +101,8 @@ def download_instructions(name: str) -> str:
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs):
-  """Builds the data set on first use (instant afterwards); returns the tfds builder. See `builders.prepare`."""
+  """Builds the data set on first use, rebuilds it when its archives changed (`rebuild=True`: always); returns
+  the tfds builder. See `builders.prepare`."""
   from metrix_jax.data import builders  # pylint: disable=g-import-not-at-top
 
   return builders.prepare(check_name(name), data_dir, manual_dir, **builder_kwargs)

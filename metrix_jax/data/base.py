@@ -8,11 +8,21 @@ holds the registry, `prepare` and the split readers.
 
 Archive helpers read tar/tgz (streamed), zip or an extracted folder: `iter_archive` (sequential pass),
 `RandomAccess` (read one member by name), `read_text_member`, `is_hidden` (macOS resource forks).
+
+Sources of a build (`MetrixBuilder.source_record()`, written by `builders.prepare` as `SOURCES_FILE` next to the
+tfds files): the config and, for every file the builder reads from the manual dir, its size and mtime
+(`stat_source`); `builders.prepare` compares them with the manual dir on every use and rebuilds when they differ.
+
+Console: tfds prints "Downloading and preparing dataset ..." / "Dataset ... downloaded and prepared to ..." with
+`termcolor.cprint` on stdout, whatever the log levels. `MetrixBuilder` passes them on as INFO lines of the
+'tensorflow_datasets' logger instead (shown with `cli.configure_logging(verbose_libraries=True)`, dropped by
+default).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import logging
@@ -51,6 +61,61 @@ class _ExpectedTfdsWarnings(logging.Filter):
 
 
 logging.getLogger('absl').addFilter(_ExpectedTfdsWarnings())
+
+# The logger whose level says whether tfds' console lines are wanted (`cli.configure_logging` sets it: INFO with
+# --verbose_libraries, WARNING otherwise; unset in a notebook: the root's WARNING).
+_TFDS_LOG = logging.getLogger('tensorflow_datasets')
+
+
+def _tfds_console_lines_to_log(print_lines: Callable[[], None]) -> None:
+  """Runs one of tfds' printing hooks; its stdout becomes INFO lines of the 'tensorflow_datasets' logger.
+
+  Nothing runs when that logger drops INFO (the default): the lines are tfds' own, not a warning or an error.
+  """
+  if not _TFDS_LOG.isEnabledFor(logging.INFO):
+    return
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_lines()
+  for line in out.getvalue().splitlines():
+    if line.strip():
+      _TFDS_LOG.info('%s', line)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a build is made from: the files of the manual dir (size, mtime) and the config.
+
+SOURCES_FILE = 'metrix_sources.json'  # next to the tfds files of a build; strict JSON (metrix_jax.jsonio)
+SOURCES_FORMAT = 1
+
+
+def stat_source(path: str) -> dict[str, int]:
+  """What identifies a source file without reading it: {'size': bytes, 'mtime_ns': ns since the epoch}.
+
+  A folder (an extracted archive): {'files': number of files under it, 'size': their total bytes, 'mtime_ns': the
+  latest mtime of any file or folder under it} (a file replaced, added or removed changes one of them).
+  """
+  if not os.path.isdir(path):
+    st = os.stat(path)
+    return {'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+  files, size, mtime_ns = 0, 0, os.stat(path).st_mtime_ns
+  for dirpath, dirnames, filenames in os.walk(path):
+    for name in dirnames:
+      mtime_ns = max(mtime_ns, os.stat(os.path.join(dirpath, name)).st_mtime_ns)
+    for name in filenames:
+      st = os.stat(os.path.join(dirpath, name))
+      files, size, mtime_ns = files + 1, size + st.st_size, max(mtime_ns, st.st_mtime_ns)
+  return {'files': files, 'size': size, 'mtime_ns': mtime_ns}
+
+
+def config_fields(config: tfds.core.BuilderConfig) -> dict[str, Any]:
+  """The config's name and its own fields (those a subclass adds to tfds' BuilderConfig), JSON-able."""
+  own = {f.name for f in dataclasses.fields(config)} - {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+  fields = {'name': config.name}
+  for key in sorted(own):
+    value = getattr(config, key)
+    fields[key] = list(value) if isinstance(value, tuple) else value
+  return fields
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,6 +174,7 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.check_counts = check_counts
     self.num_workers = os.cpu_count() if num_workers is None else num_workers
     self.skipped_files: list[str] = []
+    self.prepared: str | None = None  # what `builders.prepare` did: 'built', 'rebuilt', 'reused'
 
   @classmethod
   def default_config(
@@ -146,7 +212,36 @@ class MetrixBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       )
     return found
 
+  @property
+  def manual_dir(self) -> str | None:
+    return self._manual_dir
+
+  def source_record(self) -> dict[str, Any]:
+    """What a build of this builder is made from (checks that every file is there first: `find_files()`).
+
+    {'format': 1, 'dataset': name, 'version': '1.0.0', 'config': `config_fields`, 'files': {path relative to the
+    manual dir ('/' separators): `stat_source(path)`}}; 'files' is empty for a generated data set (demo): its
+    config is all it is made from.
+    """
+    files = self.find_files() if self.required_files() else {}
+    return {
+      'format': SOURCES_FORMAT,
+      'dataset': self.dataset_name,
+      'version': str(self.version),
+      'config': config_fields(self.builder_config),
+      'files': {self.relative_source(path): stat_source(path) for path in files.values()},
+    }
+
+  def relative_source(self, path: str) -> str:
+    return os.path.relpath(path, self._manual_dir).replace(os.sep, '/')
+
   # -- tfds hooks ----------------------------------------------------------------------------------------
+  def _log_download_bytes(self) -> None:  # tfds: "Downloading and preparing dataset ..." (a bold print)
+    _tfds_console_lines_to_log(super()._log_download_bytes)
+
+  def _log_download_done(self) -> None:  # tfds: "Dataset ... downloaded and prepared to ..." (a bold print)
+    _tfds_console_lines_to_log(super()._log_download_done)
+
   def _split_generators(self, dl_manager):
     del dl_manager  # files are located through `find_files()` (explicit manual dir, checked up front)
     return {split: self._generate_examples(split) for split in self.SPLITS}

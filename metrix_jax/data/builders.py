@@ -5,10 +5,10 @@ read back through `RecordSource` (random access, what grain needs); nothing here
 stored as encoded bytes (JPEG for the photo benchmarks, PNG for glyphs) and decoded by `pipeline.py` with PIL.
 The names and what is known of each data set without building it live in `metrix_jax.data.DATASETS`.
 
-    python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256]
+    python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256] [--rebuild]
 
-builds NAME once and prints its splits; a user mistake (unknown name, missing archives) is one line on stderr
-and exit status 2.
+builds NAME once (or checks that its build is up to date; `--rebuild` builds it again) and prints its splits; a
+user mistake (unknown name, missing or corrupt archives) is one line on stderr and exit status 2.
 
 | name       | source (manual dir)                               | splits                     | classes train / eval |
 |------------|---------------------------------------------------|----------------------------|----------------------|
@@ -33,15 +33,27 @@ writes into `incomplete.*` and renames on success, removing it on failure; the s
 (`check_counts=False` only for tests with fake archives); an image that fails to decode is skipped and counted
 in the build log (never kept with a wrong label). After a build, a small `metrix_labels.npz` (labels per split,
 in record order) is written next to the tfds files so samplers need not read every record.
+
+Up to date: a build records what it was made from in `metrix_sources.json` next to the tfds files (strict JSON:
+the config, and the size and mtime in ns of every file read from the manual dir; `base.MetrixBuilder.
+source_record`). Every `prepare` compares that record with the manual dir and rebuilds when a file changed
+(size or mtime), is missing, or another file would be read now (e.g. `CUB_200_2011.tgz` next to a folder that was
+read); one WARNING line names the files. A manual dir that is gone (only the built data copied to another
+machine; none of the recorded files there) is no reason to rebuild: the build is used as it is. `rebuild=True`
+(`--rebuild`) always rebuilds. A rebuild builds into a staging folder of the data dir and replaces the old build
+only once the new one is complete: a failed rebuild leaves the old build in place (the error says so). Builds
+made before builds recorded their sources are used as they are (one INFO line says how to rebuild them).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -51,10 +63,19 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from metrix_jax import cli
+from metrix_jax import cli, jsonio
 from metrix_jax import data as data_lib
 from metrix_jax.data import demo
-from metrix_jax.data.base import MetrixBuilder, RandomAccess, is_hidden, iter_archive, photo_features, read_text_member
+from metrix_jax.data.base import (
+  SOURCES_FILE,
+  MetrixBuilder,
+  RandomAccess,
+  is_hidden,
+  iter_archive,
+  photo_features,
+  read_text_member,
+  stat_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +116,159 @@ def get_builder(
   )
 
 
-def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, **builder_kwargs) -> MetrixBuilder:
-  """Builds `name` under `data_dir` on first use (instant afterwards) and returns the builder.
+def prepare(
+  name: str, data_dir: str | None = None, manual_dir: str | None = None, *, rebuild: bool = False, **builder_kwargs
+) -> MetrixBuilder:
+  """Builds `name` under `data_dir` on first use, rebuilds it when its sources changed; returns the builder.
+
+  Afterwards it is instant (a few `stat` calls compare the build's `metrix_sources.json` with the manual dir; see
+  the module docstring). `rebuild=True` always rebuilds (the old build is replaced only by a complete new one).
+  `builder.prepared` says what happened: 'built', 'rebuilt' or 'reused'.
 
   `builder_kwargs`: `config`, `short_side` (photos, default 256), `check_counts` (default True; False only
   for tests with fake archives), `num_workers` (build processes; default all cores).
   """
   builder = get_builder(name, data_dir, manual_dir, **builder_kwargs)
   labels_path = os.path.join(builder.data_dir, LABELS_FILE)
-  if not os.path.exists(labels_path):
-    if not builder.is_prepared():
-      builder.find_files()  # fail before writing anything
-      tfds.disable_progress_bar()
-      log.info('Building %s into %s ...', name, builder.data_dir)
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=builder._manual_dir))  # pylint: disable=protected-access
-      if builder.skipped_files:
-        log.warning('%s: %d corrupt image(s) skipped in total.', name, len(builder.skipped_files))
+  if not os.path.exists(labels_path) and not builder.is_prepared():
+    _build(builder)
+    builder.prepared = 'built'
+    return builder
+  if not os.path.exists(labels_path):  # tfds files complete, label file not written yet (an interrupted build)
     _write_labels(builder, labels_path)
+  if rebuild:
+    log.info('%s: rebuilding %s (rebuild requested) ...', name, builder.data_dir)
+    return _rebuild(builder, builder_kwargs)
+  changes = source_changes(builder)
+  if changes:
+    log.warning(
+      '%s: changed since the build in %s: %s; rebuilding (the old build stays until the new one is complete).',
+      name,
+      builder.data_dir,
+      '; '.join(changes),
+    )
+    return _rebuild(builder, builder_kwargs)
+  builder.prepared = 'reused'
   return builder
+
+
+def _build(builder: MetrixBuilder) -> None:
+  """tfds files, then `metrix_sources.json`, then the label file (its presence marks a complete build)."""
+  sources = builder.source_record()  # every file there (fails before writing anything), stat before reading
+  tfds.disable_progress_bar()
+  log.info('Building %s into %s ...', builder.dataset_name, builder.data_dir)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=builder.manual_dir))
+  if builder.skipped_files:
+    log.warning('%s: %d corrupt image(s) skipped in total.', builder.dataset_name, len(builder.skipped_files))
+  jsonio.write_json(os.path.join(builder.data_dir, SOURCES_FILE), sources)
+  _write_labels(builder, os.path.join(builder.data_dir, LABELS_FILE))
+
+
+def _rebuild(builder: MetrixBuilder, builder_kwargs: dict[str, Any]) -> MetrixBuilder:
+  """Builds again into a staging folder of the data dir, then swaps it in; the old build is kept on failure."""
+  name, final = builder.dataset_name, builder.data_dir
+  root = os.fspath(builder.data_dir_root)
+  kwargs = {k: v for k, v in builder_kwargs.items() if k not in ('config', 'short_side')}
+  kwargs['config'] = builder.builder_config  # the same variant (Omniglot's config depends on the folders)
+  staging = tempfile.mkdtemp(prefix=f'.metrix-rebuild-{name}-', dir=root)
+  try:
+    fresh = get_builder(name, staging, builder.manual_dir, **kwargs)
+    try:
+      _build(fresh)
+    except cli.USER_ERRORS as error:
+      raise type(error)(f'{name}: the rebuild failed; the previous build in {final} is unchanged. {error}') from error
+    previous = os.path.join(staging, 'previous')
+    os.rename(final, previous)
+    try:
+      os.rename(fresh.data_dir, final)
+    except BaseException:
+      os.rename(previous, final)
+      raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  log.info('%s: rebuilt in %s.', name, final)
+  rebuilt = get_builder(name, root, builder.manual_dir, **kwargs)
+  rebuilt.prepared = 'rebuilt'
+  return rebuilt
+
+
+_NOTED: set[tuple[str, str]] = set()  # (build, note): INFO notes given once per process
+
+
+def _note_once(build: str, note: str, *args) -> None:
+  if (build, note) not in _NOTED:
+    _NOTED.add((build, note))
+    log.info(note, *args)
+
+
+def source_changes(builder: MetrixBuilder) -> list[str]:
+  """What differs between a build's recorded sources and the manual dir now: one entry per file ([] if none).
+
+  Nothing to compare (no entry): a generated data set (demo: its config is its folder), a build made before
+  builds recorded their sources (an INFO note says how to rebuild it), a manual dir that is gone or holds none of
+  the recorded files (the build is used as it is).
+  """
+  name, manual_dir = builder.dataset_name, builder.manual_dir
+  if not builder.required_files():
+    return []
+  path = os.path.join(builder.data_dir, SOURCES_FILE)
+  if not os.path.exists(path):
+    _note_once(
+      builder.data_dir,
+      '%s: the build in %s does not record its source archives (it was made before builds did); using it as it '
+      'is. To rebuild it from the archives: python -m metrix_jax.data.builders %s --rebuild --manual_dir=%s '
+      '--data_dir=%s',
+      name,
+      builder.data_dir,
+      name,
+      manual_dir,
+      os.fspath(builder.data_dir_root),
+    )
+    return []
+  recorded = jsonio.read_json(path)['files']
+  present = {rel: os.path.join(manual_dir, *rel.split('/')) for rel in recorded}
+  present = {rel: p for rel, p in present.items() if os.path.exists(p)}
+  try:
+    current = {builder.relative_source(p): p for p in builder.find_files().values()}
+  except FileNotFoundError:
+    current = dict(present)
+  if not present and not current:
+    _note_once(
+      builder.data_dir,
+      '%s: the manual dir %s does not hold the archives the build in %s was made from; using the build as it is.',
+      name,
+      manual_dir,
+      builder.data_dir,
+    )
+    return []
+  changes = []
+  for rel, old in recorded.items():
+    if rel not in current:
+      changes.append(f'{rel} is {"no longer the file read" if rel in present else "missing"}')
+      continue
+    new = stat_source(current[rel])
+    if new != old:
+      changes.append(f'{rel} ({_describe_change(old, new)})')
+  changes.extend(f'{rel} is new (not read by the build)' for rel in sorted(set(current) - set(recorded)))
+  return changes
+
+
+def _describe_change(old: dict[str, int], new: dict[str, int]) -> str:
+  parts = []
+  if old.get('files') != new.get('files'):
+    parts.append(f'{old.get("files", 0):,} -> {new.get("files", 0):,} files')
+  if old.get('size') != new.get('size'):
+    parts.append(f'size {old.get("size", 0):,} -> {new.get("size", 0):,} bytes')
+  if old.get('mtime_ns') != new.get('mtime_ns'):
+    parts.append(f'modified {_utc(old.get("mtime_ns"))} -> {_utc(new.get("mtime_ns"))}')
+  return ', '.join(parts) or 'changed'
+
+
+def _utc(mtime_ns: int | None) -> str:
+  if mtime_ns is None:
+    return '?'
+  stamp = datetime.datetime.fromtimestamp(mtime_ns / 1e9, datetime.timezone.utc)
+  return stamp.strftime('%Y-%m-%d %H:%M:%S.%f UTC')
 
 
 def _write_labels(builder: MetrixBuilder, path: str):
@@ -587,10 +743,16 @@ def split_counts(builder: MetrixBuilder) -> dict[str, tuple[int, int]]:
     return {split: (len(f[split]), len(np.unique(f[split]))) for split in f.files}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256]`.
+_OUTCOME = {'built': 'built', 'rebuilt': 'rebuilt', 'reused': 'already built, up to date'}
+# The shared log format of our commands (as `cli.configure_logging` prints metrix_jax's lines).
+_LOG_FORMAT, _LOG_DATE_FORMAT = '%(levelname).1s %(asctime)s %(name)s] %(message)s', '%H:%M:%S'
 
-  Builds NAME once and prints its splits; returns the exit status (2: a user mistake, one line on stderr).
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m metrix_jax.data.builders NAME [--manual_dir=DIR] [--data_dir=DIR] [--short_side=256] [--rebuild]`.
+
+  Builds NAME once (rebuilds it if its archives changed, or with --rebuild) and prints its splits; returns the
+  exit status (2: a user mistake, one line on stderr).
   """
   parser = _ArgumentParser(
     prog='python -m metrix_jax.data.builders',
@@ -605,20 +767,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--short_side', type=int, default=256, help='photo benchmarks: stored shorter side (px)')
   parser.add_argument('--num_workers', type=int, default=None, help='build processes (default: all cores)')
+  parser.add_argument(
+    '--rebuild', action='store_true', help='build again even if up to date (the old build stays until it is done)'
+  )
   parser.add_argument('--verbose_libraries', action='store_true', help="keep tfds' INFO log lines")
 
   def work():
     args = parser.parse_args(argv)
+    # One root handler in our format: absl (tfds logs through it) would otherwise add a second one of its own
+    # (`logging.basicConfig()` on its first log call) and every line would print twice.
+    logging.basicConfig(format=_LOG_FORMAT, datefmt=_LOG_DATE_FORMAT)
     cli.configure_logging(verbose_libraries=args.verbose_libraries, process_index=0)
     builder = prepare(
-      args.name, args.data_dir, args.manual_dir, short_side=args.short_side, num_workers=args.num_workers
+      args.name,
+      args.data_dir,
+      args.manual_dir,
+      rebuild=args.rebuild,
+      short_side=args.short_side,
+      num_workers=args.num_workers,
     )
     for split, (images, classes) in split_counts(builder).items():
       print(f'{args.name}/{split}: {images:,} images, {classes:,} classes')
-    print(f'in {builder.data_dir}')
+    print(f'{_OUTCOME[builder.prepared]}: {builder.data_dir}')
 
   return cli.run_user_command(work)
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  # Run the package's module, not this `__main__` copy: its loggers are 'metrix_jax.data.builders'.
+  from metrix_jax.data import builders as _builders  # pylint: disable=g-import-not-at-top
+
+  sys.exit(_builders.main())
