@@ -82,7 +82,7 @@ def test_convert_cli_npz_round_trip(r18_checkpoint, tmp_path):
     assert 'fc.weight' in data.files and not any(k.endswith('num_batches_tracked') for k in data.files)
   assert_trees_equal(weights.load_torchvision(str(npz), depth=18), weights.load_torchvision(path, depth=18))
   # In-process entry point, errors go to stderr with exit status 1.
-  assert weights.main(['convert', str(tmp_path / 'missing.pth'), str(tmp_path / 'x.npz')]) == 1
+  assert weights.main(['convert', str(tmp_path / 'missing.pth'), str(tmp_path / 'x.npz')]) == 2  # a user mistake
 
 
 def test_npz_loads_without_torch(r18_checkpoint, tmp_path, monkeypatch):
