@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -227,3 +229,44 @@ def test_bad_arguments_name_the_choices(data_dir):
     train_it(data_dir, sampler='balanced', classes_per_batch=5, images_per_class=4)
   with pytest.raises(ValueError, match='not divisible'):
     train_it(data_dir, process_count=5)
+
+
+# What grain leaves on stderr at exit when shared memory outlives its iterators (google/grain#398), and what a
+# worker iterator torn down during the interpreter's shutdown prints.
+EXIT_NOISE = ('leaked shared_memory', 'resource_tracker', 'Exception ignored', 'Traceback')
+
+_WORKERS_SCRIPT = """
+import sys
+import numpy as np
+from metrix_jax import data
+from metrix_jax.data import demo
+config = demo.demo_config(num_classes=40, num_train_classes=24, images_per_class=6)
+kwargs = dict(data_dir=sys.argv[1], config=config)
+loader = data.create_eval_iterator('demo', 'test', global_batch_size=16, image_size=32, num_workers=2, **kwargs)
+kept = list(loader)  # every batch kept alive until exit
+print('eval', sum(int(b['image'].sum()) for b in kept), {type(v).__name__ for b in kept for v in b.values()})
+kwargs['num_workers'] = 1  # (one worker process hands batches over in shared memory too)
+partial = iter(data.create_eval_iterator('demo', 'test', global_batch_size=16, image_size=32, **kwargs))
+print('partial', int(next(partial)['image'].sum()))  # a generator left open, its workers running
+train = data.create_train_iterator('demo', global_batch_size=24, image_size=32, seed=0, **kwargs)
+print('train', [int(next(train)['image'].sum()) for _ in range(2)])  # never closed
+"""
+
+
+def test_worker_iterators_leave_nothing_behind_at_exit(data_dir):
+  """Multi-worker eval and train iterators, kept or left open until exit: right batches, a silent exit."""
+  proc = subprocess.run(
+    [sys.executable, '-c', _WORKERS_SCRIPT, data_dir], capture_output=True, text=True, timeout=300, check=False
+  )
+  assert proc.returncode == 0, proc.stderr
+  for noise in EXIT_NOISE:
+    assert noise not in proc.stderr, proc.stderr
+  eval_batches = list(
+    data.create_eval_iterator('demo', 'test', data_dir=data_dir, config=CONFIG, global_batch_size=16, image_size=32)
+  )
+  train = take(train_it(data_dir), 2)
+  assert proc.stdout.splitlines() == [
+    f"eval {sum(int(b['image'].sum()) for b in eval_batches)} {{'ndarray'}}",  # plain arrays, not shared memory
+    f'partial {int(eval_batches[0]["image"].sum())}',
+    f'train {[int(b["image"].sum()) for b in train]}',
+  ]
