@@ -53,10 +53,12 @@ def configure_logging(*, verbose_libraries: bool = False, process_index: int | N
     process_index = jax.process_index()
   package = logging.getLogger('metrix_jax')
   package.setLevel(logging.INFO if process_index == 0 else logging.WARNING)
-  if not logging.getLogger().handlers and not package.handlers:  # not under absl.app / pytest: print INFO
+  root = logging.getLogger()
+  if not root.handlers:  # not under absl.app / pytest: one handler on the root logger (absl then adds none of its own,
+    # which would print every line twice), levels per logger as set here
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter('%(levelname).1s %(asctime)s %(name)s] %(message)s', '%H:%M:%S'))
-    package.addHandler(handler)
+    root.addHandler(handler)
 
 
 def reject_arguments(argv) -> None:
