@@ -187,9 +187,9 @@ def test_compute_metrics_both_protocols(gallery, tmp_path):
   got = report_lib.compute_metrics(config, embedded, with_positivity=False)
   assert got['protocol'] == ('query -> gallery' if gallery else 'leave-one-out')
   assert got['recall'] == want['recall'] and got['map_at_r'] == want['map_at_r']
-  assert got['utilization'] == pytest.approx(evaluation.utilization(x, train_x))  # all test items (+gallery)
-  assert got['alignment'] == pytest.approx(evaluation.alignment(x, y))
-  assert got['uniformity'] == pytest.approx(evaluation.uniformity(x))
+  assert got['utilization'] == pytest.approx(evaluation.utilization(x, train_x), rel=1e-5)  # all test items (+gallery)
+  assert got['alignment'] == pytest.approx(evaluation.alignment(x, y), rel=1e-5)
+  assert got['uniformity'] == pytest.approx(evaluation.uniformity(x), rel=1e-5)
   assert 'Recall@2 (%)' in report_lib.format_table(got)
   (tmp_path / 'eval_positivity.png').write_bytes(b'stale, from an earlier evaluation')
   paths = report_lib.write_outputs(got, str(tmp_path))

@@ -297,4 +297,4 @@ def test_sigkill_at_any_moment_loses_at_most_the_steps_since_the_last_save(finis
   reference, resumed = (checkpointing.Checkpointer(str(d / 'checkpoints')) for d in (finished, workdir))
   a, b = reference.restore_raw(4), resumed.restore_raw(4)
   reference.close(), resumed.close()
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a['params'], b['params'])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a['params'], b['params'])
