@@ -714,6 +714,354 @@ def lifted_structure_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Class-weight (softmax) losses: NormalizedSoftmax, CosFace, ArcFace, sub-center ArcFace, SoftTriple.
+# ----------------------------------------------------------------------------------------------------------
+# Parameters: the class weights are the loss's 'proxies' [N, D] (the trainer's proxy group, checkpointed as
+# params['proxies']); PML's W [D, C] (fc [D, C*K]) transposed. With K centers per class (SoftTriple's
+# centers_per_class, sub-center ArcFace's sub_centers) row r belongs to class r // K (PML's view(-1, C, K)
+# layout: class c owns rows c*K .. c*K + K - 1), so N = C*K: `Loss.init_proxies(key, C, D)` makes them.
+#
+# Generic form (embeddings are the anchors, class rows the candidates; spec 1.1): per row, with logits
+# z+(s) on the positive side (the margin applied) and z(s) on the negative side,
+#
+#     l(x) = softplus( log sum_c (1 - y_c) e^{z(s_c)} - log sum_c y_c e^{z+(s_c)} )
+#          = -log( sum_c y_c e^{z+_c} / (sum_c y_c e^{z+_c} + sum_c (1 - y_c) e^{z_c}) ),
+#
+# i.e. rho_pos = e^{z+}, sigma_pos = -log, rho_neg = e^{z}, sigma_neg = log, tau = softplus (ProxyNCA's shape).
+# With one-hot y this is exactly the cross entropy PML computes. What y means for a class weight: y_c(v) is how
+# much of class c the item carries; for a Metrix item v = mix_lam(x, x') (mixup.mixed_terms)
+# y_c(v) = lam [c(x) = c] + (1 - lam) [c(x') = c], so class c(x) puts lam e^{z+} in the numerator and
+# (1 - lam) e^{z} among the negatives, and c(x') the other way round. lam -> 1 (or 0): y is one-hot on c(x)
+# (c(x')) and l~ is the plain margin cross entropy of v labelled c(x) (c(x')); a pos_pos item (c(x) = c(x'))
+# has y one-hot for every lam. Multi-center losses first reduce the K center similarities of a class to one
+# class similarity s_c (SoftTriple: softmax-weighted mean; sub-center ArcFace: max), then apply the above; a
+# mixed item's s_c comes from its own K center similarities (exact in the embedding-level closed form).
+@dataclasses.dataclass(frozen=True)
+class ArcMargin:
+  """ArcFace positive: log rho(s) = scale * cos(theta + m) for theta = acos(s) <= pi - m, else
+  scale * (s - m sin m) (PML ArcFaceLoss: monotone continuation). cos(theta + m) = s cos m - sqrt(1-s^2) sin m,
+  with a finite gradient at s = +-1 (PML's acos has none)."""
+
+  scale: float
+  margin: float  # radians
+
+  def log(self, s: Array) -> Array:
+    s = jnp.clip(s, -1.0, 1.0)
+    sq = 1.0 - s * s
+    safe = sq > 0
+    sine = jnp.where(safe, jnp.sqrt(jnp.where(safe, sq, 1.0)), 0.0)
+    plus = s * math.cos(self.margin) - sine * math.sin(self.margin)
+    return self.scale * jnp.where(s >= -math.cos(self.margin), plus, s - self.margin * math.sin(self.margin))
+
+  def __call__(self, s: Array) -> Array:
+    return jnp.exp(self.log(s))
+
+
+def class_weight_terms(embeddings, labels, proxies, *, per_class: int = 1) -> tuple[Array, Array, Array]:
+  """[B, D], [B], [N, D] -> (sim [B, N] embeddings x class rows, targets [B, N] = [label = row // K], mask all)."""
+  if proxies is None:
+    raise ValueError('class-weight losses need their weights [C*K, D]; create them with loss.init_proxies(key, C, D).')
+  _check_embeddings(embeddings, labels, proxies)
+  sim = cosine_similarity(embeddings, proxies)
+  row_class = jnp.arange(jnp.shape(proxies)[0]) // per_class
+  targets = same_label(labels, row_class).astype(sim.dtype)
+  return sim, targets, jnp.ones(sim.shape, bool)
+
+
+def _class_similarity(sim, targets, mask, *, per_class: int, aggregate: str, gamma: float = 10.0):
+  """Center columns [..., A, N] -> class columns [..., A, ceil(N/K)] (row r of the weights is class r // K; a
+  last class with fewer than K rows uses the rows it has). aggregate 'softmax': sum_k softmax_k(gamma s_k) s_k
+  (SoftTriple); 'max': max_k s_k (sub-center ArcFace). Targets: the class's (all its rows share it); mask: any."""
+  if per_class == 1:
+    return sim, targets, mask
+  n = sim.shape[-1]
+  c = -(-n // per_class)
+  pad = [(0, 0)] * (sim.ndim - 1) + [(0, c * per_class - n)]
+  shape = sim.shape[:-1] + (c, per_class)
+  valid = (jnp.arange(c * per_class) < n).reshape(c, per_class)
+  s = jnp.pad(sim, pad).reshape(shape)
+  if aggregate == 'max':
+    s_class = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1)
+  else:
+    weights = jax.nn.softmax(jnp.where(valid, gamma * s, -jnp.inf), axis=-1)
+    s_class = jnp.sum(jnp.where(valid, weights * s, 0.0), axis=-1)
+  t_class = jnp.max(jnp.pad(targets, pad).reshape(shape), axis=-1)
+  m_class = jnp.any(jnp.pad(mask, pad).reshape(shape) & valid, axis=-1)
+  return s_class, t_class, m_class
+
+
+def _softmax_ce(sim, targets, mask, *, rho_pos, rho_neg) -> Array:
+  """Mean over the rows with a positive (mask * y > 0) of softplus(log sum (1-y) e^{z} - log sum y e^{z+})."""
+  pos, neg = generic_terms(sim, targets, mask, rho_pos=rho_pos, rho_neg=rho_neg, sigma_pos=Log(-1.0), sigma_neg=Log())
+  has_pos = jnp.any(mask & (targets > 0), axis=-1)
+  return _masked_mean(jax.nn.softplus(jnp.where(has_pos, pos, 0.0) + neg), has_pos)
+
+
+def class_weight_clean_terms(embeddings, labels, proxies=None, *, per_class: int = 1, **_):
+  return class_weight_terms(embeddings, labels, proxies, per_class=per_class)
+
+
+def normalized_softmax_from_similarity(sim, targets, mask, *, temperature: float = 0.05, form: str = 'pml') -> Array:
+  """NormalizedSoftmax on sim [B, C]: mean over rows of -log softmax(s / T)[y] (PML NormalizedSoftmaxLoss with
+  its MeanReducer; both forms). Soft targets: see the section comment (rho = e^{s/T} on both sides)."""
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  rho = Exponential(1.0 / temperature)
+  return _softmax_ce(sim, targets, mask, rho_pos=rho, rho_neg=rho)
+
+
+@_propagates_nonfinite
+def normalized_softmax_loss(embeddings, labels, proxies, *, temperature: float = 0.05, form: str = 'pml') -> Array:
+  """NormalizedSoftmax (Zhai & Wu 2018), scalar: PML NormalizedSoftmaxLoss(num_classes, embedding_size,
+  temperature) with W = proxies.T [D, C]: mean_x -log softmax_c(cos(x, w_c) / T)[y_x]."""
+  terms = class_weight_terms(embeddings, labels, proxies)
+  return normalized_softmax_from_similarity(*terms, temperature=temperature, form=form)
+
+
+def cosface_from_similarity(sim, targets, mask, *, margin: float = 0.35, scale: float = 64.0, form: str = 'pml'):
+  """CosFace on sim [B, C]: mean over rows of -log softmax with logits scale*(s - margin) for the label's class,
+  scale*s for the others (PML CosFaceLoss, MeanReducer; both forms). Soft targets: z+ = scale (s - m), z = scale s."""
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  return _softmax_ce(sim, targets, mask, rho_pos=Exponential(scale, margin), rho_neg=Exponential(scale))
+
+
+@_propagates_nonfinite
+def cosface_loss(embeddings, labels, proxies, *, margin: float = 0.35, scale: float = 64.0, form: str = 'pml'):
+  """CosFace / large margin cosine loss (Wang et al. 2018), scalar: PML CosFaceLoss(num_classes,
+  embedding_size, margin, scale) with W = proxies.T."""
+  terms = class_weight_terms(embeddings, labels, proxies)
+  return cosface_from_similarity(*terms, margin=margin, scale=scale, form=form)
+
+
+def arcface_from_similarity(sim, targets, mask, *, margin: float = 28.6, scale: float = 64.0, form: str = 'pml'):
+  """ArcFace on sim [B, C] (margin in degrees, as PML): mean over rows of -log softmax with logits
+  scale*cos(theta + m) (`ArcMargin`) for the label's class, scale*s for the others (PML ArcFaceLoss; both forms)."""
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  pos = ArcMargin(scale, math.radians(margin))
+  return _softmax_ce(sim, targets, mask, rho_pos=pos, rho_neg=Exponential(scale))
+
+
+@_propagates_nonfinite
+def arcface_loss(embeddings, labels, proxies, *, margin: float = 28.6, scale: float = 64.0, form: str = 'pml'):
+  """ArcFace / additive angular margin (Deng et al. 2019), scalar: PML ArcFaceLoss(num_classes, embedding_size,
+  margin (degrees), scale) with W = proxies.T."""
+  terms = class_weight_terms(embeddings, labels, proxies)
+  return arcface_from_similarity(*terms, margin=margin, scale=scale, form=form)
+
+
+def subcenter_arcface_from_similarity(
+  sim, targets, mask, *, margin: float = 28.6, scale: float = 64.0, sub_centers: int = 3, form: str = 'pml'
+):
+  """Sub-center ArcFace on sim [B, C*K] (center columns; row r of the weights is class r // K): the class
+  similarity is the max over its K sub-centers, then ArcFace (PML SubCenterArcFaceLoss; both forms)."""
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  sim, targets, mask = _class_similarity(sim, targets, mask, per_class=sub_centers, aggregate='max')
+  pos = ArcMargin(scale, math.radians(margin))
+  return _softmax_ce(sim, targets, mask, rho_pos=pos, rho_neg=Exponential(scale))
+
+
+@_propagates_nonfinite
+def subcenter_arcface_loss(
+  embeddings, labels, proxies, *, margin: float = 28.6, scale: float = 64.0, sub_centers: int = 3, form: str = 'pml'
+):
+  """Sub-center ArcFace (Deng et al. 2020), scalar: PML SubCenterArcFaceLoss(num_classes, embedding_size, margin,
+  scale, sub_centers) with W = proxies.T, proxies [C*K, D] (row c*K + k: sub-center k of class c)."""
+  terms = class_weight_terms(embeddings, labels, proxies, per_class=sub_centers)
+  return subcenter_arcface_from_similarity(*terms, margin=margin, scale=scale, sub_centers=sub_centers, form=form)
+
+
+def soft_triple_from_similarity(
+  sim,
+  targets,
+  mask,
+  *,
+  centers_per_class: int = 10,
+  la: float = 20.0,
+  gamma: float = 0.1,
+  margin: float = 0.01,
+  form: str = 'pml',
+):
+  """SoftTriple on sim [B, C*K] (center columns): s_c = sum_k softmax_k(s_ck / gamma) s_ck, then the cross entropy
+  of la*(s_c - margin) (label's class) against la*s_c (PML SoftTripleLoss, MeanReducer, no center regulariser
+  as PML's default weight_regularizer=None; both forms). Soft targets: z+ = la (s_c - margin), z = la s_c."""
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  sim, targets, mask = _class_similarity(
+    sim, targets, mask, per_class=centers_per_class, aggregate='softmax', gamma=1.0 / gamma
+  )
+  return _softmax_ce(sim, targets, mask, rho_pos=Exponential(la, margin), rho_neg=Exponential(la))
+
+
+@_propagates_nonfinite
+def soft_triple_loss(
+  embeddings,
+  labels,
+  proxies,
+  *,
+  centers_per_class: int = 10,
+  la: float = 20.0,
+  gamma: float = 0.1,
+  margin: float = 0.01,
+  form: str = 'pml',
+):
+  """SoftTriple (Qian et al. 2019), scalar: PML SoftTripleLoss(num_classes, embedding_size, centers_per_class,
+  la, gamma, margin) with fc = proxies.T, proxies [C*K, D] (row c*K + k: center k of class c)."""
+  terms = class_weight_terms(embeddings, labels, proxies, per_class=centers_per_class)
+  return soft_triple_from_similarity(
+    *terms, centers_per_class=centers_per_class, la=la, gamma=gamma, margin=margin, form=form
+  )
+
+
+def _normal_init(key, num_rows, embedding_dim, dtype=jnp.float32):
+  """torch.nn.init.normal_ (PML WeightMixin default): N(0, 1)."""
+  return jax.random.normal(key, (num_rows, embedding_dim), dtype)
+
+
+def _kaiming_uniform_init(key, num_rows, embedding_dim, dtype=jnp.float32):
+  """torch kaiming_uniform_(a=sqrt(5)) on PML's fc [D, N] (fan_in = N): U(-1/sqrt(N), 1/sqrt(N)) (SoftTriple)."""
+  bound = 1.0 / math.sqrt(num_rows)
+  return jax.random.uniform(key, (num_rows, embedding_dim), dtype, -bound, bound)
+
+
+# Margin loss (Wu et al. 2017) ----------------------------------------------------------------------------
+def margin_from_similarity(sim, targets, mask, *, margin: float = 0.2, beta: float = 1.2, form: str = 'pml'):
+  """Margin loss on pairs, with the triplet enumeration folded into per-anchor weights (a stated
+  generalisation of the generic form: each side's sigma is scaled by the other side's total weight).
+
+  PML MarginLoss(margin, nu=0, beta, triplets_per_anchor='all') sums pos(a,p) + neg(a,n) over all triplets
+  (a, p, n) and divides by the number of active hinges (DivisorReducer). Over triplets,
+      sum = sum_a [ N_a sum_p rho_pos(s_ap) + P_a sum_n rho_neg(s_an) ],
+      divisor = sum_a [ N_a #{p: rho_pos > 0} + P_a #{n: rho_neg > 0} ],
+  rho_pos = [d - beta + margin]_+, rho_neg = [beta - d + margin]_+ (Euclidean d of unit vectors), P_a / N_a the
+  anchor's positive / negative counts. Soft labels (Metrix): P_a = sum_j mask y, N_a = sum_j mask (1 - y), the
+  sums and counts weighted by y / (1 - y): a mixed item of weight lam is lam of a positive and (1 - lam) of a
+  negative (lam -> 1: a positive, lam -> 0: a negative). 0 when no triplet exists (one class, no positive).
+  form='paper': per-anchor sums sum y rho_pos + sum (1-y) rho_neg, mean over anchors.
+  """
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  d = distance_from_similarity(sim)
+  w_pos = jnp.where(mask, targets, 0.0)
+  w_neg = jnp.where(mask, 1.0 - targets, 0.0)
+  pos_h = jax.nn.relu(d - beta + margin)
+  neg_h = jax.nn.relu(beta - d + margin)
+  pos_sum = jnp.sum(w_pos * pos_h, axis=-1)
+  neg_sum = jnp.sum(w_neg * neg_h, axis=-1)
+  if form == 'paper':
+    return jnp.mean(pos_sum + neg_sum, axis=-1)
+  num_pos, num_neg = jnp.sum(w_pos, axis=-1), jnp.sum(w_neg, axis=-1)
+  total = jnp.sum(num_neg * pos_sum + num_pos * neg_sum, axis=-1)
+  count = jnp.sum(
+    num_neg * jnp.sum(w_pos * (pos_h > 0), axis=-1) + num_pos * jnp.sum(w_neg * (neg_h > 0), axis=-1), axis=-1
+  )
+  active = count > 0
+  return jnp.where(active, total / jnp.where(active, count, 1.0), 0.0)
+
+
+def pairs_clean_terms(embeddings, labels, proxies=None, **_) -> tuple[Array, Array, Array]:
+  del proxies
+  return all_pairs_terms(embeddings, labels)
+
+
+@_propagates_nonfinite
+def margin_loss(embeddings, labels, *, margin: float = 0.2, beta: float = 1.2, form: str = 'pml') -> Array:
+  """Margin loss (Wu et al. 2017, 'Sampling matters'), scalar: PML MarginLoss(margin, nu=0, beta) with fixed beta
+  (learn_beta=False), all triplets, LpDistance on normalised embeddings and its DivisorReducer."""
+  return margin_from_similarity(*all_pairs_terms(embeddings, labels), margin=margin, beta=beta, form=form)
+
+
+# NCA (pairs) ---------------------------------------------------------------------------------------------
+def pair_nca_from_similarity(sim, targets, mask, *, softmax_scale: float = 1.0, form: str = 'pml') -> Array:
+  """NCA on pairs: ProxyNCA's generic form (rho = e^{-k d^2} both sides, -log sum_pos / sum_all) with the other
+  embeddings as candidates; mean over the rows with a positive (PML NCALoss; both forms). Soft labels: an item
+  of weight y adds y e^{-k d^2} to the numerator and (1 - y) e^{-k d^2} to the rest of the denominator."""
+  return proxy_nca_from_similarity(sim, targets, mask, softmax_scale=softmax_scale, form=form)
+
+
+@_propagates_nonfinite
+def pair_nca_loss(embeddings, labels, *, softmax_scale: float = 1.0, form: str = 'pml') -> Array:
+  """NCA (Goldberger et al. 2004), scalar: PML NCALoss(softmax_scale), LpDistance(power=2) on normalised
+  embeddings: mean over rows with a positive of -log(sum_p e^{-k d^2} / sum_{j != i} e^{-k d^2})."""
+  return pair_nca_from_similarity(*all_pairs_terms(embeddings, labels), softmax_scale=softmax_scale, form=form)
+
+
+# SupCon --------------------------------------------------------------------------------------------------
+def supcon_from_similarity(sim, targets, mask, *, temperature: float = 0.1, form: str = 'pml') -> Array:
+  """Supervised contrastive loss per anchor (a stated generalisation of the generic form: the positive side is
+  a y-weighted mean of log rho_pos, the normaliser a log-sum over both sides):
+
+      l(a) = log sum_j mask e^{s_aj/T} - sum_j mask y_aj s_aj/T / sum_j mask y_aj
+           = -(1/sum y) sum_j y_aj log softmax_j(s_a./T)
+
+  (each item of U(a) enters the normaliser once: weight y + (1 - y) = 1). pml: AvgNonZero over anchors, 0 when
+  the batch has no positive or no negative pair (PML SupConLoss); paper: mean over anchors with a positive.
+  Soft labels: a mixed item of weight lam counts lam in the positives' mean; lam -> 0 makes it a pure
+  negative (in the normaliser only), lam -> 1 a positive.
+  """
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  z = sim / temperature
+  w_pos = jnp.where(mask, targets, 0.0)
+  lse, _ = _masked_lse(z, mask.astype(z.dtype), add_one=False)
+  pos_mass = jnp.sum(w_pos, axis=-1)
+  has_pos = pos_mass > 0
+  mean_pos = jnp.sum(w_pos * jnp.where(mask, z, 0.0), axis=-1) / jnp.where(has_pos, pos_mass, 1.0)
+  per_anchor = jnp.where(has_pos, lse - mean_pos, 0.0)
+  if form == 'paper':
+    return _masked_mean(per_anchor, has_pos)
+  any_pos = jnp.any(mask & (targets > 0))
+  any_neg = jnp.any(mask & (targets < 1))
+  return jnp.where(any_pos & any_neg, avg_non_zero(per_anchor), 0.0)
+
+
+@_propagates_nonfinite
+def supcon_loss(embeddings, labels, *, temperature: float = 0.1, form: str = 'pml') -> Array:
+  """Supervised contrastive loss (Khosla et al. 2020), scalar: PML SupConLoss(temperature), cosine similarity,
+  AvgNonZeroReducer."""
+  return supcon_from_similarity(*all_pairs_terms(embeddings, labels), temperature=temperature, form=form)
+
+
+# NT-Xent -------------------------------------------------------------------------------------------------
+def ntxent_from_similarity(sim, targets, mask, *, temperature: float = 0.07, form: str = 'pml') -> Array:
+  """NT-Xent per (anchor, positive) pair (a stated generalisation: the generic form per positive, summed):
+
+      l(a, p) = softplus( log sum_n mask (1 - y_an) e^{s_an/T} - s_ap/T ) = -log e^{s_ap/T} / (e^{s_ap/T} + sum_n)
+
+  pml: mean over positive pairs, sum_a,p y_ap l(a, p) / sum y (PML NTXentLoss, MeanReducer over pos pairs; 0 when
+  the batch has no positive or no negative pair); paper: per-anchor y-weighted mean, mean over anchors with a
+  positive. Soft labels: an item of weight lam is lam of a positive pair and (1 - lam) of a negative in the
+  anchor's denominator (lam -> 1: a positive pair, lam -> 0: a negative only).
+  """
+  _check_form(form)
+  sim, targets, mask = _dtype_sim(sim, targets, mask)
+  z = sim / temperature
+  w_pos = jnp.where(mask, targets, 0.0)
+  w_neg = jnp.where(mask, 1.0 - targets, 0.0)
+  neg_lse, has_neg = _masked_lse(z, w_neg, add_one=False)
+  neg_lse = jnp.where(has_neg, neg_lse, -jnp.inf)
+  active = w_pos > 0
+  per_pair = jax.nn.softplus(neg_lse[..., None] - jnp.where(active, z, 0.0))
+  weighted = jnp.where(active, w_pos * per_pair, 0.0)
+  if form == 'paper':
+    mass = jnp.sum(w_pos, axis=-1)
+    has_pos = mass > 0
+    return _masked_mean(jnp.sum(weighted, axis=-1) / jnp.where(has_pos, mass, 1.0), has_pos)
+  mass = jnp.sum(w_pos)
+  ok = (mass > 0) & jnp.any(w_neg > 0)
+  return jnp.where(ok, jnp.sum(weighted) / jnp.where(ok, mass, 1.0), 0.0)
+
+
+@_propagates_nonfinite
+def ntxent_loss(embeddings, labels, *, temperature: float = 0.07, form: str = 'pml') -> Array:
+  """NT-Xent (Chen et al. 2020, SimCLR; InfoNCE), scalar: PML NTXentLoss(temperature) with labels (every
+  same-label pair a positive), cosine similarity, mean over positive pairs."""
+  return ntxent_from_similarity(*all_pairs_terms(embeddings, labels), temperature=temperature, form=form)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Registry and the Loss object Metrix composes with.
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -728,11 +1076,16 @@ class Loss:
       embeddings and the proxies the candidates (ProxyNCA). Only meaningful when uses_proxies.
     mines: True if `clean_terms` mines pairs from the embeddings (Multi-Similarity with epsilon): Metrix's pair
       sets then depend on the embeddings, not on the labels alone (`mixup.pair_masks`).
+    proxies_per_class: K, the proxy rows per class (SoftTriple's centers, sub-center ArcFace's sub-centers; 1
+      otherwise): proxies are [C*K, D], row r belongs to class r // K (`proxy_classes`).
   Methods:
     clean_terms(embeddings [B, D], labels [B], proxies=None) -> (sim [A, N], targets [A, N], mask [A, N])
       with mining applied (mask = mined pairs).
     from_similarity(sim, targets, mask) -> scalar, the loss's own reduction (soft targets allowed).
     __call__(embeddings, labels, proxies=None) -> scalar = from_similarity(*clean_terms(...)).
+    init_proxies(key, num_classes, embedding_dim) -> [C*K, D]: the loss's own initial proxies / class weights
+      (the trainer's params['proxies']: optimiser group 'proxies', checkpointed with the parameters).
+    proxy_classes(num_rows) -> [N] int: the class of each proxy row (r // K).
   """
 
   name: str
@@ -742,6 +1095,24 @@ class Loss:
   mines: bool
   _clean_terms: Callable = dataclasses.field(repr=False)
   _from_similarity: Callable = dataclasses.field(repr=False)
+  proxies_per_class: int = 1
+  _init_proxies: Optional[Callable] = dataclasses.field(default=None, repr=False)
+
+  def num_proxies(self, num_classes: int) -> int:
+    """Rows of the proxies for `num_classes` classes: C * proxies_per_class."""
+    return int(num_classes) * self.proxies_per_class
+
+  def proxy_classes(self, num_rows: int) -> Array:
+    """[N] int32: the class of each proxy row, r // proxies_per_class."""
+    return (jnp.arange(num_rows) // self.proxies_per_class).astype(jnp.int32)
+
+  def init_proxies(self, key: Array, num_classes: int, embedding_dim: int, *, dtype=jnp.float32) -> Array:
+    """The loss's initial proxies [C*K, D]: PML's init for its class weights (N(0, 1) for the softmax family,
+    kaiming-uniform for SoftTriple), `losses.init_proxies` (N(0, 2/C)) for Proxy Anchor / ProxyNCA."""
+    if not self.uses_proxies:
+      raise ValueError(f'{self.name} has no proxies.')
+    init = self._init_proxies or init_proxies
+    return init(key, self.num_proxies(num_classes), embedding_dim, dtype=dtype)
 
   @property
   def hyperparameters(self) -> dict:
@@ -749,7 +1120,10 @@ class Loss:
 
   def clean_terms(self, embeddings: Array, labels: Array, proxies: Optional[Array] = None):
     if self.uses_proxies and proxies is None:
-      raise ValueError(f'{self.name} needs proxies [C, D]; create them with losses.init_proxies(key, C, D).')
+      raise ValueError(
+        f'{self.name} needs proxies [C*K, D] (K = {self.proxies_per_class}); create them with '
+        'loss.init_proxies(key, C, D) (losses.init_proxies(key, C, D) for K = 1).'
+      )
     return self._clean_terms(embeddings, labels, proxies)
 
   def from_similarity(self, sim: Array, targets: Array, mask: Array) -> Array:
@@ -770,6 +1144,8 @@ class _Entry:
   uses_proxies: bool = False
   proxies_are_anchors: bool = False
   miner_key: Optional[str] = None  # the hyperparameter that switches the loss's miner on (None: off)
+  per_class_key: Optional[str] = None  # the hyperparameter giving K proxy rows per class (None: 1)
+  init: Optional[Callable] = None  # (key, rows, dim, dtype=) -> proxies; None: init_proxies
 
 
 _REGISTRY = {
@@ -793,7 +1169,55 @@ _REGISTRY = {
   'lifted_structure': _Entry(
     lifted_structure_clean_terms, lifted_structure_from_similarity, dict(pos_margin=0.0, neg_margin=1.0, form='pml'), ()
   ),
+  'normalized_softmax': _Entry(
+    class_weight_clean_terms,
+    normalized_softmax_from_similarity,
+    dict(temperature=0.05, form='pml'),
+    (),
+    True,
+    init=_normal_init,
+  ),
+  'cosface': _Entry(
+    class_weight_clean_terms,
+    cosface_from_similarity,
+    dict(margin=0.35, scale=64.0, form='pml'),
+    (),
+    True,
+    init=_normal_init,
+  ),
+  'arcface': _Entry(
+    class_weight_clean_terms,
+    arcface_from_similarity,
+    dict(margin=28.6, scale=64.0, form='pml'),
+    (),
+    True,
+    init=_normal_init,
+  ),
+  'soft_triple': _Entry(
+    class_weight_clean_terms,
+    soft_triple_from_similarity,
+    dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01, form='pml'),
+    (),
+    True,
+    per_class_key='centers_per_class',
+    init=_kaiming_uniform_init,
+  ),
+  'margin': _Entry(pairs_clean_terms, margin_from_similarity, dict(margin=0.2, beta=1.2, form='pml'), ()),
+  'pair_nca': _Entry(pairs_clean_terms, pair_nca_from_similarity, dict(softmax_scale=1.0, form='pml'), ()),
+  'supcon': _Entry(pairs_clean_terms, supcon_from_similarity, dict(temperature=0.1, form='pml'), ()),
+  'ntxent': _Entry(pairs_clean_terms, ntxent_from_similarity, dict(temperature=0.07, form='pml'), ()),
+  'subcenter_arcface': _Entry(
+    class_weight_clean_terms,
+    subcenter_arcface_from_similarity,
+    dict(margin=28.6, scale=64.0, sub_centers=3, form='pml'),
+    (),
+    True,
+    per_class_key='sub_centers',
+    init=_normal_init,
+  ),
 }
+# Class-weight losses (their proxies are PML's W / fc transposed); a subset of PROXY_LOSS_NAMES.
+CLASS_WEIGHT_LOSS_NAMES = ('normalized_softmax', 'cosface', 'arcface', 'soft_triple', 'subcenter_arcface')
 LOSS_NAMES = tuple(_REGISTRY)
 PROXY_LOSS_NAMES = tuple(n for n, e in _REGISTRY.items() if e.uses_proxies)
 
@@ -826,7 +1250,17 @@ def get(name: str, **hparams) -> Loss:
   _check_form(full['form'])
   if name == 'contrastive':
     contrastive_pieces(pos_margin=full['pos_margin'], neg_margin=full['neg_margin'], form=full['form'])
+  for key in ('temperature', 'scale', 'la', 'softmax_scale'):
+    if key in full and not full[key] > 0:
+      raise ValueError(f'Loss {name!r} needs {key} > 0; got {full[key]!r}.')
+  per_class = 1
+  if entry.per_class_key is not None:
+    per_class = full[entry.per_class_key]
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+      raise ValueError(f'Loss {name!r} needs {entry.per_class_key} a positive int (static shape); got {per_class!r}.')
   clean_kwargs = {k: full[k] for k in entry.clean_keys}
+  if per_class != 1:
+    clean_kwargs['per_class'] = per_class
   sim_kwargs = {k: v for k, v in full.items() if k not in entry.clean_keys}
   return Loss(
     name=name,
@@ -836,6 +1270,8 @@ def get(name: str, **hparams) -> Loss:
     mines=entry.miner_key is not None and full[entry.miner_key] is not None,
     _clean_terms=functools.partial(entry.clean_terms, **clean_kwargs),
     _from_similarity=functools.partial(entry.from_similarity, **sim_kwargs),
+    proxies_per_class=per_class,
+    _init_proxies=entry.init,
   )
 
 
@@ -868,6 +1304,18 @@ __all__ = [
   'circle_loss',
   'proxy_nca_loss',
   'lifted_structure_loss',
+  'ArcMargin',
+  'class_weight_terms',
+  'normalized_softmax_loss',
+  'cosface_loss',
+  'arcface_loss',
+  'subcenter_arcface_loss',
+  'soft_triple_loss',
+  'margin_loss',
+  'pair_nca_loss',
+  'supcon_loss',
+  'ntxent_loss',
+  'CLASS_WEIGHT_LOSS_NAMES',
   'Loss',
   'get',
   'default_hparams',

@@ -484,7 +484,9 @@ def mixed_terms(
 
   Embedding-anchor losses: sim_to_mixed [B, M] (clean anchors x mixed items) with the plan's targets/mask.
   Proxy losses: sim_to_mixed [C, M] (proxies x mixed items), y_c(v) = lam [c(x) = c] + (1-lam) [c(x') = c],
-  every proxy sees every valid item; transposed to [M, C] where the embeddings are the anchors (ProxyNCA).
+  every proxy sees every valid item; transposed to [M, C] where the embeddings are the anchors (ProxyNCA, the
+  class-weight losses). With K proxy rows per class (sim_to_mixed [C*K, M]) row r carries class r // K's target;
+  the loss reduces the K rows of a class itself (SoftTriple, sub-center ArcFace).
   """
   labels = jnp.asarray(labels)
   if not loss.uses_proxies:
@@ -498,7 +500,9 @@ def mixed_terms(
     raise ValueError(
       f'sim_to_mixed must be [C, M] = {(c, plan.first.shape[0])} (proxies x mixed items); got {sim_to_mixed.shape}.'
     )
-  targets = soft_targets(jnp.arange(c), labels, plan.first, plan.second, plan.lam).astype(sim_to_mixed.dtype)
+  # proxy row r belongs to class r // K (K = loss.proxies_per_class: SoftTriple centers, sub-center ArcFace)
+  row_class = loss.proxy_classes(c)
+  targets = soft_targets(row_class, labels, plan.first, plan.second, plan.lam).astype(sim_to_mixed.dtype)
   mask = jnp.broadcast_to(plan.valid[None, :], targets.shape)
   if loss.proxies_are_anchors:
     return sim_to_mixed, targets, mask
