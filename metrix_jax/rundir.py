@@ -144,24 +144,26 @@ def check_config(workdir: str, config, *, step: int | None, allow_change: bool =
   """Before a run continues the checkpoints of WORKDIR (at `step`; None: nothing trained yet, nothing to check).
 
   The stored config.json and `config` must agree on every key that changes the result; otherwise cli.UserError
-  with a one-line diff, unless `allow_change`: then config.json and results.json are kept as
-  config.<step>.json / results.<step>.json (never overwritten) and the differences are returned (to be logged).
+  with a one-line diff, unless `allow_change`: then the differences are returned (to be logged; keep the earlier
+  records with `archive_records` before writing new ones).
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if step is None or not _exists(path):
     return []
   differences = config_differences(jsonio.read_json(path), config.to_dict())
-  if not differences:
-    return []
-  if not allow_change:
+  if differences and not allow_change:
     raise cli.UserError(
       f'{workdir} holds a run trained to step {step} with another config ({"; ".join(differences)}). Use a new '
       '--workdir, or pass --allow_config_change to continue this run with the new config (the old config.json '
       'is kept as config.<step>.json).'
     )
-  for name in (CONFIG_FILE, RESULTS_FILE):
-    _archive(workdir, name, step)
   return differences
+
+
+def archive_records(workdir: str, step: int) -> list[str]:
+  """Keeps config.json and results.json as config.<step>.json / results.<step>.json (never overwriting an earlier
+  copy) before a changed config writes new ones; returns the copies' names."""
+  return [name for name in (_archive(workdir, n, step) for n in (CONFIG_FILE, RESULTS_FILE)) if name]
 
 
 def finished_results(workdir: str, config) -> dict[str, Any] | None:

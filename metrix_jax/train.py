@@ -157,6 +157,13 @@ def _results(
   }
 
 
+def _percent(metrics: dict[str, float], *, recall_only: bool = False) -> str:
+  """'recall@1 15.54  recall@2 22.49 ...' (values in %), or 'R@1 15.54  R@2 22.49' with recall_only."""
+  if recall_only:
+    return '  '.join(f'R@{k.split("@")[1]} {100 * v:.2f}' for k, v in metrics.items() if k.startswith('recall@'))
+  return '  '.join(f'{k} {100 * v:.2f}' for k, v in metrics.items())
+
+
 def _log_step(writer, timer: progress.TrainTimer, config, scalars, step: int, total: int, spe: int) -> None:
   images_per_second, steps_per_second = timer.window()  # NaN in a window without a timed step (after compiling)
   lrs = optim.learning_rates(config.optim, steps_per_epoch=spe, total_steps=total, step=step - 1)
@@ -247,6 +254,36 @@ def _setup(config, workdir: str, data_factory, model_factory) -> _Setup:
   return _Setup(mesh, data, spe, total, model, state, step_fn, ckpt, latest)
 
 
+def _check_workdir(config, workdir: str, allow_config_change: bool) -> dict[str, Any] | None:
+  """Before any work: the workdir is usable and holds the same config (or an allowed change: the earlier records
+  kept); returns the stored results when the run has already finished (nothing to train), else None."""
+  rundir.prepare_workdir(workdir)
+  trained_to = rundir.trained_step(workdir)
+  changes = rundir.check_config(workdir, config, step=trained_to, allow_change=allow_config_change)
+  finished = rundir.finished_results(workdir, config)
+  if finished is not None:
+    log.info(
+      'This run has finished (step %d; %s/%s): R@%s. Nothing to train%s. Evaluate it again with '
+      '`python -m metrix_jax.evaluate --workdir=%s`.',
+      finished['steps'],
+      workdir,
+      rundir.RESULTS_FILE,
+      '  R@'.join(f'{k} {100 * v:.2f}' for k, v in finished['recall'].items()),
+      ' (the changed config is not applied)' if changes else '',
+      workdir,
+    )
+    return finished
+  if changes:
+    kept = rundir.archive_records(workdir, trained_to)
+    log.warning(
+      'config changed after step %d (--allow_config_change; kept %s): %s',
+      trained_to,
+      ', '.join(kept),
+      '; '.join(changes),
+    )
+  return None
+
+
 def train_and_evaluate(
   config,
   workdir: str,
@@ -266,23 +303,8 @@ def train_and_evaluate(
   config_lib.validate(config)
   start_time = time.time()
   workdir = metric_writers.resolve_workdir(workdir)  # local: absolute path; gs://...: as given
-  rundir.prepare_workdir(workdir)
-  trained_to = rundir.trained_step(workdir)
-  for change in rundir.check_config(workdir, config, step=trained_to, allow_change=allow_config_change):
-    log.warning(
-      'config changed after step %s (--allow_config_change; the old config.json is kept): %s', trained_to, change
-    )
-  finished = rundir.finished_results(workdir, config)
+  finished = _check_workdir(config, workdir, allow_config_change)
   if finished is not None:
-    log.info(
-      'This run has finished (step %d; %s/%s): R@%s. Nothing to train. Evaluate it again with '
-      '`python -m metrix_jax.evaluate --workdir=%s`.',
-      finished['steps'],
-      workdir,
-      rundir.RESULTS_FILE,
-      '  R@'.join(f'{k} {100 * v:.2f}' for k, v in finished['recall'].items()),
-      workdir,
-    )
     return finished
   mesh, data, spe, total, model, state, step_fn, ckpt, latest = _setup(config, workdir, data_factory, model_factory)
   writer = metric_writers.MetricWriter(workdir)
@@ -296,13 +318,8 @@ def train_and_evaluate(
   def save(step, metrics=None):
     with timer.paused():
       finite.check()
-      ckpt.save(
-        step,
-        state,
-        data_iterator=data.train_iterator,
-        metrics=metrics,
-        extra={'epoch': step / spe, 'dataset': config.dataset.name},
-      )
+      extra = {'epoch': step / spe, 'dataset': config.dataset.name}
+      ckpt.save(step, state, data_iterator=data.train_iterator, metrics=metrics, extra=extra)
       finite.last_good = step
       writer.flush()
 
@@ -314,13 +331,7 @@ def train_and_evaluate(
       if history['best'] is None or metrics['recall@1'] > history['best'][1]['recall@1']:
         history['best'] = (step, metrics)
       writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
-      log.info(
-        'eval @ step %d (epoch %.2f, %.1fs): %s',
-        step,
-        step / spe,
-        time.time() - t0,
-        '  '.join(f'{k} {100 * v:.2f}' for k, v in metrics.items()),
-      )
+      log.info('eval @ step %d (epoch %.2f, %.1fs): %s', step, step / spe, time.time() - t0, _percent(metrics))
     return metrics
 
   log.info('compiling the train step (first step)...')
@@ -365,23 +376,15 @@ def train_and_evaluate(
     ckpt.close()
     writer.flush()
 
-  results = _results(
-    config,
-    step,
-    spe,
-    history['eval'].get(step) or {},
-    history['best'],
-    finite.last_loss,
-    timer.images_per_second,
-    time.time() - start_time,
-  )
+  final, wall_s = history['eval'].get(step) or {}, time.time() - start_time
+  results = _results(config, step, spe, final, history['best'], finite.last_loss, timer.images_per_second, wall_s)
   writer.write_json(rundir.RESULTS_FILE, results)
   writer.close()
   log.info(
-    'results: R@%s  (%s img/s, %.0fs) -> %s/%s',
-    '  R@'.join(f'{k} {100 * v:.2f}' for k, v in results['recall'].items()),
-    f'{results["images_per_second"]:.1f}',
-    results['wall_s'],
+    'results: %s  (%.1f img/s, %.0fs) -> %s/%s',
+    _percent(final, recall_only=True),
+    results['images_per_second'],
+    wall_s,
     workdir,
     rundir.RESULTS_FILE,
   )
