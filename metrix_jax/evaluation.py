@@ -582,16 +582,92 @@ def uniformity(embeddings, *, t: float = 2.0, query_chunk_size: int | None = Non
   return _uniformity_from_rows(rows)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Few-shot episodes (the standard Omniglot measure).
+# ----------------------------------------------------------------------------------------------------------
+def sample_episodes(
+  labels, *, ways: int = 5, shots: int = 1, queries: int = 5, episodes: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """N-way K-shot episodes over the classes of `labels` [n] that have at least shots + queries items.
+
+  Each episode draws `ways` distinct classes, then per class `shots` support and `queries` query items without
+  replacement (support and query disjoint). Returns (support [E, N, K], query [E, N, Q]) int64 indices into
+  `labels`; row n of an episode is its n-th class. A pure function of (labels, sizes, seed).
+  """
+  labels = np.asarray(labels)
+  for name, value in (('ways', ways), ('shots', shots), ('queries', queries), ('episodes', episodes)):
+    if int(value) < 1:
+      raise ValueError(f'{name} must be >= 1; got {value}.')
+  if ways < 2:
+    raise ValueError(f'few-shot episodes need ways >= 2 classes to choose from; got ways={ways}.')
+  classes, counts = np.unique(labels, return_counts=True)
+  eligible = classes[counts >= shots + queries]
+  if len(eligible) < ways:
+    raise ValueError(
+      f'{ways}-way {shots}-shot episodes with {queries} queries need {ways} classes with >= {shots + queries} '
+      f'items; only {len(eligible)} of {len(classes)} classes have that many.'
+    )
+  members = {c: np.flatnonzero(labels == c) for c in eligible}
+  rng = np.random.default_rng([seed, ways, shots, queries])
+  support = np.empty((episodes, ways, shots), np.int64)
+  query = np.empty((episodes, ways, queries), np.int64)
+  for e in range(episodes):
+    for n, c in enumerate(rng.choice(eligible, ways, replace=False)):
+      picked = rng.choice(members[c], shots + queries, replace=False)
+      support[e, n], query[e, n] = picked[:shots], picked[shots:]
+  return support, query
+
+
+def episode_accuracy(embeddings, support: np.ndarray, query: np.ndarray) -> np.ndarray:
+  """Accuracy [E] of nearest-prototype classification in each episode (prototypical networks' rule).
+
+  embeddings [n, d] (cosine: L2-normalised here); support [E, N, K], query [E, N, Q] from `sample_episodes`. A
+  query of class row n is correct iff the cosine similarity to prototype n (the normalised mean of its class's K
+  support embeddings) is strictly the highest; ties count as errors.
+  """
+  x = _check_embeddings(embeddings, 'embeddings').astype(np.float64)
+  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  prototypes = x[support].mean(axis=2)  # [E, N, d]
+  prototypes /= np.maximum(np.linalg.norm(prototypes, axis=-1, keepdims=True), 1e-12)
+  scores = np.einsum('enqd,emd->enqm', x[query], prototypes)  # [E, N, Q, N]: query of row n vs prototype m
+  own = np.take_along_axis(scores, np.arange(scores.shape[1])[None, :, None, None], axis=-1)[..., 0]
+  others = np.where(np.eye(scores.shape[1], dtype=bool)[None, :, None, :], -np.inf, scores).max(axis=-1)
+  return (own > others).mean(axis=(1, 2))
+
+
+def few_shot_accuracy(
+  embeddings, labels, *, ways: int = 5, shots: int = 1, queries: int = 5, episodes: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+  """Mean N-way K-shot episode accuracy (nearest prototype, cosine) with its 95% confidence half-width.
+
+  embeddings [n, d], labels [n] of a test split whose classes were not trained on. Returns {'accuracy',
+  'ci95' (1.96 x std / sqrt(episodes)), 'ways', 'shots', 'queries', 'episodes'}.
+  """
+  support, query = sample_episodes(labels, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed)
+  accuracy = episode_accuracy(embeddings, support, query)
+  return {
+    'accuracy': float(accuracy.mean()),
+    'ci95': float(1.96 * accuracy.std(ddof=1) / math.sqrt(episodes)) if episodes > 1 else math.nan,
+    'ways': int(ways),
+    'shots': int(shots),
+    'queries': int(queries),
+    'episodes': int(episodes),
+  }
+
+
 __all__ = [
   'alignment',
   'alignment_and_uniformity',
   'default_mesh',
   'default_query_chunk_size',
+  'episode_accuracy',
+  'few_shot_accuracy',
   'l2_normalize',
   'mean_average_precision_at_r',
   'r_precision',
   'recall_at_k',
   'retrieval_metrics',
+  'sample_episodes',
   'split_retrieval_metrics',
   'uniformity',
   'utilization',

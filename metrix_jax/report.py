@@ -134,6 +134,33 @@ def positivity(
   }
 
 
+FEW_SHOT_SETTINGS = ((5, 1), (5, 5), (20, 1), (20, 5))  # (ways, shots): the standard Omniglot table
+
+
+def few_shot(
+  embeddings: np.ndarray,
+  labels: np.ndarray,
+  *,
+  settings=FEW_SHOT_SETTINGS,
+  queries: int = 5,
+  episodes: int = 1000,
+  seed: int = 0,
+) -> list[dict[str, Any]]:
+  """N-way K-shot accuracy (`evaluation.few_shot_accuracy`, nearest prototype) for each (ways, shots) the test
+  split has enough classes for; settings it cannot fill are left out."""
+  out = []
+  for ways, shots in settings:
+    try:
+      out.append(
+        evaluation.few_shot_accuracy(
+          embeddings, labels, ways=ways, shots=shots, queries=queries, episodes=episodes, seed=seed
+        )
+      )
+    except ValueError:  # too few classes with shots + queries items
+      continue
+  return out
+
+
 def compute_metrics(
   config,
   embedded: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -165,6 +192,7 @@ def compute_metrics(
   report['alignment'], report['uniformity'] = evaluation.alignment_and_uniformity(test, test_labels, t=2.0)
   if report['alignment'] is None:
     report['alignment_note'] = 'alignment needs a positive pair: no test class has two items.'
+  report['few_shot'] = few_shot(test, test_labels, seed=int(config.seed))
   report['positivity'] = None
   if with_positivity:
     report['positivity_split'], data = 'test', (test, test_labels)
@@ -199,6 +227,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     ('utilization (lower: test closer to train)', _plain(report.get('utilization'))),
     ('alignment (lower: classes tighter)', _plain(report.get('alignment'))),
     ('uniformity (lower: more uniform)', _plain(report.get('uniformity'))),
+  ]
+  rows += [
+    (f'{f["ways"]}-way {f["shots"]}-shot accuracy (%)', f'{_percent(f["accuracy"])} ± {100 * f["ci95"]:.2f}')
+    for f in report.get('few_shot') or ()
   ]
   pos = report.get('positivity')
   if pos is not None:
