@@ -76,7 +76,9 @@ def base_config() -> config_dict.ConfigDict:
 
   c.model = config_dict.ConfigDict()
   c.model.depth = 50
-  c.model.pretrained = config_dict.placeholder(str)  # converted torchvision weights (.npz/.pth); None = random
+  # Converted torchvision weights (.npz/.pth), or a metrix_jax run to fine-tune from (WORKDIR[:STEP]); None = random.
+  c.model.pretrained = config_dict.placeholder(str)
+  c.model.pretrained_head = False  # with a metrix_jax run as `pretrained`: keep its head (False: re-initialise)
   c.model.embedding_dim = 512
   c.model.dtype = 'float32'  # compute dtype ('bfloat16' on GPU/TPU); params and loss stay float32
   c.model.bn_freeze = True  # True: BN running statistics frozen for the whole run (official bn_freeze=1)
@@ -239,11 +241,14 @@ def validate(config: config_dict.ConfigDict, *, check_files: bool = True) -> Non
   _choice(p, 'model.dtype', m.dtype, DTYPES)
   if not isinstance(m.bn_freeze, bool):
     p.append(f'model.bn_freeze={m.bn_freeze!r} must be True or False.')
-  if check_files and optional(m.pretrained) and not os.path.isfile(optional(m.pretrained)):
+  if not isinstance(m.pretrained_head, bool):
+    p.append(f'model.pretrained_head={m.pretrained_head!r} must be True or False.')
+  if check_files and optional(m.pretrained) and not os.path.exists(optional(m.pretrained).rsplit(':', 1)[0]):
     p.append(
       f'model.pretrained={m.pretrained!r} does not exist. Convert torchvision IMAGENET1K_V1 weights once '
       f'with `python -m metrix_jax.weights convert resnet{m.depth}.pth resnet{m.depth}.npz`, or set '
-      f'--config.model.pretrained=None for random init (results not comparable with the paper).'
+      f'--config.model.pretrained=None for random init (results not comparable with the paper), or a metrix_jax '
+      'run directory to fine-tune from (WORKDIR[:STEP]).'
     )
 
   _choice(p, 'loss.name', lo.name, tuple(LOSS_DEFAULTS))

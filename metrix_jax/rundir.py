@@ -14,6 +14,7 @@ workdir, config or checkpoint raises `cli.UserError` with the command that fixes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -150,7 +151,9 @@ def check_config(workdir: str, config, *, step: int | None, allow_change: bool =
   path = os.path.join(workdir, CONFIG_FILE)
   if step is None or not _exists(path):
     return []
-  differences = config_differences(jsonio.read_json(path), config.to_dict())
+  stored = config_lib.base_config()  # keys added by a later version compare with their defaults
+  _merge(stored, jsonio.read_json(path))
+  differences = config_differences(stored.to_dict(), config.to_dict())
   if differences and not allow_change:
     raise cli.UserError(
       f'{workdir} holds a run trained to step {step} with another config ({"; ".join(differences)}). Use a new '
@@ -357,3 +360,53 @@ def define_run_flags(argv: Sequence[str], *, example: str) -> int:
   flags.DEFINE_string('checkpoint', 'best', "'best' (highest R@1 kept), 'latest' or a step number.")
   flags.DEFINE_bool('verbose_libraries', False, 'Keep the INFO log lines of Orbax, tfds and grain.')
   return cli.run_user_command(lambda: define_config_flag(argv, example=example))
+
+
+def parse_run_reference(spec: str) -> tuple[str, int | None] | None:
+  """(workdir, step or None for the newest) when `spec` names a metrix_jax run: 'WORKDIR', 'WORKDIR:STEP' or
+  'WORKDIR/checkpoints/STEP'; None when it does not (e.g. a torchvision weights file)."""
+  path, step = str(spec), ''
+  head, colon, tail = path.rpartition(':')
+  if colon and tail.isdigit():
+    path, step = head, tail
+  path = os.path.abspath(os.path.expanduser(path))
+  parent, name = os.path.split(path)
+  if name.isdigit() and os.path.basename(parent) == CHECKPOINT_DIR and not step:
+    path, step = os.path.dirname(parent), name
+  if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    return None
+  return path, int(step) if step else None
+
+
+def load_backbone(spec: str, *, depth: int) -> dict[str, Any]:
+  """The backbone (and head) of a trained metrix_jax run, to fine-tune from (`config.model.pretrained=WORKDIR`).
+
+  spec: see `parse_run_reference` (the newest readable checkpoint when no step is named). Returns {'backbone':
+  {'params', 'batch_stats'} numpy trees, 'head': the head's params, 'step', 'source' (a description)}.
+  cli.UserError for a depth other than `depth`, a missing step or no checkpoint.
+  """
+  reference = parse_run_reference(spec)
+  if reference is None:
+    raise cli.UserError(f'{spec} is not a metrix_jax run directory (no {CONFIG_FILE}): pass WORKDIR[:STEP].')
+  workdir, step = reference
+  trained_depth = int(jsonio.read_json(os.path.join(workdir, CONFIG_FILE))['model']['depth'])
+  if trained_depth != int(depth):
+    raise cli.UserError(
+      f'{workdir} trained a ResNet-{trained_depth}; this config builds a ResNet-{depth}: set '
+      f'--config.model.depth={trained_depth} to fine-tune from it.'
+    )
+  ckpt = open_checkpoints(workdir)
+  try:
+    step, _ = select_step(ckpt, 'latest' if step is None else step)
+    params, batch_stats = ckpt.restore_params(step)
+  except checkpointing.UnreadableCheckpointError as error:
+    raise cli.UserError(f'{error} in {ckpt.directory}; {_readable_hint(ckpt, exclude=step)}.') from None
+  finally:
+    ckpt.close()
+  to_numpy = functools.partial(jax.tree.map, np.asarray)
+  return {
+    'backbone': {'params': to_numpy(params['backbone']), 'batch_stats': to_numpy(batch_stats['backbone'])},
+    'head': to_numpy(params['head']),
+    'step': int(step),
+    'source': f'{workdir} step {step}',
+  }

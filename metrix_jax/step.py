@@ -25,6 +25,7 @@ proxies as their own parameter group for proxy-based losses. Per-step randomness
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 import flax
@@ -36,9 +37,12 @@ from metrix_jax import data as data_lib
 from metrix_jax import embedding
 from metrix_jax import losses
 from metrix_jax import mixup
+from metrix_jax import rundir
 from metrix_jax import sharding
 from metrix_jax import weights
 from metrix_jax.config_lib import optional
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -89,8 +93,17 @@ def init_state(
   """
   key = jax.random.key(config.seed)
   model_key, proxy_key = jax.random.split(jax.random.fold_in(key, 1))
+  pretrained, head = optional(config.model.pretrained), None
+  if pretrained is not None and rundir.parse_run_reference(pretrained) is not None:  # fine-tune a metrix_jax run
+    source = rundir.load_backbone(pretrained, depth=config.model.depth)
+    log.info(
+      'Fine-tuning from %s (backbone and BN statistics%s).',
+      source['source'],
+      ', head kept' if config.model.pretrained_head else '; head re-initialised',
+    )
+    pretrained, head = source['backbone'], source['head'] if config.model.pretrained_head else None
   variables = weights.init_embedding_variables(
-    model, model_key, pretrained=optional(config.model.pretrained), image_size=min(64, config.dataset.image_size)
+    model, model_key, pretrained=pretrained, head=head, image_size=min(64, config.dataset.image_size)
   )
   params = {'backbone': variables['params']['backbone'], 'head': variables['params']['head']}
   if loss_fn.uses_proxies:

@@ -259,15 +259,19 @@ def with_backbone(variables: Mapping, backbone_variables: Mapping) -> dict:
   return out
 
 
-def init_embedding_variables(model, key, *, pretrained: str | None, image_size: int = 64) -> dict:
+def init_embedding_variables(
+  model, key, *, pretrained: str | Mapping | None, image_size: int = 64, head: Mapping | None = None
+) -> dict:
   """Initialises `model` (an `EmbeddingNet`) and loads the torchvision backbone from `pretrained`.
 
   Args:
     model: `metrix_jax.models.EmbeddingNet`.
     key: PRNG key for the head (and the backbone when `pretrained` is None).
-    pretrained: path of the torchvision weights file (.pth/.npz/.safetensors), or None for random init,
-      which is logged as a warning: such results are not comparable with the paper.
+    pretrained: path of the torchvision weights file (.pth/.npz/.safetensors); or backbone variables already
+      loaded, {'params', 'batch_stats'} of the `ResNet` (e.g. a metrix_jax run's, `rundir.load_backbone`); or None
+      for random init, which is logged as a warning: such results are not comparable with the paper.
     image_size: side of the dummy image used to initialise (variables do not depend on it).
+    head: the head's params to keep (fine-tuning with the source run's head); None: initialised from `key`.
   Returns:
     {'params': {'backbone', 'head'}, 'batch_stats': {'backbone'}}, float32.
   """
@@ -275,7 +279,7 @@ def init_embedding_variables(model, key, *, pretrained: str | None, image_size: 
   import jax.numpy as jnp
 
   logger = logging.getLogger(__name__)
-  if pretrained is not None and not os.path.exists(pretrained):
+  if isinstance(pretrained, str) and not os.path.exists(pretrained):
     raise FileNotFoundError(
       f'Pretrained weights {pretrained!r} (ResNet-{model.depth}) not found. {how_to_produce(pretrained, model.depth)}'
     )
@@ -287,14 +291,23 @@ def init_embedding_variables(model, key, *, pretrained: str | None, image_size: 
       model.depth,
     )
     return jax.jit(model.init)(key, images)
-  backbone = load_torchvision(pretrained, depth=model.depth)
+  backbone = load_torchvision(pretrained, depth=model.depth) if isinstance(pretrained, str) else pretrained
   # Only the head is initialised (the same init as model.init); the backbone comes from the file.
   shapes = jax.eval_shape(model.init, key, images)
   feature_map = jnp.zeros(shapes['params']['head']['kernel'].shape[:1], jnp.float32)[None, None, None]
-  head = jax.jit(lambda k, f: model.init(k, f, method='head'))(key, feature_map)['params']['head']
+  new_head = jax.jit(lambda k, f: model.init(k, f, method='head'))(key, feature_map)['params']['head']
+  if head is not None and jax.tree.map(np.shape, dict(head)) != jax.tree.map(np.shape, dict(new_head)):
+    raise ValueError(
+      f'The kept head has shapes {jax.tree.map(np.shape, dict(head))} but this model needs '
+      f'{jax.tree.map(np.shape, dict(new_head))} (another embedding_dim?).'
+    )
   variables = with_backbone(shapes, backbone)
-  variables['params']['head'] = head
-  logger.info('Loaded ResNet-%d backbone from %s.', model.depth, pretrained)
+  variables['params']['head'] = new_head if head is None else head
+  logger.info(
+    'Loaded ResNet-%d backbone from %s.',
+    model.depth,
+    pretrained if isinstance(pretrained, str) else 'the given variables',
+  )
   return variables
 
 

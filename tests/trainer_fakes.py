@@ -200,8 +200,8 @@ class _BackboneNamed:
       out[col] = {'backbone': tree, **({'head': head} if head is not None else {})}
     return out
 
-  def init(self, key, x):
-    return self._to_outer(self.model.init(key, x))
+  def init(self, key, x, method=None):
+    return self._to_outer(self.model.init(key, x, method=method))
 
   def apply(self, variables, *args, mutable=False, method=None, **kwargs):
     out = self.model.apply(self._to_inner(variables), *args, mutable=mutable, method=method, **kwargs)
