@@ -3,7 +3,8 @@ r"""Cars196 (classes 1-98 train, 99-196 test), ResNet-50 ImageNet V1, the offici
     python -m metrix_jax.main --config=configs/cars196.py:ms,feature --workdir=workdirs/cars_ms_metrix \
       --config.dataset.manual_dir=/data/cars196 --config.model.pretrained=resnet50.npz
 
-Argument: a loss (contrastive | ms | pa | circle | nca | lifted;
+Argument: a loss (contrastive | ms | pa | circle | nca | lifted | nsoftmax
+| cosface | arcface | subcenter | softtriple | margin | pair_nca | supcon | ntxent;
 the losses without an official recipe use the MS/PA one) and a mix mode (none | input | feature | embedding).
 Expected (paper/README, R@1): contrastive 81.6, +Metrix 85.1; MS 87.8, +Metrix 89.6; PA 87.6, +Metrix 89.1.
 """

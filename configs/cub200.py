@@ -3,7 +3,8 @@ r"""CUB-200-2011 (classes 1-100 train, 101-200 test), ResNet-50 ImageNet V1, the
     python -m metrix_jax.main --config=configs/cub200.py:ms,feature --workdir=workdirs/cub_ms_metrix \
       --config.dataset.manual_dir=/data/cub --config.model.pretrained=resnet50.npz
 
-The argument picks the recipe: a loss (contrastive | ms | pa | circle | nca | lifted;
+The argument picks the recipe: a loss (contrastive | ms | pa | circle | nca | lifted | nsoftmax
+| cosface | arcface | subcenter | softtriple | margin | pair_nca | supcon | ntxent;
 the losses without an official recipe use the MS/PA one) and a mix mode (none | input | feature |
 embedding; 'metrix' = feature). Expected (paper/README, R@1): contrastive 64.7, +Metrix 67.4; MS 67.8, +Metrix 71.4;
 PA 69.5, +Metrix 71.0.

@@ -3,7 +3,8 @@ r"""Stanford Online Products (Ebay_train / Ebay_test), ResNet-50 ImageNet V1, of
     python -m metrix_jax.main --config=configs/sop.py:ms,feature --workdir=workdirs/sop_ms_metrix \
       --config.dataset.manual_dir=/data/sop --config.model.pretrained=resnet50.npz
 
-Balanced batches of 20 classes x 5 images. Argument: a loss (contrastive | ms | pa | circle | nca | lifted;
+Balanced batches of 20 classes x 5 images. Argument: a loss (contrastive | ms | pa | circle | nca | lifted | nsoftmax
+| cosface | arcface | subcenter | softtriple | margin | pair_nca | supcon | ntxent;
 the losses without an official recipe use the MS/PA one) and a mix mode.
 Expected (paper/README, R@1): contrastive 74.9, +Metrix 77.5; MS 76.9, +Metrix 81.0; PA 79.1, +Metrix 81.3.
 """

@@ -49,6 +49,10 @@ LOSS_ALIASES = {
   'pa': 'proxy_anchor',
   'nca': 'proxy_nca',
   'lifted': 'lifted_structure',
+  'nsoftmax': 'normalized_softmax',
+  'subcenter': 'subcenter_arcface',
+  'softtriple': 'soft_triple',
+  'nt_xent': 'ntxent',
 }
 
 # The Ks of each data set's Recall@K protocol (the data sets and what is known of them: `data.DATASETS`).

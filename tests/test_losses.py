@@ -438,7 +438,14 @@ def test_registry_names_and_defaults():
   assert {'contrastive', 'multi_similarity', 'proxy_anchor', 'circle', 'proxy_nca', 'lifted_structure'} <= set(
     losses.LOSS_NAMES
   )
-  assert set(losses.PROXY_LOSS_NAMES) == {'proxy_anchor', 'proxy_nca'}
+  assert set(losses.PROXY_LOSS_NAMES) == {'proxy_anchor', 'proxy_nca'} | set(losses.CLASS_WEIGHT_LOSS_NAMES)
+  assert set(losses.CLASS_WEIGHT_LOSS_NAMES) == {
+    'normalized_softmax',
+    'cosface',
+    'arcface',
+    'soft_triple',
+    'subcenter_arcface',
+  }
   assert losses.default_hparams('multi_similarity') == dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, form='pml')
   assert losses.default_hparams('contrastive') == dict(pos_margin=0.0, neg_margin=0.5, form='pml')
   for name in losses.LOSS_NAMES:

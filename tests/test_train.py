@@ -238,7 +238,9 @@ def test_every_loss_and_mix_mode_runs_two_steps(loss, tiny_variables):
   model, loss_fn = trainer_fakes.tiny_model_factory(config), step_lib.create_loss(config)
   params = {'backbone': tiny_variables['params']['backbone'], 'head': tiny_variables['params']['head']}
   if loss_fn.uses_proxies:
-    params['proxies'] = losses.init_proxies(jax.random.key(1), 12, config.model.embedding_dim)
+    # the loss's own proxies: [12 * K, D] (K rows per class for SoftTriple / sub-center ArcFace); for Proxy Anchor
+    # and ProxyNCA exactly losses.init_proxies(key, 12, D)
+    params['proxies'] = loss_fn.init_proxies(jax.random.key(1), 12, config.model.embedding_dim)
   tx = optim.make_optimizer(config.optim, params=params, steps_per_epoch=8, total_steps=16)
   state = step_lib.TrainState(
     step=jnp.zeros([], jnp.int32),
