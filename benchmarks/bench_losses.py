@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/bench_losses.py --batch=100 --losses=multi_similarity,contrastive
 
 Random float32 embeddings [B, D], labels with 5 items per class (B / 5 classes, as a 20 x 5 SOP batch), proxies
-[C, D] for the proxy losses. One step = loss value + gradient with respect to the embeddings (and the proxies):
+[C, D] for the proxy losses ([C*K, D] class centers for SoftTriple (K = 10) and sub-center ArcFace (K = 3); PML's
+W / fc set to them). One step = loss value + gradient with respect to the embeddings (and the proxies):
 jax: `jax.jit(jax.value_and_grad(loss))` (PML defaults of `losses.get(name)`), output blocked on; PML: the
 matching class (MultiSimilarityLoss fed by MultiSimilarityMiner, ProxyAnchorLoss/ProxyNCALoss with our proxies)
 forward + backward. Reported: the median wall time of --repeats steps after one warm-up step (jax: compilation is
@@ -22,16 +23,52 @@ import time
 
 import numpy as np
 
-LOSSES = ('contrastive', 'multi_similarity', 'proxy_anchor', 'circle', 'proxy_nca', 'lifted_structure')
+LOSSES = (
+  'contrastive',
+  'multi_similarity',
+  'proxy_anchor',
+  'circle',
+  'proxy_nca',
+  'lifted_structure',
+  'normalized_softmax',
+  'cosface',
+  'arcface',
+  'subcenter_arcface',
+  'soft_triple',
+  'margin',
+  'pair_nca',
+  'supcon',
+  'ntxent',
+)
+# PML class and hyperparameters (PML defaults = those of losses.get(name)) of the pair-based and class-weight losses.
+PML_CLASSES = {
+  'margin': ('MarginLoss', dict(margin=0.2, beta=1.2)),
+  'pair_nca': ('NCALoss', dict(softmax_scale=1.0)),
+  'supcon': ('SupConLoss', dict(temperature=0.1)),
+  'ntxent': ('NTXentLoss', dict(temperature=0.07)),
+  'normalized_softmax': ('NormalizedSoftmaxLoss', dict(temperature=0.05)),
+  'cosface': ('CosFaceLoss', dict(margin=0.35, scale=64.0)),
+  'arcface': ('ArcFaceLoss', dict(margin=28.6, scale=64.0)),
+  'subcenter_arcface': ('SubCenterArcFaceLoss', dict(margin=28.6, scale=64.0, sub_centers=3)),
+  'soft_triple': ('SoftTripleLoss', dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01)),
+}
 
 
-def make_data(batch: int, dim: int, seed: int = 0):
+def make_data(batch: int, dim: int, seed: int = 0, per_class: int = 1):
+  """Embeddings [B, D], labels (B / 5 classes), proxies [C * per_class, D] (K centers per class: SoftTriple,
+  sub-center ArcFace)."""
   rng = np.random.default_rng(seed)
   classes = max(2, batch // 5)
   labels = rng.permutation(np.arange(batch) % classes).astype(np.int32)
   emb = rng.standard_normal((batch, dim), dtype=np.float32)
-  proxies = rng.standard_normal((classes, dim), dtype=np.float32)
+  proxies = rng.standard_normal((classes * per_class, dim), dtype=np.float32)
   return emb, labels, proxies
+
+
+def per_class(name: str) -> int:
+  from metrix_jax import losses  # pylint: disable=g-import-not-at-top
+
+  return losses.get(name).proxies_per_class
 
 
 def _timed(step, repeats: int) -> tuple[float, float, float, float]:
@@ -84,6 +121,16 @@ def pml_step(name: str, emb, labels, proxies):
     loss = pml_losses.CircleLoss(m=0.4, gamma=80.0)
   elif name == 'lifted_structure':
     loss = pml_losses.GeneralizedLiftedStructureLoss(neg_margin=1.0, pos_margin=0.0)
+  elif name in PML_CLASSES:
+    cls_name, kwargs = PML_CLASSES[name]
+    cls = getattr(pml_losses, cls_name)
+    if name in ('margin', 'pair_nca', 'supcon', 'ntxent'):
+      loss = cls(**kwargs)
+    else:  # class weights: PML's W / fc [D, C*K] = our proxies transposed
+      k = per_class(name)
+      loss = cls(num_classes=proxies.shape[0] // k, embedding_size=proxies.shape[1], **kwargs)
+      weight = loss.fc if name == 'soft_triple' else loss.W
+      weight.data = torch.as_tensor(np.ascontiguousarray(proxies.T))
   else:
     cls = pml_losses.ProxyAnchorLoss if name == 'proxy_anchor' else pml_losses.ProxyNCALoss
     kwargs = dict(margin=0.1, alpha=32.0) if name == 'proxy_anchor' else dict(softmax_scale=1.0)
@@ -92,8 +139,8 @@ def pml_step(name: str, emb, labels, proxies):
 
   def step():
     e = torch.as_tensor(emb).clone().requires_grad_(True)
-    if loss.__class__.__name__.startswith('Proxy'):
-      loss.proxies.grad = None
+    for param in loss.parameters():
+      param.grad = None
     value = loss(e, labels_t, miner(e, labels_t)) if miner is not None else loss(e, labels_t)
     value.backward()
     return float(value.detach())
@@ -144,7 +191,7 @@ def main() -> None:
   print('|---|---|---|---|---|---|---|---|---|')
   for name in names:
     for batch in batches:
-      emb, labels, proxies = make_data(batch, dim)
+      emb, labels, proxies = make_data(batch, dim, per_class=per_class(name))
       first, wall, cpu, value = _timed(jax_step(name, emb, labels, proxies), repeats)
       row = f'| {name} | {batch} | {first:.2f} | {wall * 1e3:.2f} | {cpu * 1e3:.1f} |'
       if args.no_pml:
