@@ -4,6 +4,7 @@ r"""Train-step benchmark (issue 8): the project's REAL train step vs a PyTorch r
     python benchmarks/bench_train.py --quick               # CPU smoke test: ResNet-18, 32 px, batch 16, 2 steps
     python benchmarks/bench_train.py --losses=ms --modes=none,feature --extra_batch_sizes=100 --json_out=r.json
     python benchmarks/bench_train.py --compile_only --dtype=float32   # any machine: XLA FLOPs + memory per variant
+    python benchmarks/bench_train.py --first_step --runs=5 --first_step_cache=warm   # restart: start -> first step
 
 JAX rows: `metrix_jax.step.make_train_step` (the trainer's jitted step: uint8 batch -> normalise -> EmbeddingNet
 -> loss (+ Metrix at the configured level) -> clip + Adam with coupled L2), built from a config exactly as
@@ -28,6 +29,13 @@ photos), as the trainer's loop feeds it: end-to-end images/s vs the step alone. 
 compiles (without running) the MS + feature step at those batch sizes and compares XLA's memory with the device's
 limit: the largest batch that fits. --json_out writes every row (rewritten after each row,
 so a run cut short still leaves its rows).
+
+--first_step times a restart instead (issue 17): `python -m metrix_jax.main --config=configs/demo.py` in a fresh
+workdir, from the process start to the log line 'compiled and ran the first step in X s' (then the run is killed),
+--runs times after --first_step_warmup untimed runs (which build the demo data set once). --first_step_cache:
+'cold' (an empty compilation cache folder for every run: every program compiles), 'warm' (one folder for all runs,
+filled by the warm-up run: what a restart finds), 'off' (--compilation_cache=off) or a folder (kept between calls).
+Prints min / median / max of the wall time to the first step and of the logged X.
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ import datetime
 import math
 import os
 import platform
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -117,6 +129,16 @@ def parse_args(argv=None):
     '(predicts the Metrix FLOP overhead at full size on any machine; no PyTorch rows)',
   )
   parser.add_argument('--json_out', default='')
+  parser.add_argument('--first_step', action='store_true', help='time start -> first step of the demo (restarts)')
+  parser.add_argument('--runs', type=int, default=5, help='--first_step: timed runs')
+  parser.add_argument('--first_step_warmup', type=int, default=1, help='--first_step: untimed runs first')
+  parser.add_argument('--first_step_cache', default='warm', help="--first_step: 'cold', 'warm', 'off' or a folder")
+  parser.add_argument('--first_step_config', default='configs/demo.py')
+  parser.add_argument(
+    '--first_step_data_dir',
+    default=os.path.join(tempfile.gettempdir(), 'metrix_first_step_data'),
+    help='--first_step: where the demo data set is built once (--config.dataset.data_dir)',
+  )
   args = parser.parse_args(argv)
   if args.quick:
     args.depth, args.image_size, args.batch_size, args.eval_batch_size = 18, 32, 16, 16
@@ -179,12 +201,10 @@ def _xla_bytes(compiled) -> int | None:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def time_jax_step(
-  loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False, e2e: int | None = None
-):
-  """Builds the trainer's step for (loss, mode), times it; returns (row, (state, model, config) or None)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import embedding, optim, sharding, step  # pylint: disable=g-import-not-at-top
+def build_variant(loss: str, mode: str, args, batch_size: int, mesh, state=None):
+  """The trainer's jitted step for (loss, mode) at `batch_size`: (config, model, step_fn, state). `state` (any
+  earlier variant's: the train state does not depend on the mix level or the batch size) saves an init."""
+  from metrix_jax import embedding, optim, step  # pylint: disable=g-import-not-at-top
 
   config = make_config(loss, mode, args, batch_size)
   model, loss_fn = embedding.create_model(config), step.create_loss(config)
@@ -194,13 +214,28 @@ def time_jax_step(
       config.optim, params=params, steps_per_epoch=1000, total_steps=10**6, freeze_bn_affine=True
     )
 
-  state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
+  if state is None:
+    state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
   step_fn = step.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
-  batch = sharding.global_batch({'image': images, 'label': labels}, mesh)
+  return config, model, step_fn, state
+
+
+def compile_timed(lowered, compiler_options: dict | None = None):
+  """(compiled, seconds) of `lowered.compile()` (XLA's compilation alone; tracing and lowering excluded).
+
+  `compiler_options`: XLA debug options for this compilation only, e.g. {'xla_gpu_autotune_level': 0} for a
+  memory probe that needs no kernel timing (ignored where this jax's `compile` takes none)."""
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  row = dict(
+  try:
+    compiled = lowered.compile(compiler_options=compiler_options) if compiler_options else lowered.compile()
+  except TypeError:  # a jax without per-call compiler options
+    compiled = lowered.compile()
+  return compiled, time.perf_counter() - start
+
+
+def jax_row(loss: str, mode: str, args, batch_size: int, compiled, compile_s: float) -> dict:
+  """A JAX row before timing: memory and FLOPs from XLA's analysis of the compiled step."""
+  return dict(
     framework='jax',
     loss=loss,
     mix=mode,
@@ -213,16 +248,36 @@ def time_jax_step(
     compile_s=compile_s,
     loss_value=None,
   )
-  if args.compile_only:
-    return row, None
-  for _ in range(args.warmup):
+
+
+def run_steps(compiled, state, batch, steps: int, warmup: int):
+  """(state, seconds per step, metrics): `warmup` steps, then `steps` timed ones (device-synchronised)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  metrics = None
+  for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   start = time.perf_counter()
-  for _ in range(args.steps):
+  for _ in range(steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
-  seconds = (time.perf_counter() - start) / args.steps
+  return state, (time.perf_counter() - start) / max(steps, 1), metrics
+
+
+def time_jax_step(
+  loss: str, mode: str, args, batch_size: int, images, labels, mesh, keep_state: bool = False, e2e: int | None = None
+):
+  """Builds the trainer's step for (loss, mode), times it; returns (row, (state, model, config) or None)."""
+  from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  config, model, step_fn, state = build_variant(loss, mode, args, batch_size, mesh)
+  batch = sharding.global_batch({'image': images, 'label': labels}, mesh)
+  compiled, compile_s = compile_timed(step_fn.lower(state, batch))
+  row = jax_row(loss, mode, args, batch_size, compiled, compile_s)
+  if args.compile_only:
+    return row, None
+  state, seconds, metrics = run_steps(compiled, state, batch, args.steps, args.warmup)
   row.update(images_per_s=batch_size / seconds, ms_per_step=1000 * seconds, loss_value=float(metrics['loss']))
   if e2e is not None:
     row['e2e'] = time_end_to_end(compiled, state, args, batch_size, mesh, e2e)
@@ -277,57 +332,67 @@ def time_end_to_end(compiled, state, args, batch_size: int, mesh, workers: int) 
   )
 
 
+def memory_limit(args) -> int | None:
+  """Device memory the largest-batch probe compares with: --memory_limit_gib, else memory_stats()['bytes_limit']."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if args.memory_limit_gib:
+    return int(args.memory_limit_gib * 2**30)
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], 'memory_stats') else None
+  return (stats or {}).get('bytes_limit')
+
+
+def lower_probe(batch_size: int, args, mesh, state):
+  """The MS + feature step at `batch_size`, lowered on an abstract batch (nothing allocated) for compile-only."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  _, _, step_fn, state = build_variant('multi_similarity', 'feature', args, batch_size, mesh, state=state)
+  shard = sharding.batch_sharding(mesh)
+  batch = {
+    'image': jax.ShapeDtypeStruct((batch_size, args.image_size, args.image_size, 3), np.uint8, sharding=shard),
+    'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=shard),
+  }
+  return step_fn.lower(state, batch), state
+
+
+def probe_row(batch_size: int, compiled, compile_s: float, limit: int | None) -> dict:
+  memory = _xla_bytes(compiled)
+  fits = None if (memory is None or limit is None) else memory <= limit
+  return dict(batch_size=batch_size, memory_bytes=memory, limit_bytes=limit, fits=fits, compile_s=compile_s)
+
+
 def probe_batch_memory(args, mesh) -> list[dict]:
   """Compile-only: XLA memory of the MS + feature step per batch size (abstract batch, nothing allocated)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from metrix_jax import embedding, optim, sharding, step  # pylint: disable=g-import-not-at-top
-
-  stats = jax.devices()[0].memory_stats() or {}
-  limit = args.memory_limit_gib * 2**30 if args.memory_limit_gib else stats.get('bytes_limit')
-  out, state = [], None
+  limit, out, state = memory_limit(args), [], None
   for batch_size in args.max_batch_probe:
-    config = make_config('multi_similarity', 'feature', args, batch_size)
-    model, loss_fn = embedding.create_model(config), step.create_loss(config)
-
-    def tx_factory(params, config=config):
-      return optim.make_optimizer(
-        config.optim, params=params, steps_per_epoch=1000, total_steps=10**6, freeze_bn_affine=True
-      )
-
-    if state is None:  # the state does not depend on the batch size
-      state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)
-    tx = tx_factory(state.params)
-    step_fn = step.make_train_step(config, model, loss_fn, tx, mesh)
-    batch = {
-      'image': jax.ShapeDtypeStruct(
-        (batch_size, args.image_size, args.image_size, 3), np.uint8, sharding=sharding.batch_sharding(mesh)
-      ),
-      'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding.batch_sharding(mesh)),
-    }
-    start = time.perf_counter()
-    memory = _xla_bytes(step_fn.lower(state, batch).compile())
-    fits = None if (memory is None or limit is None) else memory <= limit
-    out.append(
-      dict(
-        batch_size=batch_size, memory_bytes=memory, limit_bytes=limit, fits=fits, compile_s=time.perf_counter() - start
-      )
+    lowered, state = lower_probe(batch_size, args, mesh, state)  # the state does not depend on the batch size
+    compiled, compile_s = compile_timed(lowered)
+    out.append(probe_row(batch_size, compiled, compile_s, limit))
+    print(
+      f'  probe batch {batch_size}: {_mib(out[-1]["memory_bytes"])} of {_mib(limit)} -> fits: {out[-1]["fits"]}',
+      file=sys.stderr,
+      flush=True,
     )
-    print(f'  probe batch {batch_size}: {_mib(memory)} of {_mib(limit)} -> fits: {fits}', file=sys.stderr, flush=True)
   return out
 
 
-def time_embed(state, model, config, args, mesh) -> dict:
-  """Eval embedding throughput (`embedding.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
-  import jax  # pylint: disable=g-import-not-at-top
+def lower_embed(state, model, config, args, mesh):
+  """The evaluator's jitted forward (`embedding.make_embed_fn`) at --eval_batch_size: (lowered, variables, batch)."""
   from metrix_jax import embedding, sharding  # pylint: disable=g-import-not-at-top
 
   images, _ = make_batch(args.eval_batch_size, args.image_size, args.num_classes, seed=1)
   embed_fn = embedding.make_embed_fn(model, config, mesh)
   variables = state.variables()
   batch = sharding.global_batch({'image': images}, mesh)['image']
-  start = time.perf_counter()
-  compiled = embed_fn.lower(variables, batch).compile()
-  compile_s = time.perf_counter() - start
+  return embed_fn.lower(variables, batch), variables, batch
+
+
+def embed_row(compiled, compile_s: float, variables, batch, args) -> dict:
+  """Times the compiled eval embedding: images/s over --steps calls after --warmup."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  out = None
   for _ in range(args.warmup):
     out = compiled(variables, batch)
   jax.block_until_ready(out)
@@ -335,7 +400,7 @@ def time_embed(state, model, config, args, mesh) -> dict:
   for _ in range(args.steps):
     out = compiled(variables, batch)
   jax.block_until_ready(out)
-  seconds = (time.perf_counter() - start) / args.steps
+  seconds = (time.perf_counter() - start) / max(args.steps, 1)
   return dict(
     framework='jax',
     loss='-',
@@ -349,6 +414,13 @@ def time_embed(state, model, config, args, mesh) -> dict:
     compile_s=compile_s,
     loss_value=float(np.abs(np.asarray(out, np.float32)).sum()),
   )
+
+
+def time_embed(state, model, config, args, mesh) -> dict:
+  """Eval embedding throughput (`embedding.make_embed_fn`, the evaluator's jitted forward) at --eval_batch_size."""
+  lowered, variables, batch = lower_embed(state, model, config, args, mesh)
+  compiled, compile_s = compile_timed(lowered)
+  return embed_row(compiled, compile_s, variables, batch, args)
 
 
 def time_torch(variant: str, args, images, labels) -> dict:
@@ -481,8 +553,89 @@ def print_table(rows: list[dict], env: dict, args) -> None:
     print(f'process peak device memory (all variants, device.memory_stats): {_mib(env["peak_device_bytes"])}')
 
 
+FIRST_STEP_LINE = re.compile(r'compiled and ran the first step in ([0-9.]+)s')
+
+
+def run_to_first_step(args, workdir: str, cache: str, timeout_s: float = 900.0) -> dict:
+  """One `python -m metrix_jax.main` from its start to the first step's log line, then killed: wall seconds and
+  the logged 'compiled and ran the first step in X s'."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [
+    sys.executable,
+    '-m',
+    'metrix_jax.main',
+    f'--config={args.first_step_config}',
+    f'--workdir={workdir}',
+    f'--compilation_cache={cache}',
+    f'--config.dataset.data_dir={args.first_step_data_dir}',
+  ]
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  start = time.perf_counter()
+  proc = subprocess.Popen(
+    command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+  )
+  tail: list[str] = []
+  try:
+    for line in proc.stderr:
+      tail = (tail + [line])[-20:]
+      match = FIRST_STEP_LINE.search(line)
+      if match:
+        return dict(wall_s=time.perf_counter() - start, logged_s=float(match.group(1)))
+      if time.perf_counter() - start > timeout_s:
+        break
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    proc.wait()
+  raise RuntimeError('the run ended before its first step:\n' + ''.join(tail))
+
+
+def first_step(args) -> dict:
+  """--first_step: min / median / max over --runs of start -> first step, with the chosen cache."""
+  mode = args.first_step_cache
+  scratch = tempfile.mkdtemp(prefix='metrix_first_step_')
+  shared = os.path.join(scratch, 'cache') if mode == 'warm' else None if mode in ('cold', 'off') else mode
+  runs = []
+  try:
+    for i in range(args.first_step_warmup + args.runs):
+      cache = 'off' if mode == 'off' else shared or os.path.join(scratch, f'cache{i}')
+      r = run_to_first_step(args, os.path.join(scratch, f'run{i}'), cache)
+      timed = i >= args.first_step_warmup
+      print(
+        f'  run {i}{"" if timed else " (warm-up)"}: first step after {r["wall_s"]:.1f} s '
+        f'(logged {r["logged_s"]:.1f} s)',
+        file=sys.stderr,
+        flush=True,
+      )
+      if timed:
+        runs.append(r)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+  def stats(key):
+    values = sorted(r[key] for r in runs)
+    return dict(min=values[0], median=float(np.median(values)), max=values[-1])
+
+  out = dict(cache=mode, runs=len(runs), wall_s=stats('wall_s'), logged_s=stats('logged_s'), per_run=runs)
+  print(
+    f'| {mode} | {len(runs)} | '
+    + ' / '.join(f'{out["wall_s"][k]:.1f}' for k in ('min', 'median', 'max'))
+    + ' | '
+    + ' / '.join(f'{out["logged_s"][k]:.1f}' for k in ('min', 'median', 'max'))
+    + ' |',
+    flush=True,
+  )
+  if args.json_out:
+    jsonio.write_json(args.json_out, out)
+  return out
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
+  if args.first_step:
+    return [first_step(args)]
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
   absl_logging.set_verbosity(absl_logging.ERROR)  # the "random init" warning, once per variant

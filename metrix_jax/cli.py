@@ -61,6 +61,67 @@ def configure_logging(*, verbose_libraries: bool = False, process_index: int | N
     root.addHandler(handler)
 
 
+COMPILATION_CACHE_ENV = 'METRIX_JAX_COMPILATION_CACHE'
+COMPILATION_CACHE_OFF = ('off', 'none', 'false', '0', '')
+COMPILATION_CACHE_HELP = (
+  "Folder of JAX's persistent compilation cache (a restart loads the compiled steps instead of compiling them "
+  f"again); 'off' switches it off. Default: ${COMPILATION_CACHE_ENV}, else $XDG_CACHE_HOME/metrix_jax/"
+  'jax_compilation_cache (~/.cache/... without XDG_CACHE_HOME).'
+)
+
+
+def compilation_cache_dir(path: str | None = None) -> str | None:
+  """The persistent compilation cache folder to use, or None (off).
+
+  Precedence: `path` (the --compilation_cache flag) > $METRIX_JAX_COMPILATION_CACHE > $JAX_COMPILATION_CACHE_DIR
+  (JAX's own) > $XDG_CACHE_HOME/metrix_jax/jax_compilation_cache (~/.cache/metrix_jax/... when XDG_CACHE_HOME is
+  unset). 'off', 'none', 'false', '0' or '' switch it off. Under pytest (PYTEST_CURRENT_TEST set) the default is
+  off, so test runs never fill a user's cache; an explicit flag or variable still applies.
+  """
+  for value in (path, os.environ.get(COMPILATION_CACHE_ENV), os.environ.get('JAX_COMPILATION_CACHE_DIR')):
+    if value is not None:
+      return None if value.strip().lower() in COMPILATION_CACHE_OFF else os.path.abspath(os.path.expanduser(value))
+  if 'PYTEST_CURRENT_TEST' in os.environ:
+    return None
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'metrix_jax', 'jax_compilation_cache')
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache in `compilation_cache_dir(path)` (before the first compilation);
+  returns the folder, or None when it is off. Compiled programs that took >= 1 s to compile are stored (JAX's
+  default; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS changes it) and loaded by the next process that compiles the
+  same program on the same backend and versions, so a restart skips the compilation. A cache never changes results:
+  the key covers the program, the compile options, the devices and the jax/jaxlib versions. A folder that cannot
+  be created is a warning and the run goes on without a cache.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  # keep `import metrix_jax.cli` free of jax
+
+  folder = compilation_cache_dir(path)
+  if folder is None:
+    jax.config.update('jax_enable_compilation_cache', False)
+    return None
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as error:
+    logging.getLogger(__name__).warning(
+      'compilation cache off: cannot create %s (%s); set --compilation_cache=DIR or %s=DIR to move it, or =off.',
+      folder,
+      error,
+      COMPILATION_CACHE_ENV,
+    )
+    jax.config.update('jax_enable_compilation_cache', False)
+    return None
+  jax.config.update('jax_enable_compilation_cache', True)
+  jax.config.update('jax_compilation_cache_dir', folder)
+  logging.getLogger(__name__).info(
+    'JAX compilation cache: %s (--compilation_cache=DIR or %s=DIR moves it, =off switches it off)',
+    folder,
+    COMPILATION_CACHE_ENV,
+  )
+  return folder
+
+
 def reject_arguments(argv) -> None:
   """absl's `app.UsageError` for positional arguments (every option of our commands is a --flag)."""
   if len(argv) > 1:

@@ -166,6 +166,7 @@ def main() -> int:
   flags.DEFINE_string('images', None, 'Folder of images (searched recursively).', required=True)
   flags.DEFINE_string('out', None, 'Output .npz (paths, embeddings).', required=True)
   flags.DEFINE_integer('batch_size', None, 'Images per step (default: config.dataset.eval_batch_size).')
+  flags.DEFINE_string('compilation_cache', None, cli.COMPILATION_CACHE_HELP)
   status = rundir.define_run_flags(sys.argv[1:], example='--config.dataset.image_size=256')
   if status:
     return status
@@ -174,6 +175,7 @@ def main() -> int:
     cli.reject_arguments(argv)
     FLAGS = flags.FLAGS  # pylint: disable=invalid-name
     cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
+    cli.enable_compilation_cache(FLAGS.compilation_cache)  # before the first compilation
 
     def work():
       summary = run(

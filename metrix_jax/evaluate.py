@@ -98,6 +98,7 @@ def main() -> int:
   flags.DEFINE_string('out_dir', None, 'Where eval.json and the plots go (default: the workdir).')
   flags.DEFINE_bool('utilization', True, 'Embed the train split (eval preprocessing) for utilization.')
   flags.DEFINE_bool('positivity', True, 'Run the positivity analysis on test embeddings.')
+  flags.DEFINE_string('compilation_cache', None, cli.COMPILATION_CACHE_HELP)
   status = rundir.define_run_flags(sys.argv[1:], example='--config.dataset.data_dir=/data')
   if status:
     return status
@@ -108,6 +109,7 @@ def main() -> int:
     # Multi-host (--config.train.distributed=True or METRIX_DISTRIBUTED=1 on every host): before device queries.
     sharding.maybe_initialize_distributed(FLAGS.config.train.distributed)
     cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
+    cli.enable_compilation_cache(FLAGS.compilation_cache)  # before the first compilation
 
     def work():
       config_lib.validate(FLAGS.config, check_files=False)

@@ -34,6 +34,7 @@ flags.DEFINE_bool(
   False,
   'Continue the checkpoints in --workdir with a config that differs from its config.json (kept as config.<step>.json).',
 )
+flags.DEFINE_string('compilation_cache', None, cli.COMPILATION_CACHE_HELP)
 config_flags.DEFINE_config_file(
   'config', None, 'Config file, e.g. configs/demo.py or configs/cub200.py:ms,feature.', lock_config=True
 )
@@ -49,6 +50,7 @@ def main(argv) -> int:
   if status:
     return status
   cli.configure_logging(verbose_libraries=FLAGS.verbose_libraries)
+  cli.enable_compilation_cache(FLAGS.compilation_cache)  # before the first compilation: a restart skips it
   import jax  # pylint: disable=g-import-not-at-top  # after the distributed initialisation
 
   absl_logging.info('process %d/%d, local devices: %s', jax.process_index(), jax.process_count(), jax.local_devices())
