@@ -977,7 +977,11 @@ def margin_loss(embeddings, labels, *, margin: float = 0.2, beta: float = 1.2, f
 def pair_nca_from_similarity(sim, targets, mask, *, softmax_scale: float = 1.0, form: str = 'pml') -> Array:
   """NCA on pairs: ProxyNCA's generic form (rho = e^{-k d^2} both sides, -log sum_pos / sum_all) with the other
   embeddings as candidates; mean over the rows with a positive (PML NCALoss; both forms). Soft labels: an item
-  of weight y adds y e^{-k d^2} to the numerator and (1 - y) e^{-k d^2} to the rest of the denominator."""
+  of weight y adds y e^{-k d^2} to the numerator and (1 - y) e^{-k d^2} to the rest of the denominator.
+
+  Metrix caveat: rho_pos = rho_neg, so a row whose items all carry the same y (sampled 'own' plans with one lambda
+  per batch: every pos_neg / anc_neg item has y = lam) gives the constant -log(lam), without gradient. Mix with
+  mask_mode='all' (items of other anchors: y in {lam, 1 - lam, 0}), lambda_mode='item' or all_pairs."""
   return proxy_nca_from_similarity(sim, targets, mask, softmax_scale=softmax_scale, form=form)
 
 
