@@ -107,7 +107,7 @@ def init_state(
   )
   params = {'backbone': variables['params']['backbone'], 'head': variables['params']['head']}
   if loss_fn.uses_proxies:
-    params['proxies'] = losses.init_proxies(proxy_key, num_classes, config.model.embedding_dim)
+    params['proxies'] = loss_fn.init_proxies(proxy_key, num_classes, config.model.embedding_dim)  # [C * K, D]
   tx = tx_factory(params)
 
   def make(params, batch_stats):

@@ -73,3 +73,21 @@ def test_mistakes_are_clear(source_run, tmp_path):
     _init(f'{source_run}:3')
   assert rundir.parse_run_reference(str(tmp_path)) is None  # no config.json: not a run (a weights path then)
   assert rundir.parse_run_reference(f'{source_run}:7') == (source_run, 7)
+
+
+@pytest.mark.parametrize('loss_name', ['proxy_anchor', 'soft_triple', 'subcenter_arcface'])
+def test_init_state_gives_each_loss_its_own_proxy_rows(loss_name):
+  """Class-weight losses own K rows per class ([C * K, D], the loss's own init); Proxy Anchor keeps [C, D] and the
+  values it always had (losses.init_proxies with the same key)."""
+  from metrix_jax import losses  # pylint: disable=g-import-not-at-top
+
+  config = trainer_fakes.tiny_config(loss_name)
+  model, loss = trainer_fakes.tiny_model_factory(config), step.create_loss(config)
+  state = jax.device_get(step.init_state(config, model, loss, lambda p: optax.sgd(0.1), 12, sharding.make_mesh()))
+  _, proxy_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
+  assert state.params['proxies'].shape == (loss.num_proxies(12), config.model.embedding_dim)
+  np.testing.assert_array_equal(state.params['proxies'], loss.init_proxies(proxy_key, 12, config.model.embedding_dim))
+  if loss_name == 'proxy_anchor':
+    np.testing.assert_array_equal(state.params['proxies'], losses.init_proxies(proxy_key, 12, 16))
+  else:
+    assert loss.num_proxies(12) > 12
