@@ -21,7 +21,8 @@ call cut short keeps its rows):
 The JAX steps are `metrix_jax.step.make_train_step` built from a config as the trainer builds it
 (`bench_train.py`); the train state is built once and shared (it does not depend on the mix level). Compilation:
 jax_clean compiles alone (on a GPU it fills XLA's in-process autotuning results for the backbone's convolutions),
-then feature, embedding and eval embed compile together in --compile_workers threads, then each is timed alone.
+then each row compiles right before it is timed (--compile_workers=N > 1: feature, embedding and eval embed
+compile together in N threads, faster, but a GPU then times its autotuning candidates under contention).
 
 Outputs in --out (default $OUT): verdict.json (environment, settings, rows, skipped rows and why, targets,
 timeline), verdict.md (the table and the targets, rewritten after every row), profile.tar.gz (the profile row);
@@ -160,11 +161,19 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--smoke', action='store_true', help='CPU rehearsal: ResNet-18, 32 px, batch 20, 2 steps')
   parser.add_argument('--out', default=os.environ.get('OUT') or os.path.join(ROOT, '.verdict_out'))
-  parser.add_argument('--budget_s', type=float, default=480.0, help='wall-time budget from --started_at')
+  parser.add_argument(
+    '--budget_s', type=float, default=None, help='wall-time budget from --started_at (default 480; --smoke: 900)'
+  )
   parser.add_argument('--started_at', type=float, default=None, help='epoch seconds the call began (default: now)')
   parser.add_argument('--rows', default=','.join(ROWS), help=f'comma-separated, in order; from {", ".join(ROWS)}')
   parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'))
-  parser.add_argument('--compile_workers', type=int, default=3, help='threads compiling feature/embedding/eval')
+  parser.add_argument(
+    '--compile_workers',
+    type=int,
+    default=1,
+    help='1: each JAX row compiles right before it runs (exact GPU autotuning, rows appear one by one); N > 1: '
+    'feature, embedding and eval embed compile together in N threads (faster, autotuning timed under contention)',
+  )
   parser.add_argument('--compile_only', action='store_true', help="no run: XLA's compile time and memory per row")
   parser.add_argument('--e2e_workers', type=int, default=-1, help='grain worker processes (-1: every core)')
   parser.add_argument('--memory_limit_gib', type=float, default=None, help="largest batch vs this, not the device's")
@@ -184,6 +193,8 @@ def parse_args(argv=None):
   if args.compile_only:
     args.rows = [r for r in args.rows if r.startswith('jax_') or r in ('eval_embed', 'max_batch')]
   args.host_imports = args.host_imports or ('on' if args.smoke else 'off')
+  if args.budget_s is None:
+    args.budget_s = 900.0 if args.smoke else 480.0  # the rehearsal runs every row, however slow the CI machine
   args.started_at = args.started_at or time.time()
   args.deadline = args.started_at + args.budget_s
   return args
@@ -476,7 +487,8 @@ class Runner:
     self.mesh = sharding.make_mesh()
     self.images, self.labels = bench_train.make_batch(args.batch_size, args.image_size, self.b.num_classes)
     self.state = self.batch = self.model = self.config = None
-    self.compiled: dict[str, tuple] = {}  # row -> (compiled, compile_s, config, model)
+    self.compiled: dict[str, tuple] = {}  # row -> (compiled, compile_s, extra, threads)
+    self.failed: dict[str, str] = {}  # row -> why it did not lower or compile
     self.seconds: dict[str, float] = {}  # row -> step seconds
     self.row_seconds: dict[str, float] = {}
 
@@ -546,19 +558,36 @@ class Runner:
     return step_fn.lower(self.state, self.batch), None
 
   def compile_rows(self, names) -> None:
-    """Compiles the JAX rows `names` not compiled yet: lowered one by one, compiled in a thread pool."""
-    todo = [n for n in names if n not in self.compiled]
-    lowered = {n: self.lower(n) for n in todo}
-    workers = max(1, min(self.args.compile_workers, len(todo)))
+    """Compiles the JAX rows `names` not compiled (or failed) yet: lowered one by one, compiled in a pool."""
+    lowered = {}
+    for n in names:
+      if n in self.compiled or n in self.failed:
+        continue
+      try:
+        lowered[n] = self.lower(n)
+      except Exception as error:  # pylint: disable=broad-except  (its row reports it; the others go on)
+        traceback.print_exc()
+        self.failed[n] = f'lowering: {type(error).__name__}: {error}'
+    workers = max(1, min(self.args.compile_workers, len(lowered)))
     with ThreadPoolExecutor(workers) as pool:
-      futures = {n: pool.submit(self.bt.compile_timed, lowered[n][0]) for n in todo}
-      for n in todo:
+      futures = {n: pool.submit(self.bt.compile_timed, lowered[n][0]) for n in lowered}
+      for n in lowered:
         try:
           compiled, seconds = futures[n].result()
-        except Exception:  # pylint: disable=broad-except  (its row reports it)
+        except Exception as error:  # pylint: disable=broad-except  (its row reports it)
           traceback.print_exc()
+          self.failed[n] = f'compilation: {type(error).__name__}: {error}'
           continue
         self.compiled[n] = (compiled, seconds, lowered[n][1], workers)
+
+  def compiled_row(self, name: str):
+    """(compiled, seconds, extra, threads) of a JAX row, compiling it (or its group) first."""
+    if name not in self.compiled:
+      together = self.args.compile_workers > 1 and name in ('jax_feature', 'jax_embedding', 'eval_embed')
+      self.compile_rows(self.group(name) if together else [name])
+    if name not in self.compiled:
+      raise RuntimeError(f'{name} did not compile: {self.failed.get(name, "see the traceback above")}'[:500])
+    return self.compiled[name]
 
   def group(self, name: str) -> list[str]:
     """The rows compiled together with `name`: feature, embedding and eval embed, as far as they are asked for."""
@@ -566,11 +595,7 @@ class Runner:
 
   def jax_step_row(self, name: str) -> None:
     start = time.time()
-    if name not in self.compiled:
-      self.compile_rows([name] if name in ('jax_clean', 'jax_input') else self.group(name))
-    if name not in self.compiled:
-      raise RuntimeError(f'{name} did not compile (traceback above)')
-    compiled, compile_s, _, workers = self.compiled[name]
+    compiled, compile_s, _, workers = self.compiled_row(name)
     mode = name.split('_', 1)[1].replace('clean', 'none')
     row = self.bt.jax_row('multi_similarity', mode, self.b, self.args.batch_size, compiled, compile_s)
     row['compiled_with'] = f'{workers} thread(s)'
@@ -598,9 +623,7 @@ class Runner:
 
   def row_eval_embed(self):
     start = time.time()
-    if 'eval_embed' not in self.compiled:
-      self.compile_rows(self.group('eval_embed'))
-    compiled, compile_s, (variables, batch), workers = self.compiled['eval_embed']
+    compiled, compile_s, (variables, batch), workers = self.compiled_row('eval_embed')
     if self.args.compile_only:
       row = self.bt.jax_row('-', 'eval embed', self.b, self.args.eval_batch_size, compiled, compile_s)
     else:
@@ -611,9 +634,7 @@ class Runner:
 
   def row_e2e(self):
     start = time.time()
-    if 'jax_feature' not in self.compiled:
-      self.compile_rows(['jax_feature'])
-    compiled, compile_s = self.compiled['jax_feature'][:2]
+    compiled = self.compiled_row('jax_feature')[0]
     step_row = next((r for r in self.v.rows if r['row'] == 'jax_feature'), None)
     e2e = self.bt.time_end_to_end(compiled, self.state, self.b, self.args.batch_size, self.mesh, self.args.e2e_workers)
     self.state = e2e.pop('state')
@@ -637,12 +658,10 @@ class Runner:
   def row_max_batch(self):
     """Compile-only probes around the batch that XLA's memory of the feature row predicts fills the device."""
     start = time.time()
-    if 'jax_feature' not in self.compiled:
-      self.compile_rows(['jax_feature'])
-    used = self.bt._xla_bytes(self.compiled['jax_feature'][0])  # pylint: disable=protected-access
+    used = self.bt._xla_bytes(self.compiled_row('jax_feature')[0])  # pylint: disable=protected-access
     limit = self.bt.memory_limit(self.b)
     if limit is None and self.args.smoke:
-      limit = 2 * used  # a CPU reports no device memory: rehearse the search against twice the feature row's
+      limit = int(1.5 * used)  # a CPU reports no device memory: rehearse the search against 1.5x the feature row's
     if limit is None or used is None:
       raise RuntimeError('no device memory limit (pass --memory_limit_gib) or no XLA memory analysis')
     # XLA's memory = the state (parameters, Adam moments: fixed) + what grows with the batch (activations, the
@@ -661,7 +680,7 @@ class Runner:
     lowered = {}
     for bs in candidates:
       lowered[bs], _ = self.bt.lower_probe(bs, self.b, self.mesh, self.state)
-    with ThreadPoolExecutor(max(1, min(self.args.compile_workers, len(candidates)))) as pool:
+    with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:  # no autotuning: no contention
       futures = {bs: pool.submit(self.bt.compile_timed, lowered[bs], PROBE_OPTIONS) for bs in candidates}
       for bs in candidates:
         compiled, seconds = futures[bs].result()
