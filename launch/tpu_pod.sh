@@ -2,16 +2,25 @@
 # Train on every host of a Cloud TPU pod slice: create the TPU VM, copy this repo to every worker, install it,
 # run the same command on all workers (jax.distributed over the pod), copy results.json back.
 #
-# Usage: launch/tpu_pod.sh create|setup|run|fetch|delete|all  [--config.KEY=VALUE ...]   (extra args: 'run'/'all')
+# Usage: launch/tpu_pod.sh create|setup|run|fetch|delete|all  [--config.KEY=VALUE ...]   (extra args: run/all; create: preflight)
 # Env (required): TPU_NAME, ZONE, CONFIG (e.g. configs/sop.py:ms,feature), WORKDIR (gs://bucket/run or a path
 #   on each worker; a gs:// workdir keeps checkpoints and results in one place for every host).
 # Env (optional): ACCELERATOR=v4-32, VERSION=tpu-ubuntu2204-base, PROJECT=(gcloud default), DATA_DIR=gs://...
 #   (built data sets, passed as --config.dataset.data_dir), DRY_RUN=1 (print the gcloud commands only).
+# ACCELERATOR (gcloud --accelerator-type; topology in brackets): v4-8 v4-16 v4-32 v4-64 v4-128 v4-256 v4-512
+#   v4-1024 (2 TensorCores per chip: v4-128 = 64 chips [4x4x4]), v5p-8 ... v5p-1024 (same shapes), v5litepod-1 4 8
+#   16 32 64 128 256 (= v5e-N, N chips [v5e-256: 16x16]), v6e-1 4 8 16 32 64 128 256.
+# Preflight (create/all, before anything is created): benchmarks/tpu_aot.py --preflight prints the per-chip memory
+#   of CONFIG + the extra args on ACCELERATOR (compiled ahead of time here when libtpu is installed, else the
+#   recorded AOT table) and stops when the step does not fit the chip's HBM (exit 3) or the global batch does not
+#   split over the chips / the config is invalid (exit 2). PREFLIGHT=0 skips it; PYTHON=python3 (needs metrix_jax;
+#   with jax[tpu] it compiles: minutes), AOT_COMPILE=auto|yes|no.
 # Example: TPU_NAME=metrix ZONE=us-central2-b CONFIG=configs/sop.py:ms,feature WORKDIR=gs://b/sop \
-#          DATA_DIR=gs://b/tfds launch/tpu_pod.sh all --config.train.batch_size=128
+#          DATA_DIR=gs://b/tfds launch/tpu_pod.sh all --config.train.batch_size=160 \
+#          --config.dataset.classes_per_batch=32
 set -euo pipefail
 
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then usage; [[ $# -ge 1 ]] && exit 0 || exit 2; fi
 action="$1"; shift
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
@@ -24,6 +33,20 @@ run() { echo "+ $*"; if [[ "${DRY_RUN:-0}" != "1" ]]; then "$@"; fi; }
 ssh_all() { run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${project_flag[@]}" --worker=all \
               --command="$1"; }
 
+preflight() {  # the AOT memory row of this slice and config; stops a run that cannot fit before it costs money
+  if [[ "${PREFLIGHT:-1}" == "0" ]]; then echo "preflight: skipped (PREFLIGHT=0)"; return 0; fi
+  if [[ -z "${CONFIG:-}" ]]; then echo "preflight: skipped (set CONFIG to check the memory of the run)"; return 0; fi
+  local rc=0
+  (cd "$repo" && "${PYTHON:-python3}" benchmarks/tpu_aot.py --preflight --accelerator="$ACCELERATOR" \
+     --config="$CONFIG" --compile="${AOT_COMPILE:-auto}" "$@") || rc=$?
+  if [[ $rc -ne 0 ]]; then
+    if [[ $rc -ne 2 && $rc -ne 3 ]]; then
+      echo "preflight: '${PYTHON:-python3} benchmarks/tpu_aot.py' failed (exit $rc; metrix_jax installed? pip install -e .)."
+    fi
+    echo "preflight: nothing was created. PREFLIGHT=0 skips this check." >&2
+    exit "$rc"
+  fi
+}
 create() {
   run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" "${project_flag[@]}" \
       --accelerator-type="$ACCELERATOR" --version="$VERSION"
@@ -59,11 +82,11 @@ fetch() {  # results.json (written by process 0 = worker 0) and worker 0's log
 delete() { run gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" "${project_flag[@]}" --quiet; }
 
 case "$action" in
-  create) create ;;
+  create) preflight "$@"; create ;;
   setup) setup ;;
   run) train "$@" ;;
   fetch) fetch ;;
   delete) delete ;;
-  all) create; setup; train "$@"; fetch ;;
+  all) preflight "$@"; create; setup; train "$@"; fetch ;;
   *) echo "unknown action '$action'"; usage; exit 2 ;;
 esac
