@@ -556,11 +556,9 @@ def print_table(rows: list[dict], env: dict, args) -> None:
 FIRST_STEP_LINE = re.compile(r'compiled and ran the first step in ([0-9.]+)s')
 
 
-def run_to_first_step(args, workdir: str, cache: str, timeout_s: float = 900.0) -> dict:
-  """One `python -m metrix_jax.main` from its start to the first step's log line, then killed: wall seconds and
-  the logged 'compiled and ran the first step in X s'."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  command = [
+def first_step_command(args, workdir: str, cache: str) -> list[str]:
+  """The demo's training command in `workdir` with compilation cache `cache` (a folder or 'off')."""
+  return [
     sys.executable,
     '-m',
     'metrix_jax.main',
@@ -569,6 +567,12 @@ def run_to_first_step(args, workdir: str, cache: str, timeout_s: float = 900.0) 
     f'--compilation_cache={cache}',
     f'--config.dataset.data_dir={args.first_step_data_dir}',
   ]
+
+
+def run_to_first_step(command: list[str], timeout_s: float = 900.0) -> dict:
+  """Runs `command` (from the checkout) from its start to the trainer's log line 'compiled and ran the first step
+  in X s', then kills its process group: {'wall_s': start -> that line, 'logged_s': X}."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
   start = time.perf_counter()
   proc = subprocess.Popen(
@@ -601,7 +605,7 @@ def first_step(args) -> dict:
   try:
     for i in range(args.first_step_warmup + args.runs):
       cache = 'off' if mode == 'off' else shared or os.path.join(scratch, f'cache{i}')
-      r = run_to_first_step(args, os.path.join(scratch, f'run{i}'), cache)
+      r = run_to_first_step(first_step_command(args, os.path.join(scratch, f'run{i}'), cache))
       timed = i >= args.first_step_warmup
       print(
         f'  run {i}{"" if timed else " (warm-up)"}: first step after {r["wall_s"]:.1f} s '

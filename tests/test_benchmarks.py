@@ -117,3 +117,27 @@ def test_bench_train_rejects_unknown_levels():
     bench_train.parse_args(['--modes=pixel'])
   with pytest.raises(SystemExit, match='valid choices'):
     bench_train.parse_args(['--losses=triplet'])
+
+
+def test_first_step_timing_stops_at_the_first_step_line_and_kills_the_run():
+  """bench_train --first_step's timer: wall time to the trainer's 'compiled and ran the first step' line, the
+  logged seconds, and the run (a stand-in that would sleep for a minute) killed right after."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  import bench_train  # pylint: disable=g-import-not-at-top
+
+  script = (
+    'import sys, time\n'
+    "print('I1130 train.py] compiling the train step (first step)...', file=sys.stderr, flush=True)\n"
+    'time.sleep(0.5)\n'
+    "print('I1130 train.py] compiled and ran the first step in 12.5s.', file=sys.stderr, flush=True)\n"
+    'time.sleep(60)\n'
+  )
+  start = time.perf_counter()
+  r = bench_train.run_to_first_step([sys.executable, '-c', script])
+  assert r['logged_s'] == 12.5 and 0.5 <= r['wall_s'] < 30 and time.perf_counter() - start < 30
+  with pytest.raises(RuntimeError, match='ended before its first step'):
+    bench_train.run_to_first_step([sys.executable, '-c', "import sys; print('no step', file=sys.stderr)"])
+  args = bench_train.parse_args(['--first_step', '--first_step_cache=cold'])
+  command = bench_train.first_step_command(args, '/tmp/w', 'off')
+  assert command[1:4] == ['-m', 'metrix_jax.main', '--config=configs/demo.py'] and '--compilation_cache=off' in command
