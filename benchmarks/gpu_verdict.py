@@ -660,7 +660,7 @@ class Runner:
     start = time.time()
     used = self.bt._xla_bytes(self.compiled_row('jax_feature')[0])  # pylint: disable=protected-access
     limit = self.bt.memory_limit(self.b)
-    if limit is None and self.args.smoke:
+    if limit is None and used is not None and self.args.smoke:
       limit = int(1.5 * used)  # a CPU reports no device memory: rehearse the search against 1.5x the feature row's
     if limit is None or used is None:
       raise RuntimeError('no device memory limit (pass --memory_limit_gib) or no XLA memory analysis')
