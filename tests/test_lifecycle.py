@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -44,7 +45,7 @@ def _env(extra=None):
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **(extra or {}))
 
 
-def _cli(module, *args, env=None, timeout=300):
+def _cli(module, *args, env=None, timeout=900):
   return subprocess.run(
     [sys.executable, '-c', _script(module), *args],
     capture_output=True,
@@ -171,10 +172,18 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path):
   workdir = tmp_path / 'run'
   proc = _start_slow(workdir, '--config.train.checkpoint_every_steps=1')
   _wait_for_step(proc, workdir, 2)
+  lines = []
+  reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+  reader.start()
   proc.send_signal(signal.SIGINT)
-  time.sleep(0.3)
+  deadline = time.time() + 120
+  while not any('Ctrl-C: saving' in line for line in list(lines)):  # the first one is handled: now the second
+    assert proc.poll() is None and time.time() < deadline, ''.join(lines)[-3000:]
+    time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=120)
+  proc.wait(timeout=120)
+  reader.join(timeout=60)
+  err = ''.join(lines)
   assert proc.returncode == 130, err[-3000:]
   assert _error_line(err).startswith('aborted by a second Ctrl-C') and 'Traceback' not in err
   assert os.listdir(workdir / 'checkpoints')  # what was saved stays
