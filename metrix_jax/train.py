@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, NamedTuple
@@ -24,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from metrix_jax import checkpointing
+from metrix_jax import cli
 from metrix_jax import config_lib
 from metrix_jax import embedding
 from metrix_jax import evaluation
@@ -44,10 +46,11 @@ class NonFiniteLossError(FloatingPointError):
 
 class _PreemptionFlag:
   """SIGTERM (pre-emption) and the first Ctrl-C set `requested`: the loop checkpoints after the step in flight and
-  stops. A second Ctrl-C raises KeyboardInterrupt at once (what was saved stays; the steps since are lost)."""
+  stops. A second Ctrl-C exits at once with status 130 (what was saved stays; the steps since are lost)."""
 
   def __init__(self):
     self.requested = False
+    self._interrupted = False
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
@@ -55,8 +58,16 @@ class _PreemptionFlag:
 
   def _handle(self, signum, frame):
     del frame
+    if signum == signal.SIGINT and self._interrupted:  # the second Ctrl-C: abort now, whatever is running (a
+      # KeyboardInterrupt raised here could land in a garbage-collection callback and be swallowed)
+      print(
+        'aborted by a second Ctrl-C: the steps since the last checkpoint are lost; rerun the same command to resume.',
+        file=sys.stderr,
+        flush=True,
+      )
+      os._exit(cli.EXIT_INTERRUPTED)  # pylint: disable=protected-access
     if signum == signal.SIGINT:
-      signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C aborts
+      self._interrupted = True
       log.warning('Ctrl-C: saving a checkpoint after this step and stopping (Ctrl-C again aborts at once).')
     else:
       log.warning('SIGTERM: saving a checkpoint after this step and stopping.')

@@ -132,8 +132,8 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_and_training_resumes_from_th
   assert json.load(open(workdir / 'results.json'))['steps'] == 4
 
 
-def _start_slow(workdir, *args):
-  env = _env({'METRIX_FAKE_DATA_DELAY_S': '1.0'})
+def _start_slow(workdir, *args, delay_s=1.0):
+  env = _env({'METRIX_FAKE_DATA_DELAY_S': str(delay_s)})
   return subprocess.Popen(
     [sys.executable, '-c', _script('main'), CONFIG, f'--workdir={workdir}', '--config.train.num_steps=40', *args],
     env=env,
@@ -170,11 +170,13 @@ def test_ctrl_c_saves_like_a_preemption_and_prints_the_resume_command(tmp_path):
 
 def test_a_second_ctrl_c_aborts_at_once(tmp_path):
   workdir = tmp_path / 'run'
-  proc = _start_slow(workdir, '--config.train.checkpoint_every_steps=1')
+  # 4 s per data read: the second Ctrl-C comes while the step in flight still runs (not after the stop)
+  proc = _start_slow(workdir, '--config.train.checkpoint_every_steps=1', delay_s=4.0)
   _wait_for_step(proc, workdir, 2)
   lines = []
   reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
   reader.start()
+  time.sleep(1.0)  # inside the next 4 s data read, not between steps
   proc.send_signal(signal.SIGINT)
   deadline = time.time() + 120
   while not any('Ctrl-C: saving' in line for line in list(lines)):  # the first one is handled: now the second
