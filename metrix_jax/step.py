@@ -141,19 +141,15 @@ def compute_loss(
   loss_fn: losses.Loss,
   mix: mixup.MixSettings | None,
   train_bn: bool,
-  replicate: Callable[[jax.Array], jax.Array] | None = None,
   mix_images: jax.Array | None = None,
 ):
   """The objective of one global batch and what it measured.
 
-  images: normalised float [B, H, W, 3]; labels: int32 [B]; key: this step's PRNG key.
-  Metrix mixes items from anywhere in the global batch. replicate: [B, ...] sharded on the batch -> the same
-  values on every device (`make_train_step`: ONE all-gather; None: as is), applied to the feature maps before the
-  plan indexes them (without it XLA:TPU gathered them once per use). mix_images: the images input-level Metrix
-  mixes, on every device (`train_step` gathers the uint8 batch once and normalises it; default: images).
+  images: normalised float [B, H, W, 3]; labels: int32 [B]; key: this step's PRNG key. mix_images: the images
+  input-level Metrix mixes (items from anywhere in the global batch; `train_step` passes the uint8 batch gathered
+  onto every device, then normalised; default: images).
   Returns (loss scalar, (new batch_stats, {'clean_loss', 'mix_loss'} scalars)).
   """
-  replicate = replicate or (lambda x: x)
   variables = embedding.model_variables(params, batch_stats)
   proxies = params.get('proxies')
   head = functools.partial(model.apply, variables, method='head')
@@ -169,10 +165,10 @@ def compute_loss(
     if loss_fn.mines:  # the pair sets come from the clean embeddings: head on the clean maps first
       embeddings = head(feature_map)
       plan = plan_for(embeddings=embeddings)
-      mixed_embeddings = head(mixup.mix(replicate(feature_map), plan))
+      mixed_embeddings = head(mixup.mix(feature_map, plan))
     else:  # pair sets from the labels: clean and mixed maps through the head together
       plan = plan_for()
-      both = head(jnp.concatenate([feature_map, mixup.mix(replicate(feature_map), plan)]))
+      both = head(jnp.concatenate([feature_map, mixup.mix(feature_map, plan)]))
       embeddings, mixed_embeddings = both[: images.shape[0]], both[images.shape[0] :]
   else:
     (embeddings, _), new_stats = _apply(model, variables, images, train_bn=train_bn)
@@ -199,12 +195,13 @@ def train_step(
   dtype,
   replicate: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on the global batch (module docstring: shapes); pure. replicate: see `compute_loss`."""
+  """One optimiser step on the global batch (module docstring: shapes); pure. replicate: x [B, ...] sharded on
+  the batch -> the same values on every device (`make_train_step`: an all-gather; None: one device)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = data_lib.normalize_images(batch['image'], dtype)
   mix_images = None
-  if mix is not None and mix.level == 'input' and replicate is not None:  # uint8 over the wire (half of bf16)
-    mix_images = data_lib.normalize_images(replicate(batch['image']), dtype)
+  if mix is not None and mix.level == 'input' and replicate is not None:  # the uint8 batch over the wire: half
+    mix_images = data_lib.normalize_images(replicate(batch['image']), dtype)  # the bytes of bf16 (same values)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (loss, (new_stats, aux)), grads = grad_fn(
     state.params,
@@ -216,7 +213,6 @@ def train_step(
     loss_fn=loss_fn,
     mix=mix,
     train_bn=train_bn,
-    replicate=replicate,
     mix_images=mix_images,
   )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -227,8 +223,8 @@ def train_step(
 
 def make_train_step(config, model, loss_fn: losses.Loss, tx, mesh):
   """`train_step` of `config` jitted over `mesh`: (state replicated, batch sharded on 'data') -> (state,
-  metrics) replicated; the state is donated. What Metrix mixes across the global batch (feature maps, uint8
-  images) is gathered once (`sharding.replicated`), not by XLA once per use."""
+  metrics) replicated; the state is donated. Input-level Metrix mixes images from the whole global batch: the
+  uint8 batch is gathered (`sharding.replicated`) and normalised after, where XLA:TPU gathered the bf16 images."""
   replicated = sharding.replicated(mesh)
   fn = functools.partial(
     train_step,
