@@ -290,6 +290,7 @@ _INSTRUCTION = re.compile(
 )
 _SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([0-9,]*)\]')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CHANNEL = re.compile(r'\bchannel_id=(\d+)')
 
 
 def _shapes(type_text: str) -> list[tuple[str, int]]:
@@ -316,13 +317,20 @@ def collectives(hlo_text: str) -> dict[str, Any]:
   """The collectives of a compiled HLO module: {'ops': [{op, bytes, operands, dtypes, carries, op_name}], 'summary':
   {op: {'count', 'bytes', 'by_dtype': {dtype: bytes}, 'by_carries': {carries: [count, bytes]}}}}.
 
-  Async pairs count once (the -start; for all-gather/collective-permute starts the result half of the tuple).
+  One collective counts once: async pairs by their -start (for all-gather/collective-permute starts the result
+  half of the tuple), and the pieces XLA:TPU splits one asynchronous collective into (the same instruction in the
+  start, every continuation and the done computation, all with the same channel_id) by their channel_id.
   bytes: the full buffer (all-reduce operand, all-gather result, reduce-scatter operand)."""
-  ops = []
+  ops, channels = [], set()
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
     if not m:
       continue
+    channel = _CHANNEL.search(line)
+    if channel:
+      if (m.group('op'), channel.group(1)) in channels:
+        continue
+      channels.add((m.group('op'), channel.group(1)))
     op, shapes = m.group('op'), _shapes(m.group('type'))
     if m.group('start') and op in ('all-gather', 'collective-permute', 'reduce-scatter', 'all-to-all'):
       shapes = shapes[len(shapes) // 2 :] if op != 'collective-permute' else shapes[1:2]
@@ -388,8 +396,10 @@ def compile_row(sl: Slice, config, *, platform_name: str = 'tpu', keep_hlo: str 
 
   A program that does not fit the chip's memory is a row too: `compiled` False, the compiler's message, and the
   memory it reported needing where it says."""
-  from metrix_jax import sharding  # pylint: disable=g-import-not-at-top
+  from metrix_jax import models, sharding  # pylint: disable=g-import-not-at-top
 
+  if platform_name == 'tpu' and sl.family != 'cpu':  # conv_impl 'auto' resolves by the process's backend (CPU
+    os.environ.setdefault(models.CONV_IMPL_ENV, 'xla')  # here): on a TPU the trainer traces the plain convs
   images, classes = DATASET_SIZES.get(config.dataset.name, (10 * int(config.train.batch_size), 100))
   devices = slice_devices(sl, platform_name)
   mesh = sharding.make_mesh(devices)
