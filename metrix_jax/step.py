@@ -141,13 +141,10 @@ def compute_loss(
   loss_fn: losses.Loss,
   mix: mixup.MixSettings | None,
   train_bn: bool,
-  mix_images: jax.Array | None = None,
 ):
   """The objective of one global batch and what it measured.
 
-  images: normalised float [B, H, W, 3]; labels: int32 [B]; key: this step's PRNG key. mix_images: the images
-  input-level Metrix mixes (items from anywhere in the global batch; `train_step` passes the uint8 batch gathered
-  onto every device, then normalised; default: images).
+  images: normalised float [B, H, W, 3]; labels: int32 [B]; key: this step's PRNG key.
   Returns (loss scalar, (new batch_stats, {'clean_loss', 'mix_loss'} scalars)).
   """
   variables = embedding.model_variables(params, batch_stats)
@@ -175,8 +172,7 @@ def compute_loss(
     plan = plan_for(embeddings=embeddings)
     if mix.level == 'input':  # the mixed images in a second forward. Trainable BN: they are normalised by their
       # own batch statistics and the running statistics follow the clean images only.
-      mixed = mixup.mix(images if mix_images is None else mix_images, plan)
-      (mixed_embeddings, _), _ = _apply(model, variables, mixed, train_bn=train_bn)
+      (mixed_embeddings, _), _ = _apply(model, variables, mixup.mix(images, plan), train_bn=train_bn)
   loss, parts = mixup.objective(
     loss_fn, embeddings, labels, plan, mixed_embeddings=mixed_embeddings, proxies=proxies, weight=mix.weight
   )
@@ -193,15 +189,10 @@ def train_step(
   mix: mixup.MixSettings | None,
   train_bn: bool,
   dtype,
-  replicate: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on the global batch (module docstring: shapes); pure. replicate: x [B, ...] sharded on
-  the batch -> the same values on every device (`make_train_step`: an all-gather; None: one device)."""
+  """One optimiser step on the global batch (module docstring: shapes); pure."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = data_lib.normalize_images(batch['image'], dtype)
-  mix_images = None
-  if mix is not None and mix.level == 'input' and replicate is not None:  # the uint8 batch over the wire: half
-    mix_images = data_lib.normalize_images(replicate(batch['image']), dtype)  # the bytes of bf16 (same values)
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (loss, (new_stats, aux)), grads = grad_fn(
     state.params,
@@ -213,7 +204,6 @@ def train_step(
     loss_fn=loss_fn,
     mix=mix,
     train_bn=train_bn,
-    mix_images=mix_images,
   )
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -223,9 +213,7 @@ def train_step(
 
 def make_train_step(config, model, loss_fn: losses.Loss, tx, mesh):
   """`train_step` of `config` jitted over `mesh`: (state replicated, batch sharded on 'data') -> (state,
-  metrics) replicated; the state is donated. Input-level Metrix mixes images from the whole global batch: the
-  uint8 batch is gathered (`sharding.replicated`) and normalised after, where XLA:TPU gathered the bf16 images."""
-  replicated = sharding.replicated(mesh)
+  metrics) replicated; the state is donated."""
   fn = functools.partial(
     train_step,
     model=model,
@@ -234,8 +222,8 @@ def make_train_step(config, model, loss_fn: losses.Loss, tx, mesh):
     mix=mix_settings(config.mix),
     train_bn=not config.model.bn_freeze,
     dtype=jnp.dtype(config.model.dtype),
-    replicate=lambda x: jax.lax.with_sharding_constraint(x, replicated),
   )
+  replicated = sharding.replicated(mesh)
   return jax.jit(
     fn,
     in_shardings=(replicated, sharding.batch_sharding(mesh)),
