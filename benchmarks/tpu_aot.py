@@ -688,6 +688,9 @@ def parse_args(argv=None):
   parser.add_argument('--max_search_compiles', type=int, default=3, help="compiles per 'max' search")
   parser.add_argument('--platform', default='tpu', choices=('tpu', 'cpu'))
   parser.add_argument('--json_out', default='')
+  parser.add_argument(
+    '--first_rows', default='', help="comma-separated --json_out files: a 'max' search starts from their paper row"
+  )
   parser.add_argument('--keep_hlo', default='', help='directory: write each compiled program as text')
   parser.add_argument('--preflight', action='store_true', help='launch/tpu_pod.sh check (module docstring)')
   parser.add_argument('--accelerator', default='', help='--preflight: the gcloud accelerator type')
@@ -734,6 +737,10 @@ def main(argv=None) -> int:
 
   print(TABLE_HEADER, flush=True)
   batches = [b.strip() for b in args.batches.split(',') if b.strip()]
+  earlier = []
+  for path in filter(None, args.first_rows.split(',')):
+    with open(path, encoding='utf-8') as f:
+      earlier += [r for r in json.load(f)['rows'] if r.get('compiled')]
   for name in [s.strip() for s in args.slices.split(',') if s.strip()]:
     sl = parse_slice(name)
     for mode in [m.strip() for m in args.modes.split(',') if m.strip()]:
@@ -741,6 +748,10 @@ def main(argv=None) -> int:
       first = None
       for b in batches:
         if b == 'max':
+          same = describe_config(with_batch(config, paper_batch(config, sl.chips)))
+          first = first or next(
+            (r for r in earlier if r['slice'] == name and all(r.get(k) == v for k, v in same.items())), None
+          )
           if first is None:
             first = compile_row(sl, with_batch(config, paper_batch(config, sl.chips)), platform_name=args.platform)
             on_row(first)
