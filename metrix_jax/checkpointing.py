@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any, Protocol
 
 import jax
@@ -92,6 +93,43 @@ class _ExpectedReadOnlyWarnings(logging.Filter):
 logging.getLogger('absl').addFilter(_ExpectedReadOnlyWarnings())
 
 
+def _is_abandoned_read(unraisable: Any) -> bool:
+  """True for the error a tensorstore read reports when it completes after the failed restore that started it
+  has returned: its done-callback posts to the restore's asyncio loop, which is closed by then."""
+  error, frame = unraisable.exc_value, unraisable.exc_traceback
+  while frame is not None and frame.tb_next is not None:
+    frame = frame.tb_next
+  return (
+    isinstance(error, RuntimeError)
+    and str(error) == 'Event loop is closed'
+    and frame is not None
+    and frame.tb_frame.f_code.co_name == '_check_closed'
+  )
+
+
+def _drop_abandoned_read_errors() -> None:
+  """Stops the reads a failed restore abandoned from printing one traceback each (dozens per damaged checkpoint).
+
+  Orbax gathers the array reads of a restore and closes its event loop as soon as one read fails; every read still
+  in flight then reports `RuntimeError: Event loop is closed` through `sys.unraisablehook`, seconds later and from a
+  tensorstore thread. Those results are unwanted by construction, so they are counted at debug level; every other
+  unraisable exception goes to the hook that was installed before. Installed once, before the first restore (an
+  abandoned read can report before the failed restore has returned).
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_abandoned_reads', False):
+    return
+
+  def hook(unraisable):
+    if _is_abandoned_read(unraisable):
+      log.debug('Dropped the result of a checkpoint read abandoned by a failed restore.')
+    else:
+      previous(unraisable)
+
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 class UnreadableCheckpointError(Exception):
   """Checkpoint `step` exists but does not read back (a truncated or missing file: disk full, a killed copy)."""
 
@@ -147,6 +185,7 @@ class Checkpointer:
   def metrics(self, step: int) -> dict[str, float] | None:
     """The evaluation metrics saved with checkpoint `step` (None if it was saved without)."""
     self._manager.wait_until_finished()
+    _drop_abandoned_read_errors()
     try:
       meta = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as error:  # pylint: disable=broad-except  # see _read
@@ -207,6 +246,7 @@ class Checkpointer:
   def _read(self, step: int, abstract_state: Any | None) -> dict[str, Any]:
     """Every item of checkpoint `step` (state into `abstract_state`'s structure, or raw when None)."""
     self._manager.wait_until_finished()
+    _drop_abandoned_read_errors()
     target = None if abstract_state is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     args = ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()

@@ -1,12 +1,16 @@
 """Checkpointer: exact round trip (state, rng, iterator state), keep last n + best by R@1, atomic saves."""
 
+import asyncio
 import json
 import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from metrix_jax import checkpointing
 from metrix_jax import sharding
@@ -91,3 +95,54 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3)
   assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
   ckpt.close()
+
+
+def _unraisable(raise_it):
+  """What `sys.unraisablehook` receives for the exception `raise_it()` raises."""
+  try:
+    raise_it()
+  except Exception as error:  # pylint: disable=broad-except
+    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__, object=None)
+  raise AssertionError('raise_it did not raise')
+
+
+def _post_to_closed_loop():
+  loop = asyncio.new_event_loop()
+  loop.close()
+  loop.call_soon_threadsafe(print)  # what a tensorstore read's done-callback does after a failed restore
+
+
+def _other_runtime_error():
+  raise RuntimeError('Event loop is closed')  # same message, not from asyncio: must still be reported
+
+
+def test_reads_abandoned_by_a_failed_restore_are_dropped_and_everything_else_is_reported(tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3)
+  ckpt.save(1, _state(0))
+  ckpt.wait()
+  for root, _, files in os.walk(tmp_path / '1' / 'state'):
+    for name in files:
+      if os.path.basename(root) == 'd':
+        with open(os.path.join(root, name), 'r+b') as f:
+          f.truncate(10)
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match=r'^checkpoint 1 is unreadable \('):
+    ckpt.restore(1, _state(0))
+  ckpt.close()
+  abandoned, other, unrelated = (
+    _unraisable(_post_to_closed_loop),
+    _unraisable(_other_runtime_error),
+    _unraisable(lambda: 1 / 0),
+  )
+  assert checkpointing._is_abandoned_read(abandoned)
+  assert not checkpointing._is_abandoned_read(other) and not checkpointing._is_abandoned_read(unrelated)
+  for args in (abandoned, other, unrelated):
+    sys.unraisablehook(args)
+  assert [args.exc_value for args in seen if args in (abandoned, other, unrelated)] == [
+    other.exc_value,
+    unrelated.exc_value,
+  ]
+  hook = sys.unraisablehook
+  checkpointing._drop_abandoned_read_errors()  # a second damaged checkpoint does not wrap the hook again
+  assert sys.unraisablehook is hook

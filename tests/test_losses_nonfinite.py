@@ -1,5 +1,6 @@
 """Every loss propagates non-finite inputs: a NaN or inf in one embedding (or proxy) row gives a NaN loss, not a
 finite loss with NaN gradients (the trainer's NaN stop then says what happened); finite inputs are unchanged."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,14 @@ def test_a_non_finite_embedding_gives_a_non_finite_loss(name, bad):
     bad_proxies[1, 0] = bad
     assert np.isnan(float(loss(embeddings, labels, bad_proxies)))
   # Metrix: the objective of a batch with a bad row is NaN too.
-  plan = mixup.plan_for(jax.random.key(0), loss, labels, mixup.MixSettings(num_mixed=2), embeddings=embeddings,
-                        proxies=extra[0] if extra else None)
+  plan = mixup.plan_for(
+    jax.random.key(0),
+    loss,
+    labels,
+    mixup.MixSettings(num_mixed=2),
+    embeddings=embeddings,
+    proxies=extra[0] if extra else None,
+  )
   total, _ = mixup.objective(loss, broken, labels, plan, proxies=extra[0] if extra else None)
   assert np.isnan(float(total))
 
