@@ -204,15 +204,12 @@ def _xla_bytes(compiled) -> int | None:
 def build_variant(loss: str, mode: str, args, batch_size: int, mesh, state=None):
   """The trainer's jitted step for (loss, mode) at `batch_size`: (config, model, step_fn, state). `state` (any
   earlier variant's: the train state does not depend on the mix level or the batch size) saves an init."""
-  from metrix_jax import embedding, optim, step  # pylint: disable=g-import-not-at-top
+  from metrix_jax import embedding, step  # pylint: disable=g-import-not-at-top
 
   config = make_config(loss, mode, args, batch_size)
   model, loss_fn = embedding.create_model(config), step.create_loss(config)
 
-  def tx_factory(params):
-    return optim.make_optimizer(
-      config.optim, params=params, steps_per_epoch=1000, total_steps=10**6, freeze_bn_affine=True
-    )
+  tx_factory = step.optimizer_factory(config, steps_per_epoch=1000, total_steps=10**6)
 
   if state is None:
     state = step.init_state(config, model, loss_fn, tx_factory, args.num_classes, mesh)

@@ -244,22 +244,14 @@ def trainer_parts(config, mesh, num_train_images: int, num_classes: int):
   """(model, loss, abstract TrainState, jitted train step), built as `train._setup` builds them."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from metrix_jax import config_lib, embedding, optim  # pylint: disable=g-import-not-at-top
+  from metrix_jax import config_lib, embedding  # pylint: disable=g-import-not-at-top
   from metrix_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 
   spe = config_lib.steps_per_epoch(num_train_images, config.train.batch_size)
   total = config_lib.total_steps(config, spe)
   model, loss_fn = embedding.create_model(config), step_lib.create_loss(config)
 
-  def tx_factory(params):
-    return optim.make_optimizer(
-      config.optim,
-      params=params,
-      steps_per_epoch=spe,
-      total_steps=total,
-      freeze_bn_affine=bool(config.model.bn_freeze) and int(config.optim.warmup_epochs) == 0,
-    )
-
+  tx_factory = step_lib.optimizer_factory(config, spe, total)
   state = jax.eval_shape(lambda: step_lib.init_state(config, model, loss_fn, tx_factory, num_classes, mesh))
   step_fn = step_lib.make_train_step(config, model, loss_fn, tx_factory(state.params), mesh)
   return model, loss_fn, state, step_fn
@@ -582,19 +574,38 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+  """The table as strict JSON (NaN -> null, atomic: `metrix_jax.jsonio`)."""
   if not path:
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump({'meta': meta, 'rows': rows}, f, indent=1, default=str)
-  os.replace(tmp, path)
+  from metrix_jax import jsonio  # pylint: disable=g-import-not-at-top
+
+  jsonio.write_json(path, {'meta': meta, 'rows': rows})
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Preflight (launch/tpu_pod.sh).
-# The BENCHMARKS.md table's memory rows (filled from the --json_out of the table run): key (slice, loss, mix, bn,
-# batch, image_size, depth, dtype) -> (per-chip GiB, fits, chip HBM GiB).
-RECORDED: dict[tuple, tuple[float, bool, float]] = {}
+# The BENCHMARKS.md table's rows: the committed --json_out of the table run (TABLE_JSON), read once at import:
+# key (family, chips, loss, mix, bn, global batch, image_size, depth, dtype) -> (per-chip GiB, fits, chip HBM GiB).
+TABLE_JSON = os.path.join(ROOT, 'benchmarks', 'tpu_aot_table.json')
+
+
+def recorded_rows(path: str = TABLE_JSON) -> dict[tuple, tuple[float, bool, float]]:
+  """The memory rows of a --json_out file (every row with a per-chip figure and a fits verdict); {} if absent."""
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    rows = json.load(f)['rows']
+  out = {}
+  for r in rows:
+    if r.get('per_chip_gib') is None or r.get('fits') is None:
+      continue
+    sl = parse_slice(r['slice'])
+    key = (sl.family, sl.chips, r['loss'], r['mix'], r['bn'], r['batch'], r['image_size'], r['depth'], r['dtype'])
+    out[key] = (float(r['per_chip_gib']), bool(r['fits']), float(r['hbm_gib']))
+  return out
+
+
+RECORDED: dict[tuple, tuple[float, bool, float]] = recorded_rows()
 
 
 def _record_key(accelerator: str, config) -> tuple:

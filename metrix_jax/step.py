@@ -1,5 +1,6 @@
 """The train step: `TrainState`, the Metrix objective of one global batch, and the jitted `train_step`.
 
+    tx_factory = step.optimizer_factory(config, steps_per_epoch, total_steps)
     state = step.init_state(config, model, loss_fn, tx_factory, num_classes, mesh)
     train_step = step.make_train_step(config, model, loss_fn, tx, mesh)
     state, metrics = train_step(state, batch)
@@ -37,6 +38,7 @@ from metrix_jax import data as data_lib
 from metrix_jax import embedding
 from metrix_jax import losses
 from metrix_jax import mixup
+from metrix_jax import optim
 from metrix_jax import rundir
 from metrix_jax import sharding
 from metrix_jax import weights
@@ -81,6 +83,23 @@ def mix_settings(mix) -> mixup.MixSettings | None:
     mask_mode=mix.mask_mode,
     weight=float(mix.weight),
   )
+
+
+def optimizer_factory(config, steps_per_epoch: int, total_steps: int) -> Callable[[Any], optax.GradientTransformation]:
+  """`tx_factory(params) -> optax.GradientTransformation`: the run's optimiser (`optim.make_optimizer`) for a
+  parameter tree (its groups: backbone / head / proxies), as the trainer, the benchmarks and the TPU compiles build
+  it. The BN affine parameters stay frozen when BN is frozen and there is no warm-up (the official recipe)."""
+
+  def tx_factory(params):
+    return optim.make_optimizer(
+      config.optim,
+      params=params,
+      steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
+      freeze_bn_affine=bool(config.model.bn_freeze) and int(config.optim.warmup_epochs) == 0,
+    )
+
+  return tx_factory
 
 
 def init_state(

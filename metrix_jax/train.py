@@ -229,15 +229,7 @@ def _setup(config, workdir: str, data_factory, model_factory) -> _Setup:
   total = config_lib.total_steps(config, spe)
   model, loss_fn = (model_factory or embedding.create_model)(config), step_lib.create_loss(config)
 
-  def tx_factory(params):
-    return optim.make_optimizer(
-      config.optim,
-      params=params,
-      steps_per_epoch=spe,
-      total_steps=total,
-      freeze_bn_affine=bool(config.model.bn_freeze) and int(config.optim.warmup_epochs) == 0,
-    )
-
+  tx_factory = step_lib.optimizer_factory(config, spe, total)
   state = step_lib.init_state(config, model, loss_fn, tx_factory, data.num_train_classes, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   log.info(

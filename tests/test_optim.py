@@ -180,3 +180,29 @@ def test_schedules():
 def test_unknown_group_is_an_error():
   with pytest.raises(ValueError, match='backbone'):
     optim.param_labels({'encoder': {'w': jnp.zeros(2)}})
+
+
+@pytest.mark.parametrize('bn_freeze,warmup_epochs', [(True, 0), (True, 2), (False, 0)])
+def test_step_optimizer_factory_is_the_trainers_optimiser(bn_freeze, warmup_epochs):
+  """`step.optimizer_factory` (the trainer's, the benchmarks' and the TPU compiles' one builder) gives the updates
+  of `optim.make_optimizer` with BN affine frozen exactly when BN is frozen and there is no warm-up."""
+  from metrix_jax import step  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.base_config()
+  config.optim = _optim_config(warmup_epochs=warmup_epochs)
+  config.model.bn_freeze = bn_freeze
+  params = jax.tree.map(jnp.asarray, _params(np.random.default_rng(0)))
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = step.optimizer_factory(config, steps_per_epoch=3, total_steps=30)(params)
+  freeze = bn_freeze and warmup_epochs == 0
+  expected_tx = optim.make_optimizer(
+    config.optim, params=params, steps_per_epoch=3, total_steps=30, freeze_bn_affine=freeze
+  )
+  state, expected_state = tx.init(params), expected_tx.init(params)
+  for _ in range(2 * 3 + 2):  # through the warm-up and past it
+    updates, state = tx.update(grads, state, params)
+    expected, expected_state = expected_tx.update(grads, expected_state, params)
+    jax.tree.map(np.testing.assert_array_equal, updates, expected)
+  bn_moved = np.abs(np.asarray(updates['backbone']['bn1']['scale'])).max() > 0
+  assert bn_moved == (not freeze)
+  assert np.abs(np.asarray(updates['backbone']['conv1']['kernel'])).max() > 0

@@ -281,3 +281,49 @@ def test_tpu_topology_compile_v5e_4(level):
   result = json.loads(proc.stdout.split('RESULT', 1)[1])
   assert result['row']['topology'] == 'v5e:2x2' and result['row']['hbm_gib'] == 16
   _check_compiled_demo_step(result, level=level, gradient_dtype_bytes=4, layout_slack=0.03)
+
+
+def _table_row(slice_name, mix, batch, per_chip_gib, fits, hbm_gib=16.0, **extra):
+  return dict(
+    slice=slice_name,
+    loss='multi_similarity',
+    mix=mix,
+    bn='frozen',
+    batch=batch,
+    image_size=224,
+    depth=50,
+    dtype='bfloat16',
+    hbm_gib=hbm_gib,
+    per_chip_gib=per_chip_gib,
+    fits=fits,
+    **extra,
+  )
+
+
+def test_recorded_rows_read_back_what_the_table_run_writes(tmp_path):
+  path = str(tmp_path / 'table.json')
+  rows = [
+    _table_row('v5e-16', 'feature', 160, 3.5, True, roofline_images_per_s_per_chip=float('nan')),
+    _table_row('v4-128', 'none', 640, 40.25, False, hbm_gib=32.0, compiled=False),  # v4-128 = 64 chips
+    _table_row('v5e-256', 'input', 1280, None, None, compiled=False, error='INTERNAL: something else'),
+  ]
+  tpu_aot.write_json(path, rows, {'command': 'python benchmarks/tpu_aot.py'})
+  with open(path, encoding='utf-8') as f:
+    assert 'NaN' not in f.read()  # strict JSON
+  recorded = tpu_aot.recorded_rows(path)
+  assert recorded == {
+    ('v5e', 16, 'multi_similarity', 'feature', 'frozen', 160, 224, 50, 'bfloat16'): (3.5, True, 16.0),
+    ('v4', 64, 'multi_similarity', 'none', 'frozen', 640, 224, 50, 'bfloat16'): (40.25, False, 32.0),
+  }
+  assert tpu_aot.recorded_rows(str(tmp_path / 'absent.json')) == {}
+
+
+def test_the_committed_table_covers_three_slices_and_four_levels():
+  if not os.path.exists(tpu_aot.TABLE_JSON):
+    pytest.skip('no committed AOT table yet')
+  with open(tpu_aot.TABLE_JSON, encoding='utf-8') as f:
+    table = json.load(f)
+  assert not any(os.path.isabs(str(v)) for v in table['meta'].values() if isinstance(v, str))
+  compiled = {(r['slice'], r['mix']) for r in table['rows'] if r.get('compiled')}
+  assert compiled >= {(s, m) for s in tpu_aot.TABLE_SLICES for m in tpu_aot.MODES}
+  assert tpu_aot.RECORDED and all(gib > 0 for gib, _, _ in tpu_aot.RECORDED.values())
