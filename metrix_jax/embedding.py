@@ -97,6 +97,27 @@ def embed_dataset(
   return embeddings, labels
 
 
+def collect_images(batches: Iterable[Mapping[str, Any]], indices) -> dict[int, np.ndarray]:
+  """{index: image [H, W, 3]} of the valid (mask) items at `indices` of `batches`, counted as `embed_dataset`
+  counts them (the i-th valid item is row i of its embeddings). Stops after the largest index. This process's
+  rows only: call it in single-process evaluation."""
+  wanted = {int(i) for i in np.asarray(indices).reshape(-1)}
+  found, count = {}, 0
+  for batch in batches:
+    images = np.asarray(batch['image'])
+    mask = np.asarray(batch.get('mask', np.ones(len(images), bool)), bool)
+    for image in images[mask]:
+      if count in wanted:
+        found[count] = image
+      count += 1
+    if len(found) == len(wanted):
+      break
+  missing = sorted(wanted - set(found))
+  if missing:
+    raise ValueError(f'items {missing[:5]} are not in the split ({count} items).')
+  return found
+
+
 def embed_splits(
   embed_fn, variables, splits: Mapping[str, Iterable[Mapping[str, Any]]], mesh, max_items: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -13,7 +13,9 @@ preprocessing and prints every metric of `metrix_jax.report` (spec section 6):
   on batches of test embeddings (`metrix_jax.analysis`), next to the paper's theoretical curve.
 
 Writes DIR/eval.json (every number, the checkpoint step and the options), DIR/eval_recall.png and
-DIR/eval_positivity.png (`--out_dir` to write elsewhere). Any config value can be overridden like in training,
+DIR/eval_positivity.png (`--out_dir` to write elsewhere); with `--retrieval_grid=Q` also DIR/eval_retrieval.png:
+Q test queries (a fixed sample, the same for every run over the same split) and their top `--retrieval_grid_k`
+retrievals, framed green (same class) or red. Any config value can be overridden like in training,
 e.g. `--config.dataset.data_dir=/data/tfds --config.dataset.eval_batch_size=128`. The run's
 `train.distributed` applies (multi-host evaluation on every host); a run trained on several hosts evaluates on
 one with `--config.train.distributed=False`.
@@ -30,12 +32,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from absl import app
 from absl import flags
 
 from metrix_jax import cli
 from metrix_jax import config_lib
 from metrix_jax import embedding
+from metrix_jax import evaluation
 from metrix_jax import input_pipeline
 from metrix_jax import report as report_lib
 from metrix_jax import rundir
@@ -53,8 +57,14 @@ def run(
   model_factory: Callable[[Any], Any] | None = None,
   eval_data_factory: Callable[..., Mapping[str, Any]] | None = None,
   verbose: bool = True,
+  retrieval_grid: int = 0,
+  retrieval_grid_k: int = 5,
 ) -> dict[str, Any]:
   """Loads the checkpoint, embeds, computes every metric, writes eval.json + plots (process 0); returns the report.
+
+  retrieval_grid > 0: that many test queries (a fixed sample: the same for every run over the same split) and
+  their top-`retrieval_grid_k` retrievals go into eval.json ('retrieval_examples') and DIR/eval_retrieval.png
+  (one more pass over the test images to fetch them; single-process evaluation only).
 
   Test seams: `model_factory(config)` (default `embedding.create_model`), `eval_data_factory(config,
   include_train=bool)` -> {split: batches} (default `input_pipeline.build_eval_data`).
@@ -83,14 +93,38 @@ def run(
   }
   report.update(report_lib.compute_metrics(config, embedded, proxies=trained.proxies, with_positivity=with_positivity))
   report['devices'] = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+  retrieval_images = None
+  if retrieval_grid > 0:
+    report['retrieval_examples'], retrieval_images = retrieval_examples(
+      embedded, eval_data, num_queries=retrieval_grid, k=retrieval_grid_k
+    )
   if jax.process_index() == 0:
     out_dir = os.path.abspath(os.path.expanduser(out_dir or workdir))
     os.makedirs(out_dir, exist_ok=True)
-    paths = report_lib.write_outputs(report, out_dir)
+    paths = report_lib.write_outputs(report, out_dir, retrieval_images=retrieval_images)
     if verbose:
       print(report_lib.format_table(report))
       print('wrote ' + ', '.join(paths.values()))
   return report
+
+
+def retrieval_examples(
+  embedded: Mapping[str, tuple[Any, Any]], eval_data: Mapping[str, Any], *, num_queries: int, k: int
+) -> tuple[dict[str, Any], tuple[Any, Any]]:
+  """(`evaluation.retrieval_examples` of the evaluated splits, (query images [Q, H, W, C], neighbour images
+  [Q, K, H, W, C])): the images fetched from the eval batches by the items' indices."""
+  if jax.process_count() > 1:
+    raise cli.UserError(
+      '--retrieval_grid needs single-process evaluation (each host holds only its rows of every batch); '
+      'rerun with --config.train.distributed=False on one host.'
+    )
+  splits = {name: embedded[name] for name in ('test', 'query', 'gallery') if name in embedded}
+  examples = evaluation.retrieval_examples(splits, num_queries=num_queries, k=k)
+  queries = embedding.collect_images(eval_data[examples['query_split']], examples['queries'])
+  neighbours = embedding.collect_images(eval_data[examples['gallery_split']], examples['neighbours'])
+  query_images = np.stack([queries[i] for i in examples['queries']])
+  neighbour_images = np.stack([np.stack([neighbours[i] for i in row]) for row in examples['neighbours']])
+  return examples, (query_images, neighbour_images)
 
 
 def main() -> int:
@@ -98,6 +132,10 @@ def main() -> int:
   flags.DEFINE_string('out_dir', None, 'Where eval.json and the plots go (default: the workdir).')
   flags.DEFINE_bool('utilization', True, 'Embed the train split (eval preprocessing) for utilization.')
   flags.DEFINE_bool('positivity', True, 'Run the positivity analysis on test embeddings.')
+  flags.DEFINE_integer(
+    'retrieval_grid', 0, 'Draw this many test queries and their top-K retrievals (eval_retrieval.png); 0: off.'
+  )
+  flags.DEFINE_integer('retrieval_grid_k', 5, 'K of --retrieval_grid.')
   flags.DEFINE_string('compilation_cache', None, cli.COMPILATION_CACHE_HELP)
   status = rundir.define_run_flags(sys.argv[1:], example='--config.dataset.data_dir=/data')
   if status:
@@ -120,6 +158,8 @@ def main() -> int:
         out_dir=FLAGS.out_dir,
         with_utilization=FLAGS.utilization,
         with_positivity=FLAGS.positivity,
+        retrieval_grid=FLAGS.retrieval_grid,
+        retrieval_grid_k=FLAGS.retrieval_grid_k,
       )
 
     return cli.run_user_command(work)

@@ -655,6 +655,71 @@ def few_shot_accuracy(
   }
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Retrieval examples (the papers' qualitative figure).
+# ----------------------------------------------------------------------------------------------------------
+def nearest_neighbours(queries, gallery, k: int, *, exclude=None) -> np.ndarray:
+  """Indices [Q, k] of each query's `k` most similar gallery items, most similar first.
+
+  queries [Q, d], gallery [N, d] (cosine: both L2-normalised here, float64); `exclude` [Q] (optional): the gallery
+  index each query must not retrieve (itself, leave-one-out), or -1 for none. Ties go to the lower index.
+  """
+  q = _check_embeddings(queries, 'queries').astype(np.float64)
+  g = _check_embeddings(gallery, 'gallery').astype(np.float64)
+  if q.shape[1] != g.shape[1]:
+    raise ValueError(f'queries have dimension {q.shape[1]} but the gallery {g.shape[1]}.')
+  available = len(g) - (0 if exclude is None else 1)
+  if not 1 <= int(k) <= available:
+    raise ValueError(f'k must be in [1, {available}] for a gallery of {len(g)} items; got k={k}.')
+  q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+  g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+  similarity = q @ g.T
+  if exclude is not None:
+    exclude = np.asarray(exclude, np.int64).reshape(-1)
+    rows = np.flatnonzero(exclude >= 0)
+    similarity[rows, exclude[rows]] = -np.inf
+  return np.argsort(-similarity, axis=1, kind='stable')[:, : int(k)]
+
+
+def retrieval_examples(
+  embedded: Mapping[str, tuple[Any, Any]], *, num_queries: int = 8, k: int = 5, seed: int = 0
+) -> dict[str, Any]:
+  """`num_queries` queries and their top-`k` retrievals, as the evaluation protocol of the split retrieves them.
+
+  embedded: {'test': (embeddings, labels)} (leave-one-out) or {'query': ..., 'gallery': ...} (In-Shop). The
+  queries are a random sample (`seed`, without replacement, in index order) of the query split, the same for every
+  run over the same split, so baseline and Metrix runs show the same queries. Returns {'query_split',
+  'gallery_split', 'queries' [Q], 'query_labels' [Q], 'neighbours' [Q, k], 'neighbour_labels' [Q, k], 'correct'
+  [Q, k] (same label as the query), 'seed'} as plain lists.
+  """
+  if 'test' in embedded:
+    query_split = gallery_split = 'test'
+  elif 'query' in embedded and 'gallery' in embedded:
+    query_split, gallery_split = 'query', 'gallery'
+  else:
+    raise ValueError(f"expected a 'test' split or 'query' + 'gallery'; got {sorted(embedded)}.")
+  query_embeddings, query_labels = embedded[query_split]
+  gallery_embeddings, gallery_labels = embedded[gallery_split]
+  query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+  count = min(int(num_queries), len(query_labels))
+  if count < 1:
+    raise ValueError(f'num_queries must be >= 1; got {num_queries}.')
+  chosen = np.sort(np.random.default_rng(seed).choice(len(query_labels), count, replace=False))
+  exclude = chosen if query_split == gallery_split else None
+  neighbours = nearest_neighbours(np.asarray(query_embeddings)[chosen], gallery_embeddings, k, exclude=exclude)
+  correct = gallery_labels[neighbours] == query_labels[chosen][:, None]
+  return {
+    'query_split': query_split,
+    'gallery_split': gallery_split,
+    'queries': chosen.tolist(),
+    'query_labels': query_labels[chosen].tolist(),
+    'neighbours': neighbours.tolist(),
+    'neighbour_labels': gallery_labels[neighbours].tolist(),
+    'correct': correct.tolist(),
+    'seed': int(seed),
+  }
+
+
 __all__ = [
   'alignment',
   'alignment_and_uniformity',
@@ -664,8 +729,10 @@ __all__ = [
   'few_shot_accuracy',
   'l2_normalize',
   'mean_average_precision_at_r',
+  'nearest_neighbours',
   'r_precision',
   'recall_at_k',
+  'retrieval_examples',
   'retrieval_metrics',
   'sample_episodes',
   'split_retrieval_metrics',

@@ -171,3 +171,61 @@ def plot_positivity(
 
 
 __all__ = ['plot_positivity', 'plot_recall_at_k', 'positivity_record']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retrieval examples.
+# ----------------------------------------------------------------------------------------------------------
+CORRECT_COLOR, WRONG_COLOR = '#1a9641', '#d7191c'
+
+
+def _display_image(image: Any) -> np.ndarray:
+  """uint8 or float [H, W, 3] (or [H, W, 1]) -> what imshow shows: uint8 as is, floats rescaled to [0, 1]."""
+  image = np.asarray(image)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  if image.dtype == np.uint8:
+    return image
+  low, high = float(np.min(image)), float(np.max(image))
+  return (image - low) / (high - low) if high > low else np.zeros_like(image, np.float64)
+
+
+def plot_retrieval_grid(
+  query_images: Any,
+  neighbour_images: Any,
+  correct: Any,
+  path: str | os.PathLike,
+  *,
+  title: str = 'Retrieval examples',
+  row_labels: Any = None,
+) -> str:
+  """One row per query: the query, then its top-K retrievals framed green (same class) or red (another class).
+
+  query_images [Q, H, W, C], neighbour_images [Q, K, H, W, C] (uint8, or floats: rescaled per image), correct
+  [Q, K] bool, row_labels [Q] (optional text under each query, e.g. its class). Returns `path` (PNG).
+  """
+  correct = np.asarray(correct, bool)
+  num_queries, k = correct.shape
+  if len(query_images) != num_queries or np.shape(neighbour_images)[:2] != (num_queries, k):
+    raise ValueError(
+      f'{len(query_images)} query images and neighbour images of shape {np.shape(neighbour_images)[:2]} do not '
+      f'match correct of shape {correct.shape}.'
+    )
+  figure = _new_figure(1.3 * (k + 1) + 0.2, 1.35 * num_queries + 0.5)
+  for q in range(num_queries):
+    for column in range(k + 1):
+      axes = figure.add_subplot(num_queries, k + 1, q * (k + 1) + column + 1)
+      image = query_images[q] if column == 0 else neighbour_images[q][column - 1]
+      axes.imshow(_display_image(image), cmap='gray', interpolation='nearest')
+      axes.set_xticks([])
+      axes.set_yticks([])
+      color, width = ('black', 1.0) if column == 0 else (CORRECT_COLOR if correct[q, column - 1] else WRONG_COLOR, 4.0)
+      for spine in axes.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(width)
+      if q == 0:
+        axes.set_title('query' if column == 0 else f'#{column}', fontsize=8)
+      if column == 0 and row_labels is not None:
+        axes.set_xlabel(str(row_labels[q]), fontsize=7)
+  figure.suptitle(title, fontsize=9)
+  return _save(figure, path)

@@ -262,8 +262,12 @@ def format_table(report: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:
-  """eval.json and the PNG plots into `out_dir`; returns {'json', 'recall_plot'[, 'positivity_plot']}."""
+def write_outputs(
+  report: dict[str, Any], out_dir: str, *, retrieval_images: tuple[Any, Any] | None = None
+) -> dict[str, str]:
+  """eval.json and the PNG plots into `out_dir`; returns {'json', 'recall_plot'[, 'positivity_plot'][,
+  'retrieval_grid']}. retrieval_images: (query images [Q, H, W, C], neighbour images [Q, K, H, W, C]) of
+  `report['retrieval_examples']` (`evaluation.retrieval_examples`): drawn as the retrieval grid."""
   paths = {
     'recall_plot': plots.plot_recall_at_k(
       report['recall'],
@@ -286,6 +290,19 @@ def write_outputs(report: dict[str, Any], out_dir: str) -> dict[str, str]:
     }
   elif os.path.exists(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG)):  # not from this evaluation: would mislead
     os.remove(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG))
+  examples = report.get('retrieval_examples')
+  if examples is not None and retrieval_images is not None:
+    paths['retrieval_grid'] = plots.plot_retrieval_grid(
+      retrieval_images[0],
+      retrieval_images[1],
+      examples['correct'],
+      os.path.join(out_dir, rundir.EVAL_RETRIEVAL_PNG),
+      title=f'{report.get("dataset", "")}, {report.get("loss", "")} + mix {report.get("mix", "")}, step '
+      f'{report.get("step", "?")}: top-{len(examples["correct"][0])} (green: same class)',
+      row_labels=[f'class {label}' for label in examples['query_labels']],
+    )
+  elif os.path.exists(os.path.join(out_dir, rundir.EVAL_RETRIEVAL_PNG)):  # an earlier evaluation's: would mislead
+    os.remove(os.path.join(out_dir, rundir.EVAL_RETRIEVAL_PNG))
   report['files'] = {name: os.path.basename(path) for name, path in paths.items()}  # no machine paths
   paths['json'] = jsonio.write_json(os.path.join(out_dir, rundir.EVAL_FILE), report)
   return paths

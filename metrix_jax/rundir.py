@@ -4,7 +4,8 @@
     WORKDIR/checkpoints/<s>/  Orbax checkpoints: state, data-iterator states, metrics (`CHECKPOINT_DIR`)
     WORKDIR/metrics.jsonl     one JSON object per log line + TensorBoard events (`METRICS_FILE`)
     WORKDIR/results.json      the final numbers of a finished run (`RESULTS_FILE`)
-    WORKDIR/eval.json         `python -m metrix_jax.evaluate`'s report (+ `EVAL_RECALL_PNG`, `EVAL_POSITIVITY_PNG`)
+    WORKDIR/eval.json         `python -m metrix_jax.evaluate`'s report (+ `EVAL_RECALL_PNG`, `EVAL_POSITIVITY_PNG`,
+                              and `EVAL_RETRIEVAL_PNG` on request)
 
 Readers (`evaluate`, `embed`, `scripts/study.py`, notebooks): `load_config(workdir)`, `open_checkpoints(workdir)`,
 `select_step(ckpt, 'best' | 'latest' | step)` and `load_trained_model(workdir)` -> `TrainedModel`. A missing
@@ -42,6 +43,7 @@ RESULTS_FILE = 'results.json'
 EVAL_FILE = 'eval.json'
 EVAL_RECALL_PNG = 'eval_recall.png'
 EVAL_POSITIVITY_PNG = 'eval_positivity.png'
+EVAL_RETRIEVAL_PNG = 'eval_retrieval.png'  # evaluate --retrieval_grid=Q
 TRAIN_COMMAND = 'python -m metrix_jax.main --config=configs/demo.py --workdir=DIR'
 
 

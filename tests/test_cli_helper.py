@@ -107,6 +107,20 @@ def test_embed_dataset_keeps_valid_rows_in_order_and_stops_at_max_items():
     embedding.embed_dataset(fake_embed, 1.0, [], mesh)
 
 
+def test_collect_images_fetches_valid_items_by_the_embedding_index():
+  batches = []
+  for start in (0, 4, 8):
+    image = np.zeros((4, 2, 2, 3), np.uint8)
+    image[:, 0, 0, 0] = np.arange(start, start + 4)
+    batches.append({'image': image, 'label': np.zeros(4, np.int32), 'mask': np.arange(start, start + 4) != 5})
+  # valid items in order: 0 1 2 3 4 6 7 8 9 10 11 -> embedding index 5 is the image numbered 6
+  found = embedding.collect_images(batches, [[5, 0], [10, 5]])
+  assert sorted(found) == [0, 5, 10]
+  assert [int(found[i][0, 0, 0]) for i in (0, 5, 10)] == [0, 6, 11]
+  with pytest.raises(ValueError, match=r'items \[11\] are not in the split \(11 items\)'):
+    embedding.collect_images(batches, [11])
+
+
 class _FakeCheckpoints:
   directory = '/run/checkpoints'
 

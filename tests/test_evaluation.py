@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 
 import jax
@@ -272,3 +273,56 @@ def test_bad_inputs_raise(call, message):
   x, y = _data(14, 20, 4, 3)
   with pytest.raises(ValueError, match=message):
     call(x, y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Retrieval examples.
+# ----------------------------------------------------------------------------------------------------------
+def _brute_force_neighbours(queries, gallery, k, exclude):
+  out = []
+  for qi, q in enumerate(queries):
+    scores = []
+    for gi, g in enumerate(gallery):
+      if exclude is not None and exclude[qi] == gi:
+        continue
+      cos = sum(a * b for a, b in zip(q, g)) / (math.sqrt(sum(a * a for a in q)) * math.sqrt(sum(b * b for b in g)))
+      scores.append((-cos, gi))  # ties: the lower index first
+    out.append([gi for _, gi in sorted(scores)[:k]])
+  return out
+
+
+def test_nearest_neighbours_equal_a_brute_force_loop_with_ties_and_exclusion():
+  rng = np.random.default_rng(0)
+  gallery = rng.normal(size=(12, 4))
+  gallery[7] = 2.0 * gallery[3]  # the same direction: a tie, the lower index wins
+  queries = np.concatenate([gallery[[3, 0]], rng.normal(size=(2, 4))])
+  for exclude in (None, np.array([3, 0, -1, -1])):
+    got = evaluation.nearest_neighbours(queries, gallery, 5, exclude=exclude)
+    assert got.tolist() == _brute_force_neighbours(queries.tolist(), gallery.tolist(), 5, exclude)
+  assert evaluation.nearest_neighbours(queries, gallery, 2)[0].tolist() == [3, 7]
+  assert evaluation.nearest_neighbours(queries, gallery, 2, exclude=[3, 0, -1, -1])[0].tolist()[0] == 7
+  with pytest.raises(ValueError, match='k must be in'):
+    evaluation.nearest_neighbours(queries, gallery, 12, exclude=[3, 0, -1, -1])
+  with pytest.raises(ValueError, match='dimension'):
+    evaluation.nearest_neighbours(queries[:, :3], gallery, 2)
+
+
+def test_retrieval_examples_leave_one_out_and_query_gallery():
+  rng = np.random.default_rng(1)
+  emb, labels = rng.normal(size=(20, 6)), np.repeat(np.arange(5), 4)
+  ex = evaluation.retrieval_examples({'test': (emb, labels), 'train': (emb, labels)}, num_queries=6, k=3, seed=4)
+  assert ex['query_split'] == ex['gallery_split'] == 'test'
+  assert ex['queries'] == sorted(ex['queries']) and len(set(ex['queries'])) == 6
+  assert ex == evaluation.retrieval_examples({'test': (emb, labels)}, num_queries=6, k=3, seed=4)  # fixed sample
+  want = _brute_force_neighbours(emb[ex['queries']].tolist(), emb.tolist(), 3, ex['queries'])
+  assert ex['neighbours'] == want and all(q not in row for q, row in zip(ex['queries'], ex['neighbours']))
+  assert ex['correct'] == [[bool(labels[i] == labels[q]) for i in row] for q, row in zip(ex['queries'], want)]
+  assert ex['neighbour_labels'] == [[int(labels[i]) for i in row] for row in want]
+  gallery, gallery_labels = rng.normal(size=(9, 6)), np.arange(9) % 3
+  ex = evaluation.retrieval_examples(
+    {'query': (emb[:5], labels[:5]), 'gallery': (gallery, gallery_labels)}, num_queries=10, k=9
+  )
+  assert ex['queries'] == [0, 1, 2, 3, 4] and ex['gallery_split'] == 'gallery'  # at most the split's size
+  assert ex['neighbours'] == _brute_force_neighbours(emb[:5].tolist(), gallery.tolist(), 9, None)
+  with pytest.raises(ValueError, match="'test' split or 'query' \\+ 'gallery'"):
+    evaluation.retrieval_examples({'train': (emb, labels)})

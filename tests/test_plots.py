@@ -98,3 +98,16 @@ def test_positivity_plot_carries_its_explanation(tmp_path):
   assert 'd loss / d s(a, v) < 0' in plots.POSITIVITY_EXPLANATION and 'log(lambda / (1 - lambda))' in (
     plots.POSITIVITY_EXPLANATION
   )
+
+
+def test_plot_retrieval_grid_uint8_and_float_images(tmp_path):
+  rng = np.random.default_rng(0)
+  queries = rng.integers(0, 255, size=(3, 8, 8, 3), dtype=np.uint8)
+  neighbours = rng.integers(0, 255, size=(3, 4, 8, 8, 3), dtype=np.uint8)
+  correct = rng.random((3, 4)) < 0.5
+  _assert_png(plots.plot_retrieval_grid(queries, neighbours, correct, tmp_path / 'grid.png', row_labels=[1, 2, 3]))
+  gray = rng.normal(size=(2, 8, 8, 1))
+  _assert_png(plots.plot_retrieval_grid(gray, rng.normal(size=(2, 1, 8, 8, 1)), [[True], [False]], tmp_path / 'g.png'))
+  np.testing.assert_allclose(plots._display_image(np.array([[[2.0], [4.0]]])), [[0.0, 1.0]])
+  with pytest.raises(ValueError, match='do not match'):
+    plots.plot_retrieval_grid(queries, neighbours[:, :2], correct, tmp_path / 'bad.png')
