@@ -369,11 +369,21 @@ def collect(runs: list[Run], workdir: str) -> list[dict[str, Any]]:
           'uniformity': ev.get('uniformity'),
           'map_at_r': ev.get('map_at_r'),
           'positivity': ev.get('positivity'),
+          'few_shot': few_shot_settings(ev.get('few_shot')),
           'wall_s': eval_record.get('wall_s_all_attempts'),
         },
       }
     )
   return records
+
+
+def few_shot_settings(entries) -> dict[str, float]:
+  """eval.json's few-shot list -> {'5-way 1-shot': accuracy, ...} (settings whose accuracy is known)."""
+  out = {}
+  for f in entries or ():
+    if f.get('accuracy') is not None:
+      out[f'{int(f["ways"])}-way {int(f["shots"])}-shot'] = float(f['accuracy'])
+  return out
 
 
 def _relative(path: str, workdir: str) -> str:
@@ -473,6 +483,12 @@ def holm_adjust(comparisons: list[dict[str, Any]]) -> None:
     )
 
 
+def _few_shot_order(name: str) -> tuple[int, int]:
+  """'20-way 1-shot' -> (20, 1): settings sorted by ways, then shots."""
+  ways, shots = name.split('-way ')
+  return int(ways), int(shots.split('-shot')[0])
+
+
 def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[str, Any]:
   """Per-row mean +- std of every Recall@K, Metrix-vs-baseline comparisons, positivity mean curves."""
   rows = []
@@ -493,6 +509,14 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
     for metric in ('utilization', 'alignment', 'uniformity'):
       values = [r['eval'][metric] for r in mine if r['eval'] and r['eval'].get(metric) is not None]
       entry[metric] = mean_std(values) if values else None
+    settings = sorted(
+      {name for r in mine if r['eval'] for name in r['eval'].get('few_shot') or {}}, key=_few_shot_order
+    )
+    if settings:
+      entry['few_shot'] = {
+        name: mean_std([r['eval']['few_shot'][name] for r in mine if name in ((r['eval'] or {}).get('few_shot') or {})])
+        for name in settings
+      }
     curves = [r['eval']['positivity'] for r in mine if r['eval'] and r['eval'].get('positivity')]
     if curves:
       emp = np.asarray([[math.nan if v is None else v for v in c['empirical']] for c in curves], np.float64)
@@ -648,6 +672,19 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: 
       n = (r.get('uniformity') or {}).get('n', 0)
       out.append(
         f'| {r["label"]} | {n} | {_ms(r.get("utilization"))} | {_ms(r.get("alignment"))} | {_ms(r.get("uniformity"))} |'
+      )
+  settings = sorted({name for r in summary['rows'] for name in r.get('few_shot') or {}}, key=_few_shot_order)
+  if settings:
+    out += [
+      '',
+      '### Few-shot episodes on the test classes (accuracy %, mean ± std over seeds; nearest prototype, cosine)',
+      '',
+      '| row | ' + ' | '.join(settings) + ' |',
+      '|---|' + '---|' * len(settings),
+    ]
+    for r in summary['rows']:
+      out.append(
+        f'| {r["label"]} | ' + ' | '.join(_pct((r.get('few_shot') or {}).get(name)) for name in settings) + ' |'
       )
   out += [
     '',

@@ -171,7 +171,7 @@ def test_mean_std_is_sample_std():
 # ----------------------------------------------------------------------------------------------------------------
 # The report from finished runs (fake results.json / eval.json in the trainer's and evaluate's layouts).
 # ----------------------------------------------------------------------------------------------------------------
-def _fake_run(workdir, row, seed, recall, *, util=None, positivity=None):
+def _fake_run(workdir, row, seed, recall, *, util=None, positivity=None, few_shot=None):
   run_dir = os.path.join(workdir, row, f'seed{seed}')
   os.makedirs(run_dir)
   with open(os.path.join(run_dir, 'results.json'), 'w') as f:
@@ -209,6 +209,7 @@ def _fake_run(workdir, row, seed, recall, *, util=None, positivity=None):
           'alignment': 0.5,
           'uniformity': -2.0,
           'positivity': positivity,
+          'few_shot': few_shot,
         },
         f,
       )
@@ -225,7 +226,12 @@ def test_report_only_aggregates_finished_runs(tmp_path):
       recall = {k: float(rng.uniform(0.2, 0.9)) for k in (1, 2, 4, 8)}
       values[row, seed] = recall
       pos = {'lambda': lam, 'empirical': [0.1 * seed, 0.5, None], 'theoretical': [0.0, 0.5, 1.0]}
-      _fake_run(tmp_path, row, seed, recall, util=0.1 * seed, positivity=pos)
+      few = [
+        dict(ways=20, shots=1, queries=5, episodes=1000, accuracy=0.3 + 0.01 * seed, ci95=0.01),
+        dict(ways=5, shots=1, queries=5, episodes=1000, accuracy=0.6 + 0.02 * seed, ci95=0.01),
+        dict(ways=5, shots=5, queries=5, episodes=1000, accuracy=None, ci95=None),  # not computed: left out
+      ]
+      _fake_run(tmp_path, row, seed, recall, util=0.1 * seed, positivity=pos, few_shot=few)
   report = tmp_path / 'report'
   proc = _cli(
     [
@@ -257,6 +263,10 @@ def test_report_only_aggregates_finished_runs(tmp_path):
   np.testing.assert_allclose(rows['ms-none']['utilization']['mean'], 0.2, rtol=1e-12)
   np.testing.assert_allclose(rows['ms-feature']['positivity']['empirical_mean'][0], 0.15, rtol=1e-12)
   assert rows['ms-feature']['positivity']['empirical_mean'][2] is None  # an empty bin in every seed: NaN -> null
+  assert list(rows['ms-none']['few_shot']) == ['5-way 1-shot', '20-way 1-shot']  # by ways, then shots
+  np.testing.assert_allclose(rows['ms-none']['few_shot']['5-way 1-shot']['mean'], 0.64, rtol=1e-12)
+  np.testing.assert_allclose(rows['ms-none']['few_shot']['20-way 1-shot']['std'], np.std([0.31, 0.32, 0.33], ddof=1))
+  np.testing.assert_allclose(rows['ms-feature']['few_shot']['20-way 1-shot']['mean'], 0.315, rtol=1e-12)
   (cmp,) = summary['comparisons']
   assert cmp['row'] == 'ms-feature' and cmp['baseline'] == 'ms-none'
   d = [values['ms-feature', s][1] - values['ms-none', s][1] for s in (1, 2)]
@@ -269,6 +279,7 @@ def test_report_only_aggregates_finished_runs(tmp_path):
   md = (report / 'study.md').read_text()
   assert '| MS + Metrix | 2 |' in md and '| MS | 3 |' in md and 'ms-feature/seed3' in md
   assert 'Loss `multi_similarity`: ' in md and 'ResNet-18' in md  # the recipe, read from the runs' config.json
+  assert '| row | 5-way 1-shot | 20-way 1-shot |' in md and '| MS | 64.00 ± 2.00 | 32.00 ± 1.00 |' in md
   assert f'{100 * np.mean([values["ms-none", s][1] for s in (1, 2, 3)]):.2f}' in md
   for png in ('recall_at_k.png', 'positivity.png'):
     with open(report / png, 'rb') as f:
