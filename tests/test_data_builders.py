@@ -162,7 +162,9 @@ def test_registry_is_the_one_list_of_data_sets(tmp_path):
     assert spec.recall_ks[0] == 1 and spec.train_split not in spec.eval_splits
   assert data.DATASETS['inshop'].eval_splits == ('query', 'gallery')
   for check in (data.check_name, builders.builder_class, data.spec):
-    with pytest.raises(ValueError, match="Unknown dataset 'cub'; valid choices: demo, omniglot, cub200, cars196"):
+    with pytest.raises(
+      ValueError, match="Unknown dataset 'cub'; valid choices: demo, glyphs, omniglot, cub200, cars196"
+    ):
       check('cub')
 
 
@@ -419,7 +421,7 @@ def test_build_command_line_user_mistakes_are_one_line_and_exit_2(tmp_path):
   proc = _builders_command('cub', f'--data_dir={tmp_path / "data"}')
   assert proc.returncode == 2
   assert proc.stderr.splitlines() == [
-    "error: argument name: invalid choice: 'cub' (choose from 'demo', 'omniglot', "
+    "error: argument name: invalid choice: 'cub' (choose from 'demo', 'glyphs', 'omniglot', "
     "'cub200', 'cars196', 'sop', 'inshop') (see: python -m "
     'metrix_jax.data.builders --help)'
   ]

@@ -92,6 +92,7 @@ def test_demo_is_cached(default_demo):
       'name': 'default',
       'image_size': 32,
       'images_per_class': 20,
+      'latin': True,
       'num_classes': 1000,
       'num_train_classes': 500,
       'seed': 0,
@@ -135,3 +136,27 @@ def test_instances_differ_within_a_class():
 def test_bad_config_is_rejected():
   with pytest.raises(ValueError, match='num_train_classes'):
     demo.demo_config(num_classes=10, num_train_classes=10)
+
+
+def test_glyphs_source_has_no_latin_and_holds_out_an_eighth_of_its_classes(tmp_path):
+  import unicodedata  # pylint: disable=g-import-not-at-top
+
+  config = demo.glyphs_config()
+  classes = demo.select_classes(config)
+  assert config.num_classes == len(demo.available_characters(latin=False)) >= 1000
+  assert config.num_train_classes == config.num_classes - config.num_classes // 8 and config.name.endswith('_nolatin')
+  names = [unicodedata.name(chr(cp), '') for cp, _ in classes]
+  # Omniglot's test alphabets: Latin, Japanese katakana, Early Aramaic, Tagalog; and no Latin-derived letterforms.
+  for word in ('LATIN', 'KATAKANA', 'ARAMAIC', 'TAGALOG', 'DOUBLE-STRUCK', 'DIGIT'):
+    assert not any(word in n for n in names), word
+  assert all(not (0x21 <= cp <= 0x2AF or 0x2100 <= cp <= 0x214F) for cp, _ in classes)
+  assert len({cp for cp, _ in classes}) == len(classes)
+  # the demo data set keeps Latin; the glyph source is the rest of the same candidates
+  every = {cp for cp, _ in demo.available_characters(latin=True)}
+  assert {cp for cp, _ in classes} == {cp for cp in every if not demo.is_latin(cp)}
+  assert demo.is_latin(ord('A')) and demo.is_latin(0x211D) and not demo.is_latin(0x0391 + 1)
+  # a small build through the registry: split sizes and disjoint classes
+  small = demo.demo_config(num_classes=12, num_train_classes=9, images_per_class=3, latin=False)
+  builder = data.prepare('glyphs', str(tmp_path), config=small)
+  assert builders.split_counts(builder) == {'train': (27, 9), 'test': (9, 3)}
+  assert data.spec('glyphs').needs_manual_dir is False and builders.builder_class('glyphs') is demo.Glyphs

@@ -221,7 +221,7 @@ def test_normalize_images():
 
 
 def test_bad_arguments_name_the_choices(data_dir):
-  with pytest.raises(ValueError, match='valid choices: demo, omniglot, cub200, cars196, sop, inshop'):
+  with pytest.raises(ValueError, match='valid choices: demo, glyphs, omniglot, cub200, cars196, sop, inshop'):
     data.get_dataset_info('cub', data_dir)
   with pytest.raises(ValueError, match='valid choices: random, balanced'):
     train_it(data_dir, sampler='uniform')

@@ -1,10 +1,11 @@
 """Data: tfds builders (array_record, no TensorFlow) and grain input pipelines for metric learning.
 
 The data sets (`DATASETS`, the one list of them; `check_name(name)` is the one check): 'demo' (generated glyphs,
-no download), 'omniglot', 'cub200', 'cars196', 'sop', 'inshop'. Built under `data_dir` (default $TFDS_DATA_DIR or
-~/tensorflow_datasets) from the official archives in `manual_dir` (default <data_dir>/downloads/manual) on first
-use; `download_instructions(name)` says which files and where to get them. Importing this package is cheap (no
-tfds, grain or jax): the config validator asks it.
+no download), 'glyphs' (the same generator, every non-Latin glyph class: a pretraining source), 'omniglot',
+'cub200', 'cars196', 'sop', 'inshop'. Built under `data_dir` (default $TFDS_DATA_DIR or ~/tensorflow_datasets)
+from the official archives in `manual_dir` (default <data_dir>/downloads/manual) on first use;
+`download_instructions(name)` says which files and where to get them. Importing this package is cheap (no tfds,
+grain or jax): the config validator asks it.
 
 Module layout:
     base.py      the tfds builder base (`MetrixBuilder`), features, image encoding, `parallel_map`, archive readers
@@ -57,6 +58,7 @@ class DatasetSpec(NamedTuple):
 # The registry: every data set, in the order the docs list them.
 DATASETS: dict[str, DatasetSpec] = {
   'demo': DatasetSpec(needs_manual_dir=False, recall_ks=(1, 2, 4, 8)),
+  'glyphs': DatasetSpec(needs_manual_dir=False, recall_ks=(1, 2, 4, 8)),  # the transfer studies' source
   'omniglot': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8)),
   'cub200': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),
   'cars196': DatasetSpec(needs_manual_dir=True, recall_ks=(1, 2, 4, 8, 16, 32)),

@@ -13,6 +13,7 @@ user mistake (unknown name, missing or corrupt archives) is one line on stderr a
 | name       | source (manual dir)                               | splits                     | classes train / eval |
 |------------|---------------------------------------------------|----------------------------|----------------------|
 | `demo`     | generated glyphs (`demo.py`), no download         | train / test               | 500 / 500            |
+| `glyphs`   | generated non-Latin glyphs (`demo.py`), no download | train / test             | 1,130 / 161          |
 | `omniglot` | `images_background*.zip`, `images_evaluation*.zip` | train / test (by alphabet) | depends on the zips  |
 | `cub200`   | `CUB_200_2011.tgz`                                | train / test               | 100 / 100            |
 | `cars196`  | `car_ims.tgz`, `cars_annos.mat`                   | train / test               | 98 / 98              |
@@ -713,6 +714,7 @@ each at https://github.com/brendenlake/omniglot/raw/master/python/<file name>. D
 
 BUILDERS: dict[str, type[MetrixBuilder]] = {
   'demo': demo.Demo,
+  'glyphs': demo.Glyphs,
   'omniglot': Omniglot,
   'cub200': Cub200,
   'cars196': Cars196,

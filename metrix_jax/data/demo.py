@@ -50,6 +50,10 @@ _BLOCKS = (
   (0x2600, 0x26FF),  # Miscellaneous Symbols
   (0x2800, 0x28FF),  # Braille Patterns
 )
+# Latin script and Latin-derived letterforms: Basic Latin (its digits and signs too), Latin-1, Latin Extended-A/B,
+# IPA, Letterlike Symbols (double-struck and script letters, the Kelvin sign, ...). Greek and Cyrillic letters that
+# render like a Latin one were merged into it (an earlier block wins), so without Latin they are absent as well.
+_LATIN_BLOCKS = _BLOCKS[:4] + ((0x2100, 0x214F),)
 _MIN_FONTS = 4  # a class needs at least this many faces (instance diversity)
 _REFERENCE_FONT = 'DejaVuSans.ttf'
 
@@ -61,6 +65,7 @@ class DemoConfig(tfds.core.BuilderConfig):
   images_per_class: int = 20
   image_size: int = 32
   seed: int = 0
+  latin: bool = True  # False: none of `_LATIN_BLOCKS` (Latin script, IPA, letterlike symbols)
 
 
 def demo_config(
@@ -69,6 +74,7 @@ def demo_config(
   images_per_class: int = 20,
   image_size: int = 32,
   seed: int = 0,
+  latin: bool = True,
 ) -> DemoConfig:
   """A named config; the name encodes every field so different configs never share a directory."""
   if num_train_classes is None:
@@ -79,8 +85,9 @@ def demo_config(
     raise ValueError(f'image_size={image_size} must be >= 16 and images_per_class={images_per_class} >= 2.')
   name = (
     'default'
-    if (num_classes, num_train_classes, images_per_class, image_size, seed) == (1000, 500, 20, 32, 0)
+    if (num_classes, num_train_classes, images_per_class, image_size, seed, latin) == (1000, 500, 20, 32, 0, True)
     else f'c{num_classes}_t{num_train_classes}_n{images_per_class}_s{image_size}_seed{seed}'
+    + ('' if latin else '_nolatin')
   )
   return DemoConfig(
     name=name,
@@ -89,8 +96,9 @@ def demo_config(
     images_per_class=images_per_class,
     image_size=image_size,
     seed=seed,
+    latin=latin,
     description=f'{num_classes} glyph classes ({num_train_classes} train), {images_per_class} '
-    f'images each, {image_size}px, seed {seed}',
+    f'images each, {image_size}px, seed {seed}' + ('' if latin else ', no Latin-script characters'),
   )
 
 
@@ -156,9 +164,19 @@ def candidate_characters() -> tuple[tuple[int, tuple[int, ...]], ...]:
   return tuple(out)
 
 
+def is_latin(codepoint: int) -> bool:
+  """Whether `codepoint` lies in one of the Latin-script blocks drawn from (`_LATIN_BLOCKS`)."""
+  return any(first <= codepoint <= last for first, last in _LATIN_BLOCKS)
+
+
+def available_characters(latin: bool = True) -> tuple[tuple[int, tuple[int, ...]], ...]:
+  """`candidate_characters()`, without the Latin-script blocks when `latin` is False."""
+  return tuple(c for c in candidate_characters() if latin or not is_latin(c[0]))
+
+
 def select_classes(config: DemoConfig) -> list[tuple[int, tuple[int, ...]]]:
   """The config's classes in label order: train classes first (labels 0..T-1), then eval classes."""
-  candidates = candidate_characters()
+  candidates = available_characters(config.latin)
   if config.num_classes > len(candidates):
     raise ValueError(f'num_classes={config.num_classes} > {len(candidates)} available glyph classes.')
   order = np.random.default_rng([config.seed, 0xC1A55]).permutation(len(candidates))[: config.num_classes]
@@ -258,6 +276,36 @@ class Demo(base.MetrixBuilder, skip_registration=True):
           'font': names[face],
         },
       )
+
+
+def glyphs_config(images_per_class: int = 30, image_size: int = 32, seed: int = 0) -> DemoConfig:
+  """The `glyphs` source: every non-Latin glyph class the fonts give (1,291 with matplotlib 3.10's fonts), 1/8 of
+  them held out (their images are the test split: the source model's own retrieval on unseen source classes)."""
+  num_classes = len(available_characters(latin=False))
+  return demo_config(
+    num_classes=num_classes,
+    num_train_classes=num_classes - num_classes // 8,
+    images_per_class=images_per_class,
+    image_size=image_size,
+    seed=seed,
+    latin=False,
+  )
+
+
+class Glyphs(Demo, skip_registration=True):
+  """`glyphs`: the large labelled source for transfer studies (`configs/pretrain_glyphs.py`): the demo generator
+  over every non-Latin glyph class (Greek, Cyrillic, Armenian, Georgian, arrows, mathematical operators,
+  technical and geometric shapes, miscellaneous symbols, Braille), 30 images each. None of Omniglot's test
+  alphabets (Latin, Japanese katakana, Early Aramaic, Tagalog) is among its scripts: Latin, IPA and the letterlike
+  symbols are left out, and the fonts cover no katakana, Aramaic or Tagalog."""
+
+  name = 'metrix_glyphs'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = 'Nothing to download: the glyphs data set is generated locally.'
+
+  @classmethod
+  def default_config(cls, short_side: int = 256, manual_dir=None, data_dir=None) -> DemoConfig:
+    del short_side, manual_dir, data_dir
+    return glyphs_config()
 
 
 def _render_item(item, arg):

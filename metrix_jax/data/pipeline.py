@@ -64,6 +64,7 @@ class Augment:
 
 _AUGMENT_DEFAULTS = {
   'demo': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
+  'glyphs': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
   'omniglot': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
 }
 
