@@ -412,8 +412,9 @@ def paired_comparison(baseline: dict[int, float], treated: dict[int, float]) -> 
   """Metrix minus baseline over the seeds both finished (same seed = same init and data order).
 
   Returns {'seeds', 'diffs', 'mean_diff', 'std_diff', 't', 'p_two_sided' (paired t-test, None for < 2 seeds),
-  'baseline_std', 'treated_std', 'exceeds_seed_spread' (|mean diff| > the larger of the two rows' seed stds),
-  'verdict'}; None if no seed is shared.
+  'ci95' ([low, high]: mean diff +- t(0.975, n - 1) x std_diff / sqrt(n), None for < 2 seeds), 'baseline_std',
+  'treated_std', 'exceeds_seed_spread' (|mean diff| > the larger of the two rows' seed stds), 'verdict'}; None if
+  no seed is shared.
   """
   seeds = sorted(set(baseline) & set(treated))
   if not seeds:
@@ -426,17 +427,20 @@ def paired_comparison(baseline: dict[int, float], treated: dict[int, float]) -> 
     'std_diff': None,
     't': None,
     'p_two_sided': None,
+    'ci95': None,
   }
   b = np.asarray([baseline[s] for s in seeds])
   m = np.asarray([treated[s] for s in seeds])
   out['baseline_std'] = float(b.std(ddof=1)) if len(seeds) > 1 else None
   out['treated_std'] = float(m.std(ddof=1)) if len(seeds) > 1 else None
   if len(seeds) > 1:
+    from scipy import stats  # pylint: disable=g-import-not-at-top
+
     sd = float(diffs.std(ddof=1))
     out['std_diff'] = sd
+    half = float(stats.t.ppf(0.975, df=len(seeds) - 1)) * sd / math.sqrt(len(seeds))
+    out['ci95'] = [float(diffs.mean()) - half, float(diffs.mean()) + half]
     if sd > 0:
-      from scipy import stats  # pylint: disable=g-import-not-at-top
-
       t = float(diffs.mean() / (sd / math.sqrt(len(seeds))))
       out['t'], out['p_two_sided'] = t, float(2 * stats.t.sf(abs(t), df=len(seeds) - 1))
     elif diffs.mean() != 0:
@@ -552,7 +556,7 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
   walls = [r['process_wall_s'] for r in records if r['process_wall_s']]
   eval_walls = [r['eval']['wall_s'] for r in records if r['eval'] and r['eval'].get('wall_s')]
   loads = [r['loadavg'] for r in records if r['loadavg'] is not None]
-  return {
+  summary = {
     'study': study.name,
     'rows': rows,
     'comparisons': comparisons,
@@ -566,6 +570,8 @@ def aggregate(study, records: list[dict[str, Any]], planned: list[Run]) -> dict[
     },
     'hardware': hardware(records, loads),
   }
+  summary['primary_endpoint'] = primary_endpoint(study, summary)
+  return summary
 
 
 def hardware(records, loads) -> dict[str, Any]:
@@ -635,10 +641,44 @@ def _recipe_lines(study, records, workdir: str) -> list[str]:
   return lines
 
 
+def primary_endpoint(study, summary: dict[str, Any]) -> dict[str, Any] | None:
+  """The pre-registered comparison (`study.primary` row vs its baseline at K = `study.primary_k`), or None."""
+  if not study.get('primary'):
+    return None
+  row, k = Row(study.primary), int(study.primary_k)
+  for c in summary['comparisons']:
+    if c['row'] == row.id:
+      found = c['by_k'].get(k) or {'mean_diff': None}
+      return {'row': row.id, 'label': c['label'], 'baseline_label': c['baseline_label'], 'k': k, **found}
+  return {'row': row.id, 'label': row.label, 'k': k, 'mean_diff': None}
+
+
+def primary_endpoint_lines(study, summary: dict[str, Any]) -> list[str]:
+  """study.md's first section: the pre-registered endpoint with its 95% interval (before every other table)."""
+  p = primary_endpoint(study, summary)
+  if p is None:
+    return []
+  head = f'### Primary endpoint (pre-registered in the docstring of study config `{study.name}`)'
+  if p.get('mean_diff') is None:
+    return [head, '', f'{p["label"]} vs its baseline, R@{p["k"]}: not available yet (no seed finished both rows).', '']
+  ci = p.get('ci95')
+  interval = '' if ci is None else f', 95% CI [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]'
+  pval = '' if p.get('p_two_sided') is None else f', paired t-test p = {p["p_two_sided"]:.3g}'
+  return [
+    head,
+    '',
+    f'{p["label"]} minus {p["baseline_label"]}, test R@{p["k"]}, paired by seed over {len(p["seeds"])} seeds: '
+    f'**{100 * p["mean_diff"]:+.2f} points**{interval}{pval} (t interval with {len(p["seeds"]) - 1} degrees of '
+    'freedom; seeds pair up: same init and data order).',
+    '',
+  ]
+
+
 def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: str) -> str:
   """study.md; `workdir` is the study's (the runs' 'dir' are relative to it: the recipe is read from there)."""
   ks = [int(k) for k in study.report_ks]
   out = [f'## Study `{study.name}`: {summary["finished_runs"]}/{summary["planned_runs"]} runs finished', '']
+  out += primary_endpoint_lines(study, summary)
   if summary['missing_runs']:
     out += [f'Not finished (left out of every number below): {", ".join(summary["missing_runs"])}.', '']
   out += [
@@ -867,6 +907,11 @@ def _main(args, overrides: Sequence[str]) -> int:
   except ValueError:
     raise StudyError(f'--seeds must be comma-separated integers, got {args.seeds!r}.') from None
   runs = plan_runs(study, workdir, rows=_csv(args.rows), seeds=seeds)
+  if study.get('requires_pretrained') and not study.get('pretrained') and not args.report_only:
+    raise StudyError(
+      f'study {study.name} fine-tunes a pretrained backbone: pass --config.pretrained=WORKDIR of the source run '
+      f'({study.requires_pretrained}).'
+    )
   evaluate = bool(study.evaluate.enabled) and not args.no_evaluate
   if args.dry_run:
     print(f'study {study.name}: {len(runs)} runs in {workdir} (trainer config {study.trainer_config})')

@@ -12,6 +12,8 @@ from metrix_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+# Configs of a data set that take a '<loss>,<mix mode>' recipe argument (pretrain_*.py: one fixed recipe).
+RECIPE_CONFIGS = [f for f in CONFIG_FILES if not os.path.basename(f).startswith('pretrain_')]
 
 
 def _load(path, arg=None):
@@ -26,7 +28,7 @@ def test_all_config_files_present():
   assert {'demo', 'omniglot', 'cub200', 'cars196', 'sop', 'inshop'} <= names
 
 
-@pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize('path', RECIPE_CONFIGS, ids=lambda p: os.path.basename(p))
 @pytest.mark.parametrize('arg', [None, 'contrastive', 'ms', 'pa', 'ms,feature', 'contrastive,input', 'pa,embedding'])
 def test_config_loads_and_validates(path, arg):
   config = _load(path, arg)
@@ -51,6 +53,17 @@ def test_config_loads_and_validates(path, arg):
       assert part in node, key
       node = node[part]
   assert isinstance(config.mix.pairs, tuple) and isinstance(config.dataset.recall_ks, tuple)
+
+
+def test_glyph_pretraining_config_is_a_resumable_source_run_without_latin():
+  config = _load(os.path.join(ROOT, 'configs', 'pretrain_glyphs.py'))
+  config_lib.validate(config, check_files=False)
+  assert (config.dataset.name, config.dataset.image_size, config.model.depth) == ('glyphs', 32, 18)
+  assert config_lib.optional(config.model.pretrained) is None and not config.model.bn_freeze  # from scratch
+  assert config.mix.mode == 'none' and config.loss.name == 'proxy_anchor'
+  assert config.train.checkpoint_every_steps <= 250 and config.train.num_steps == 4000  # resumable, ~1 h
+  batch = config.dataset.classes_per_batch * config.dataset.images_per_class
+  assert batch == config.train.batch_size
 
 
 def test_recipes_follow_the_spec_table():

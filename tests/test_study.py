@@ -1,6 +1,7 @@
 """scripts/study.py: the run plan (dry run, filters, errors), the statistics against scipy/numpy, the report from
 finished runs, and one real 2-step study run on the demo data through the project's trainer."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -75,6 +76,57 @@ def test_longer_budget_addendum_config():
   assert tuple(long.seeds) == (1, 2, 3) and long.trainer_config == base.trainer_config
 
 
+def test_transfer_studies_need_the_source_and_follow_the_registered_recipe(tmp_path):
+  proc = _cli([f'--config={STUDY_CONFIG}:omniglot_transfer', f'--workdir={tmp_path}', '--dry-run'])
+  assert proc.returncode == 2 and proc.stderr.splitlines()[0].startswith('error: study omniglot_transfer fine-tunes')
+  assert '--config.pretrained=WORKDIR' in proc.stderr and 'configs/pretrain_glyphs.py' in proc.stderr
+  source = tmp_path / 'pretrain_glyphs'
+  proc = _cli(
+    [
+      f'--config={STUDY_CONFIG}:omniglot_transfer',
+      f'--workdir={tmp_path}',
+      '--dry-run',
+      f'--config.pretrained={source}',
+    ]
+  )
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if l.strip()[:3].strip().rstrip('.').isdigit()]
+  assert len(lines) == 25  # 5 rows x 5 seeds
+  assert all(f'--config.model.pretrained={source}' in l and '--config.model.bn_freeze=True' in l for l in lines)
+  assert all('--config.optim.warmup_epochs=2' in l and '--config.dataset.image_size=32' in l for l in lines)
+  proc = _cli([f'--config={STUDY_CONFIG}:omniglot_transfer_scratch', f'--workdir={tmp_path}', '--dry-run'])
+  assert proc.returncode == 0, proc.stderr
+  lines = [l for l in proc.stdout.splitlines() if l.strip()[:3].strip().rstrip('.').isdigit()]
+  assert len(lines) == 10 and all('--config.model.bn_freeze=False' in l for l in lines)
+  # every run's trainer config validates with the study's overrides (the last value of a key wins, as flags do)
+  module_spec = importlib.util.spec_from_file_location('study_config', STUDY_CONFIG)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  from metrix_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  trainer_spec = importlib.util.spec_from_file_location('omniglot_config', os.path.join(ROOT, 'configs', 'omniglot.py'))
+  trainer = importlib.util.module_from_spec(trainer_spec)
+  trainer_spec.loader.exec_module(trainer)
+  for name in ('omniglot_transfer', 'omniglot_transfer_scratch'):
+    s = module.get_config(name)
+    assert tuple(s.seeds) == (1, 2, 3, 4, 5) and s.primary == 'ms,feature' and s.primary_k == 1
+    for row in s.rows:
+      config = trainer.get_config(row)
+      for override in s.overrides:
+        key, value = override.split('=', 1)
+        node = config
+        *parents, leaf = key.split('.')
+        for part in parents:
+          node = node[part]
+        try:
+          node[leaf] = ast.literal_eval(value)  # as ml_collections parses a --config.KEY=VALUE flag
+        except (ValueError, SyntaxError):
+          node[leaf] = value  # a plain string (e.g. 'cosine')
+      config_lib.validate(config, check_files=False)
+      assert config.train.num_steps == 650 and config.dataset.image_size == 32
+      assert config.model.bn_freeze is (name == 'omniglot_transfer') and config.optim.schedule == 'cosine'
+
+
 def test_filters_locations_and_benchmark_config(tmp_path):
   proc = _cli(
     [
@@ -141,7 +193,10 @@ def test_paired_comparison_matches_scipy():
   np.testing.assert_allclose(out['treated_std'], np.std(m, ddof=1), rtol=1e-12)
   assert out['exceeds_seed_spread'] == (abs(np.mean(m - b)) > max(np.std(b, ddof=1), np.std(m, ddof=1)))
   assert out['verdict'].startswith('helped' if ref.pvalue < 0.05 else 'no significant')
+  interval = ref.confidence_interval(0.95)  # scipy's own paired-t interval of the mean difference
+  np.testing.assert_allclose(out['ci95'], [interval.low, interval.high], rtol=1e-10)
   one = study.paired_comparison({1: 0.5}, {1: 0.6})
+  assert one['ci95'] is None
   assert one['p_two_sided'] is None and one['exceeds_seed_spread'] is None and 'undetermined' in one['verdict']
   assert study.paired_comparison({1: 0.5}, {2: 0.6}) is None
 
@@ -240,6 +295,7 @@ def test_report_only_aggregates_finished_runs(tmp_path):
       f'--report_dir={report}',
       '--report-only',
       '--rows=ms-none,ms-feature',
+      '--config.primary=ms,feature',
     ]
   )
   assert proc.returncode == 0, proc.stderr + proc.stdout
@@ -277,6 +333,12 @@ def test_report_only_aggregates_finished_runs(tmp_path):
     rtol=1e-10,
   )
   md = (report / 'study.md').read_text()
+  primary = summary['primary_endpoint']
+  assert primary['row'] == 'ms-feature' and primary['k'] == 1 and primary['seeds'] == [1, 2]
+  np.testing.assert_allclose(primary['mean_diff'], np.mean(d), rtol=1e-12)
+  first_section = md.split('###')[1]  # the primary endpoint comes before every other table
+  assert first_section.startswith(' Primary endpoint (pre-registered') and f'**{100 * np.mean(d):+.2f} points**' in md
+  assert '95% CI [' in first_section
   assert '| MS + Metrix | 2 |' in md and '| MS | 3 |' in md and 'ms-feature/seed3' in md
   assert 'Loss `multi_similarity`: ' in md and 'ResNet-18' in md  # the recipe, read from the runs' config.json
   assert '| row | 5-way 1-shot | 20-way 1-shot |' in md and '| MS | 64.00 ± 2.00 | 32.00 ± 1.00 |' in md

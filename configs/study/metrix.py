@@ -25,6 +25,32 @@ with the paper's benchmarks (pretrained ResNet-50 at 224 px, 60+ epochs).
 `configs/study/metrix.py:omniglot_300` is the longer-budget addendum: the same recipe for 300 steps (about 11.5
 epochs), MS and contrastive, baseline vs feature-level Metrix, and MS at input and embedding level, 3 seeds
 (18 runs, ~3-8 min each on 2 cores).
+
+**The transfer regime** (issue 15), `configs/study/metrix.py:omniglot_transfer`: where the paper makes its claim,
+a backbone pretrained on a large labelled source and fine-tuned on disjoint target classes with frozen BN. Source:
+`python -m metrix_jax.main --config=configs/pretrain_glyphs.py --workdir=workdirs/pretrain_glyphs` (~1 h on 2
+cores; 1,130 non-Latin glyph classes, none of Omniglot's test alphabets). Then
+
+    python scripts/study.py --config=configs/study/metrix.py:omniglot_transfer --workdir=workdirs/transfer \
+      --config.manual_dir=/data/omniglot --config.pretrained=workdirs/pretrain_glyphs
+    python scripts/study.py --config=configs/study/metrix.py:omniglot_transfer_scratch \
+      --workdir=workdirs/transfer_scratch --config.manual_dir=/data/omniglot
+
+Recipe (both): Omniglot split by alphabet, ResNet-18 at 32 px, 512-d embedding, Adam, backbone lr 1e-4 with the
+head at 10x, cosine schedule, 650 steps of 20 classes x 5 images (25 epochs of the 2,600-image split), the last
+step reported. Transfer: the glyph backbone and its BN statistics (head re-initialised), BN frozen, the backbone
+frozen for the first 2 epochs (the head warms up alone). Scratch: random init, BN trained, no warm-up: what
+pretraining itself changed. Rows: MS and contrastive, each without and with feature-level Metrix, and MS with
+embedding-level Metrix (transfer); MS without / with feature-level Metrix (scratch). Seeds 1-5 for every row.
+
+**Pre-registered primary endpoint** (written before any transfer run): the paired difference in test Recall@1
+(percentage points) of MS + feature-level Metrix minus MS in the transfer study, over seeds 1-5 paired by seed, with
+its 95% t interval (4 degrees of freedom); study.md reports it first. The paper's claim is supported if the interval
+lies above 0, contradicted if it lies below 0, and undecided otherwise. Secondary (reported, not the endpoint): the
+contrastive pair, MS + embedding-level vs MS, 5-way 1-shot and 20-way 1-shot episode accuracy, utilization (the
+paper's claim: Metrix raises it), alignment, uniformity and positivity; the scratch study as the reference for what
+pretraining changed. Expected cost on an idle 2-core CPU: ~3 min per transfer run (frozen BN: the CPU conv path),
+~8 min per scratch run (trainable BN: the plain path), i.e. ~75 + ~80 min.
 """
 
 from ml_collections import config_dict
@@ -65,6 +91,11 @@ def base_study_config() -> config_dict.ConfigDict:
   s.evaluate.utilization = True  # embeds the train split too
   s.evaluate.positivity = True
   s.positivity_row = 'ms,feature'  # the row whose positivity curve (mean over seeds) is plotted
+  # The pre-registered primary endpoint (study.md's first section): `primary` row minus its baseline at R@primary_k,
+  # paired by seed, with a 95% t interval. None: no primary endpoint.
+  s.primary = config_dict.placeholder(str)
+  s.primary_k = 1
+  s.requires_pretrained = ''  # non-empty: the command that trains the source (the study refuses to run without it)
   return s
 
 
@@ -88,10 +119,12 @@ def get_config(arg=None):
     s.overrides = tuple(o for o in s.overrides if not o.startswith(('train.num_steps=', 'train.log_every_steps=')))
     s.overrides += ('train.num_steps=300', 'train.log_every_steps=50')
     return s
+  if dataset in ('omniglot_transfer', 'omniglot_transfer_scratch'):
+    return transfer_study(scratch=dataset.endswith('_scratch'))
   if dataset not in REPORT_KS:
     raise ValueError(
       f'Unknown study data set {dataset!r}; choose one of {", ".join(REPORT_KS)} (or '
-      f'omniglot_300), e.g. --config=configs/study/metrix.py:omniglot.'
+      f'omniglot_300, omniglot_transfer, omniglot_transfer_scratch), e.g. --config=configs/study/metrix.py:omniglot.'
     )
   s = base_study_config()
   s.name = dataset
@@ -111,4 +144,44 @@ def get_config(arg=None):
     'train.checkpoint_every_steps=1000',  # the trainer also checkpoints at the end
     'train.log_every_steps=10',
   )
+  return s
+
+
+# The transfer regime (issue 15): fine-tuning the glyph-pretrained ResNet-18 (configs/pretrain_glyphs.py).
+TRANSFER_ROWS = ('ms,none', 'ms,feature', 'contrastive,none', 'contrastive,feature', 'ms,embedding')
+TRANSFER_OVERRIDES = (
+  'dataset.image_size=32',
+  'dataset.eval_resize=32',
+  'dataset.num_workers=0',
+  'dataset.eval_batch_size=500',
+  'optim.lr=1e-4',  # backbone
+  'optim.head_lr_mult=10.0',
+  'optim.schedule=cosine',
+  'optim.warmup_epochs=2',  # the backbone frozen for the first 2 epochs: the head warms up alone
+  'train.num_epochs=25',
+  'train.num_steps=650',  # 25 epochs of the 2,600-image training split at batch 100 (full Omniglot: ~1.5 epochs)
+  'train.eval_every_epochs=0',
+  'train.checkpoint_every_steps=250',
+  'train.log_every_steps=50',
+)
+
+
+def transfer_study(scratch: bool = False) -> config_dict.ConfigDict:
+  """Omniglot fine-tuned from the glyph source; `scratch`: the same recipe from random init (what pretraining did)."""
+  s = base_study_config()
+  s.name = 'omniglot_transfer_scratch' if scratch else 'omniglot_transfer'
+  s.trainer_config = 'configs/omniglot.py'
+  s.report_ks = REPORT_KS['omniglot']
+  s.seeds = (1, 2, 3, 4, 5)
+  s.primary = 'ms,feature'
+  s.primary_k = 1
+  if scratch:
+    s.rows = ('ms,none', 'ms,feature')
+    s.overrides = TRANSFER_OVERRIDES + ('model.bn_freeze=False', 'optim.warmup_epochs=0', 'model.pretrained=None')
+  else:
+    s.rows = TRANSFER_ROWS
+    s.overrides = TRANSFER_OVERRIDES + ('model.bn_freeze=True',)
+    s.requires_pretrained = (
+      'python -m metrix_jax.main --config=configs/pretrain_glyphs.py --workdir=workdirs/pretrain_glyphs'
+    )
   return s
