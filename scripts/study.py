@@ -50,6 +50,69 @@ RESULTS, EVAL = 'results.json', 'eval.json'
 TRAIN_LOG, EVAL_LOG, RUN_RECORD, EVAL_RECORD = 'train.log', 'evaluate.log', 'study_run.json', 'study_eval.json'
 
 
+# The paper's reported Recall@K (%), spec section 7 (copied as published; ResNet-50, D = 512), per data set:
+# recipe -> R@K at PAPER_KS[dataset]. study.md prints them beside a benchmark study's own numbers.
+PAPER_KS = {'cub200': (1, 2, 4), 'cars196': (1, 2, 4), 'sop': (1, 10, 100), 'inshop': (1, 10, 20)}
+PAPER_RESULTS = {
+  'cub200': {
+    'contrastive,none': (64.7, 75.9, 84.6),
+    'contrastive,feature': (67.4, 77.9, 85.7),
+    'contrastive,input': (66.3, 77.1, 85.2),
+    'contrastive,embedding': (66.4, 77.6, 85.4),
+    'ms,none': (67.8, 77.8, 85.6),
+    'ms,feature': (71.4, 80.6, 86.8),
+    'ms,input': (69.0, 79.1, 86.0),
+    'ms,embedding': (70.2, 80.4, 86.7),
+    'pa,none': (69.5, 79.3, 87.0),
+    'pa,feature': (71.0, 81.8, 88.2),
+    'pa,input': (70.5, 81.2, 87.8),
+    'pa,embedding': (70.4, 81.1, 87.9),
+  },
+  'cars196': {
+    'contrastive,none': (81.6, 88.2, 92.7),
+    'contrastive,feature': (85.1, 91.1, 94.6),
+    'contrastive,input': (82.9, 89.3, 93.7),
+    'contrastive,embedding': (83.9, 90.3, 94.1),
+    'ms,none': (87.8, 92.7, 95.3),
+    'ms,feature': (89.6, 94.2, 96.0),
+    'ms,input': (89.0, 93.4, 96.0),
+    'ms,embedding': (88.8, 92.9, 95.6),
+    'pa,none': (87.6, 92.3, 95.5),
+    'pa,feature': (89.1, 93.6, 96.7),
+    'pa,input': (88.2, 93.2, 96.2),
+    'pa,embedding': (88.9, 93.3, 96.4),
+  },
+  'sop': {
+    'contrastive,none': (74.9, 87.0, 93.9),
+    'contrastive,feature': (77.5, 89.1, 95.5),
+    'contrastive,input': (75.8, 87.8, 94.6),
+    'contrastive,embedding': (76.7, 88.6, 95.2),
+    'ms,none': (76.9, 89.8, 95.9),
+    'ms,feature': (81.0, 92.0, 97.2),
+    'ms,input': (77.9, 90.6, 95.9),
+    'ms,embedding': (78.5, 91.3, 96.7),
+    'pa,none': (79.1, 90.8, 96.2),
+    'pa,feature': (81.3, 91.7, 96.9),
+    'pa,input': (79.8, 91.4, 96.5),
+    'pa,embedding': (80.6, 91.7, 96.6),
+  },
+  'inshop': {
+    'contrastive,none': (86.4, 94.7, 96.2),
+    'contrastive,feature': (89.1, 95.7, 97.1),
+    'contrastive,input': (87.7, 95.9, 96.5),
+    'contrastive,embedding': (88.4, 95.4, 95.8),
+    'ms,none': (90.1, 97.6, 98.4),
+    'ms,feature': (92.2, 98.5, 98.6),
+    'ms,input': (91.8, 98.0, 98.9),
+    'ms,embedding': (91.9, 98.3, 98.7),
+    'pa,none': (90.0, 97.4, 98.2),
+    'pa,feature': (91.9, 98.2, 98.8),
+    'pa,input': (90.9, 98.1, 98.4),
+    'pa,embedding': (91.6, 98.3, 98.3),
+  },
+}
+
+
 class StudyError(Exception):
   """A problem the user can fix; the message says how."""
 
@@ -674,6 +737,39 @@ def primary_endpoint_lines(study, summary: dict[str, Any]) -> list[str]:
   ]
 
 
+def paper_lines(study, summary: dict[str, Any]) -> list[str]:
+  """A benchmark study's R@K beside the paper's (`PAPER_RESULTS`) for the rows the paper reports; [] otherwise."""
+  dataset = os.path.splitext(os.path.basename(str(study.trainer_config)))[0]
+  paper = PAPER_RESULTS.get(dataset)
+  if not paper:
+    return []
+  ks = PAPER_KS[dataset]
+  out = [
+    '',
+    "### Beside the paper (R@K %: this study's mean over seeds / the paper's reported number, and the difference)",
+    '',
+    '| row | ' + ' | '.join(f'R@{k} here / paper (Δ)' for k in ks) + ' |',
+    '|---|' + '---|' * len(ks),
+  ]
+  for r in summary['rows']:
+    reported = paper.get(Row(r['recipe']).recipe.replace(' ', ''))
+    if reported is None:
+      continue
+    cells = []
+    for k, theirs in zip(ks, reported):
+      ours = (r['recall'].get(k) or {}).get('mean')
+      cells.append(
+        f'- / {theirs:.1f}' if ours is None else f'{100 * ours:.2f} / {theirs:.1f} ({100 * ours - theirs:+.2f})'
+      )
+    out.append(f'| {r["label"]} | ' + ' | '.join(cells) + ' |')
+  out.append('')
+  out.append(
+    'The paper: ResNet-50 from ImageNet weights at 224 px, 512-d, the official recipe (spec section 7; MS + Metrix '
+    'at feature/input level and every PA + Metrix row have no public code).'
+  )
+  return out
+
+
 def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: str) -> str:
   """study.md; `workdir` is the study's (the runs' 'dir' are relative to it: the recipe is read from there)."""
   ks = [int(k) for k in study.report_ks]
@@ -694,6 +790,7 @@ def markdown(study, summary: dict[str, Any], *, plots: dict[str, str], workdir: 
       + f' | {_num(r["train_wall_s"]["mean"] if r["train_wall_s"]["n"] else None, 0)}'
       + f' | {_num(r["images_per_second"]["mean"] if r["images_per_second"]["n"] else None, 1)} |'
     )
+  out += paper_lines(study, summary)
   if any(r.get('utilization') for r in summary['rows']):
 
     def _ms(stat, digits=3):

@@ -398,3 +398,23 @@ def test_two_step_demo_study_then_resume_skips(tmp_path):
   assert (workdir / 'recall_at_k.png').exists() and (run_dir / 'study_run.json').exists()
   again = _cli([f'--config={config}', f'--workdir={workdir}', '--no-evaluate'], timeout=300)
   assert again.returncode == 0 and 'done, skipped' in again.stdout
+
+
+def test_a_benchmark_study_prints_the_papers_numbers_beside_its_own(tmp_path):
+  recall = {1: 0.70, 2: 0.80, 4: 0.87}
+  for seed in (1, 2):
+    _fake_run(tmp_path, 'ms-none', seed, {k: v + 0.01 * seed for k, v in recall.items()})
+    _fake_run(tmp_path, 'ms-feature', seed, {k: v + 0.02 * seed for k, v in recall.items()})
+  proc = _cli(
+    [f'--config={STUDY_CONFIG}:cub200', f'--workdir={tmp_path}', '--report-only', '--rows=ms-none,ms-feature']
+  )
+  assert proc.returncode == 0, proc.stderr + proc.stdout
+  md = (tmp_path / 'study.md').read_text()
+  assert '### Beside the paper' in md
+  # MS on CUB: paper 67.8 / 77.8 / 85.6 (spec section 7); here mean over seeds 1, 2 of 0.70 + 0.01 * seed
+  assert '| MS | 71.50 / 67.8 (+3.70) | 81.50 / 77.8 (+3.70) | 88.50 / 85.6 (+2.90) |' in md
+  assert '| MS + Metrix | 73.00 / 71.4 (+1.60) |' in md
+  assert study.PAPER_RESULTS['sop']['pa,feature'] == (81.3, 91.7, 96.9) and study.PAPER_KS['inshop'] == (1, 10, 20)
+  assert all(len(rows) == 12 for rows in study.PAPER_RESULTS.values())
+  omniglot = _cli([f'--config={STUDY_CONFIG}:omniglot', f'--workdir={tmp_path}', '--report-only', '--rows=ms-none'])
+  assert omniglot.returncode == 0 and 'Beside the paper' not in (tmp_path / 'study.md').read_text()
