@@ -590,15 +590,16 @@ TABLE_JSON = os.path.join(ROOT, 'benchmarks', 'tpu_aot_table.json')
 
 
 def recorded_rows(path: str = TABLE_JSON) -> dict[tuple, tuple[float, bool, float]]:
-  """The memory rows of a --json_out file (every row with a per-chip figure and a fits verdict); {} if absent."""
+  """The memory rows of a --json_out file (every row with a per-chip figure and a fits verdict, except rows marked
+  search='variant': configs the key cannot tell apart); {} if absent."""
   if not os.path.exists(path):
     return {}
   with open(path, encoding='utf-8') as f:
     rows = json.load(f)['rows']
   out = {}
   for r in rows:
-    if r.get('per_chip_gib') is None or r.get('fits') is None:
-      continue
+    if r.get('per_chip_gib') is None or r.get('fits') is None or r.get('search') == 'variant':
+      continue  # no memory figure, or a config variant the key does not describe (e.g. mix.all_pairs=False)
     sl = parse_slice(r['slice'])
     key = (sl.family, sl.chips, r['loss'], r['mix'], r['bn'], r['batch'], r['image_size'], r['depth'], r['dtype'])
     out[key] = (float(r['per_chip_gib']), bool(r['fits']), float(r['hbm_gib']))

@@ -125,12 +125,19 @@ def test_loading_leaves_a_save_in_progress_alone(workdir):
 
 def test_evaluate_command(workdir, trained):
   out_dir = os.path.join(workdir, 'report')
-  proc = _cli('evaluate', f'--workdir={workdir}', f'--out_dir={out_dir}', '--config.dataset.recall_ks=(1,2,4)')
+  proc = _cli(
+    'evaluate',
+    f'--workdir={workdir}',
+    f'--out_dir={out_dir}',
+    '--config.dataset.recall_ks=(1,2,4)',
+    '--retrieval_grid=4',
+    '--retrieval_grid_k=3',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Recall@4 (%)' in proc.stdout and 'MAP@R' in proc.stdout and 'uniformity' in proc.stdout
   with open(os.path.join(out_dir, 'eval.json')) as f:
     report = json.load(f)
-  for name in ('eval_recall.png', 'eval_positivity.png'):
+  for name in ('eval_recall.png', 'eval_positivity.png', 'eval_retrieval.png'):
     with open(os.path.join(out_dir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   pos = report['positivity']  # contrastive loss: no theoretical curve
@@ -155,6 +162,14 @@ def test_evaluate_command(workdir, trained):
   same = (TEST_LABELS[:, None] == TEST_LABELS[None, :]) & other
   assert report['alignment'] == pytest.approx(d[same].mean(), abs=1e-5)
   assert report['uniformity'] == pytest.approx(np.log(np.exp(-2 * d[other]).mean()), abs=1e-5)
+  # The retrieval grid (--retrieval_grid=4 --retrieval_grid_k=3): brute force, float64 cosine, self excluded.
+  examples = report['retrieval_examples']
+  assert report['files']['retrieval_grid'] == 'eval_retrieval.png'
+  assert len(examples['queries']) == 4 and examples['query_split'] == examples['gallery_split'] == 'test'
+  for q, row, row_correct in zip(examples['queries'], examples['neighbours'], examples['correct']):
+    cosine = lambda i: float(t[q] @ t[i]) / float(np.linalg.norm(t[q]) * np.linalg.norm(t[i]))  # noqa: B023,E731
+    assert row == sorted((i for i in range(len(t)) if i != q), key=lambda i: -cosine(i))[:3]
+    assert row_correct == [bool(TEST_LABELS[i] == TEST_LABELS[q]) for i in row]
 
 
 def test_evaluate_errors_name_the_fix(tmp_path, workdir):
@@ -297,28 +312,3 @@ def test_positivity_of_proxy_losses_runs_on_the_train_split(loss):
   assert got['positivity_split'] == 'train' and np.all(np.isfinite(got['positivity']['empirical']))
   got = report_lib.compute_metrics(config, {'test': embedded['test']}, proxies=proxies)
   assert got['positivity'] is None and 'train split' in got['positivity_note']
-
-
-def test_evaluate_retrieval_grid_draws_the_queries_and_their_neighbours(workdir, trained):
-  out_dir = os.path.join(workdir, 'grid')
-  proc = _cli('evaluate', f'--workdir={workdir}', f'--out_dir={out_dir}', '--retrieval_grid=4', '--retrieval_grid_k=3')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(os.path.join(out_dir, 'eval_retrieval.png'), 'rb') as f:
-    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  with open(os.path.join(out_dir, 'eval.json')) as f:
-    report = json.load(f)
-  examples = report['retrieval_examples']
-  assert report['files']['retrieval_grid'] == 'eval_retrieval.png'
-  # Values: brute force over the same images embedded directly (float64 cosine, self excluded).
-  test = _embed_directly(trained, _batches(TEST_LABELS, 7)[1]).astype(np.float64)
-  test /= np.linalg.norm(test, axis=1, keepdims=True)
-  assert len(examples['queries']) == 4 and examples['query_split'] == examples['gallery_split'] == 'test'
-  for q, row, row_correct in zip(examples['queries'], examples['neighbours'], examples['correct']):
-    others = [i for i in range(len(test)) if i != q]
-    want = sorted(others, key=lambda i: -float(test[q] @ test[i]))[:3]
-    assert row == want
-    assert row_correct == [bool(TEST_LABELS[i] == TEST_LABELS[q]) for i in row]
-  # Without the flag, a later evaluation into the same folder removes the stale grid.
-  proc = _cli('evaluate', f'--workdir={workdir}', f'--out_dir={out_dir}', '--utilization=false', '--positivity=false')
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert not os.path.exists(os.path.join(out_dir, 'eval_retrieval.png'))

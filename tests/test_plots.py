@@ -111,3 +111,17 @@ def test_plot_retrieval_grid_uint8_and_float_images(tmp_path):
   np.testing.assert_allclose(plots._display_image(np.array([[[2.0], [4.0]]])), [[0.0, 1.0]])
   with pytest.raises(ValueError, match='do not match'):
     plots.plot_retrieval_grid(queries, neighbours[:, :2], correct, tmp_path / 'bad.png')
+
+
+def test_write_outputs_draws_the_grid_on_request_and_removes_a_stale_one(tmp_path):
+  from metrix_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(1)
+  report = {'recall': {1: 0.5, 2: 0.7}, 'dataset': 'demo', 'step': 3}
+  examples = {'correct': [[True, False]], 'query_labels': [7]}
+  images = (rng.integers(0, 255, (1, 8, 8, 3), np.uint8), rng.integers(0, 255, (1, 2, 8, 8, 3), np.uint8))
+  paths = report_lib.write_outputs({**report, 'retrieval_examples': examples}, str(tmp_path), retrieval_images=images)
+  _assert_png(paths['retrieval_grid'])
+  assert jsonio.read_json(tmp_path / 'eval.json')['files']['retrieval_grid'] == 'eval_retrieval.png'
+  paths = report_lib.write_outputs(dict(report), str(tmp_path))  # a later evaluation without the grid
+  assert 'retrieval_grid' not in paths and not (tmp_path / 'eval_retrieval.png').exists()

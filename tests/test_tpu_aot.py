@@ -306,6 +306,7 @@ def test_recorded_rows_read_back_what_the_table_run_writes(tmp_path):
     _table_row('v5e-16', 'feature', 160, 3.5, True, roofline_images_per_s_per_chip=float('nan')),
     _table_row('v4-128', 'none', 640, 40.25, False, hbm_gib=32.0, compiled=False),  # v4-128 = 64 chips
     _table_row('v5e-256', 'input', 1280, None, None, compiled=False, error='INTERNAL: something else'),
+    _table_row('v5e-16', 'feature', 160, 0.5, True, search='variant', note='mix.all_pairs=False'),  # not the key's
   ]
   tpu_aot.write_json(path, rows, {'command': 'python benchmarks/tpu_aot.py'})
   with open(path, encoding='utf-8') as f:
