@@ -473,9 +473,13 @@ def largest_fitting(
 ) -> list[dict[str, Any]]:
   """Compiles up to `max_compiles` batches towards the largest that fits: per-chip memory as a line in the
   per-chip batch (the first guess treats the row's temporaries as proportional to the batch, which
-  overestimates the slope: a safe first guess), each compile refining the line. Returns the rows compiled."""
+  overestimates the slope: a safe first guess), each compile refining the line. A global batch never exceeds the
+  training set (`DATASET_SIZES`): when that batch fits, the search ends there. Returns the rows compiled."""
   g = batch_granularity(config, sl.chips)
   limit = sl.chip.hbm_gib * GIB
+  # A global batch cannot exceed the training set (the trainer refuses it): the search stops there.
+  images = DATASET_SIZES.get(config.dataset.name, (10**9, 0))[0]
+  cap = images // g * g
   points = [(first['batch'], first['per_chip_gib'] * GIB)] if first.get('per_chip_gib') else []
   fixed = (first.get('argument_gib', 0) + first.get('output_gib', 0) - first.get('alias_gib', 0)) * GIB
   rows, fit, no_fit = [], (first['batch'] if first.get('fits') else 0), (0 if first.get('fits') else first['batch'])
@@ -493,6 +497,10 @@ def largest_fitting(
       guess = min(guess, no_fit - g)
     if guess <= fit:
       guess = fit + g if not no_fit or fit + g < no_fit else 0
+    if guess > cap:
+      guess = cap
+      if guess <= fit:  # the training set is the bound, and that batch fits
+        break
     if guess <= 0 or guess in [r['batch'] for r in rows] or guess == first['batch']:
       break
     row = compile_row(sl, with_batch(config, guess), platform_name=platform_name)

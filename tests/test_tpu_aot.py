@@ -122,6 +122,24 @@ def test_largest_fitting_search_finds_the_largest_multiple_on_a_known_line(monke
   assert len(calls) == 1 + len(rows) <= 1 + 4
 
 
+def test_largest_fitting_search_stops_at_the_training_set(monkeypatch):
+  """v5e-256 with 1 MiB per image: everything fits; the search compiles the largest multiple of 1,280 that the
+  SOP training set (59,551 images) holds, 58,880, and stops (the trainer refuses a batch larger than the data)."""
+  sl = tpu_aot.parse_slice('v5e-256')
+  config = tpu_aot.recipe_config('configs/sop.py:ms', 'none')
+
+  def fake_compile(sl_, config_, platform_name='tpu', keep_hlo=''):
+    b = int(config_.train.batch_size) // sl_.chips
+    gib = 0.3 + 0.001 * b
+    return dict(batch=b * sl_.chips, per_chip_gib=gib, fits=True, argument_gib=0.3, output_gib=0.3, alias_gib=0.3)
+
+  monkeypatch.setattr(tpu_aot, 'compile_row', fake_compile)
+  rows = []
+  first = fake_compile(sl, tpu_aot.with_batch(config, 1280))
+  tpu_aot.largest_fitting(sl, config, first, platform_name='tpu', max_compiles=4, on_row=rows.append)
+  assert [r['batch'] for r in rows] == [58880]  # 46 x lcm(256 chips, 5 images per class)
+
+
 def test_markdown_row_reads_like_the_table():
   row = dict(
     slice='v5e-16', loss='multi_similarity', mix='feature', bn='trainable', batch=160, per_chip_batch=10,
