@@ -360,8 +360,16 @@ def collectives(hlo_text: str) -> dict[str, Any]:
 _OOM = re.compile(r'Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm', re.IGNORECASE)
 
 
+# The other form XLA:TPU uses when the temporaries alone do not fit (e.g. embedding-level Metrix over every pair).
+_OOM_TEMPORARIES = re.compile(
+  r'memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)'
+)
+
+
 def _oom_bytes(message: str) -> tuple[float, float] | None:
-  m = _OOM.search(message)
+  """(bytes needed, bytes available) from XLA:TPU's out-of-memory message (temporaries only in the second form:
+  a lower bound of the whole program's need); None if the message is not an out-of-memory one."""
+  m = _OOM.search(message) or _OOM_TEMPORARIES.search(message)
   if not m:
     return None
   unit = {'': 1, 'K': 1024, 'M': 1024**2, 'G': GIB, 'T': 1024 * GIB}

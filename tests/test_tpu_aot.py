@@ -96,6 +96,11 @@ def test_out_of_memory_message_gives_the_memory_needed():
   )
   assert tpu_aot._oom_bytes(message) == (17.25 * GIB, 15.75 * GIB)
   assert tpu_aot._oom_bytes('Used 512.00M of 16.00G hbm') == (512 * 2**20, 16 * GIB)
+  temporaries = (
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (92.20G) exceeds '
+    'available HBM (15.75G).'
+  )
+  assert tpu_aot._oom_bytes(temporaries) == (92.20 * GIB, 15.75 * GIB)
   assert tpu_aot._oom_bytes('some other error') is None
 
 
