@@ -605,6 +605,12 @@ def write_json(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
 TABLE_JSON = os.path.join(ROOT, 'benchmarks', 'tpu_aot_table.json')
 
 
+def _table_key(accelerator: str, d: dict[str, Any]) -> tuple:
+  """The key of a recorded row: the slice's chip family and count + the `describe_config` fields it depends on."""
+  sl = parse_slice(accelerator)
+  return (sl.family, sl.chips, d['loss'], d['mix'], d['bn'], d['batch'], d['image_size'], d['depth'], d['dtype'])
+
+
 def recorded_rows(path: str = TABLE_JSON) -> dict[tuple, tuple[float, bool, float]]:
   """The memory rows of a --json_out file (every row with a per-chip figure and a fits verdict, except rows marked
   search='variant': configs the key cannot tell apart); {} if absent."""
@@ -616,8 +622,7 @@ def recorded_rows(path: str = TABLE_JSON) -> dict[tuple, tuple[float, bool, floa
   for r in rows:
     if r.get('per_chip_gib') is None or r.get('fits') is None or r.get('search') == 'variant':
       continue  # no memory figure, or a config variant the key does not describe (e.g. mix.all_pairs=False)
-    sl = parse_slice(r['slice'])
-    key = (sl.family, sl.chips, r['loss'], r['mix'], r['bn'], r['batch'], r['image_size'], r['depth'], r['dtype'])
+    key = _table_key(r['slice'], r)
     out[key] = (float(r['per_chip_gib']), bool(r['fits']), float(r['hbm_gib']))
   return out
 
@@ -626,9 +631,7 @@ RECORDED: dict[tuple, tuple[float, bool, float]] = recorded_rows()
 
 
 def _record_key(accelerator: str, config) -> tuple:
-  sl = parse_slice(accelerator)
-  d = describe_config(config)
-  return (sl.family, sl.chips, d['loss'], d['mix'], d['bn'], d['batch'], d['image_size'], d['depth'], d['dtype'])
+  return _table_key(accelerator, describe_config(config))
 
 
 def libtpu_available() -> bool:

@@ -113,8 +113,8 @@ def _drop_abandoned_read_errors() -> None:
   Orbax gathers the array reads of a restore and closes its event loop as soon as one read fails; every read still
   in flight then reports `RuntimeError: Event loop is closed` through `sys.unraisablehook`, seconds later and from a
   tensorstore thread. Those results are unwanted by construction, so they are counted at debug level; every other
-  unraisable exception goes to the hook that was installed before. Installed once, before the first restore (an
-  abandoned read can report before the failed restore has returned).
+  unraisable exception goes to the hook that was installed before. Installed once, by the first `Checkpointer`
+  (before any restore: an abandoned read can report before the failed restore has returned).
   """
   previous = sys.unraisablehook
   if getattr(previous, 'drops_abandoned_reads', False):
@@ -163,6 +163,7 @@ class Checkpointer:
       **_preservation_options(keep, keep_best),
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data', 'meta'))
+    _drop_abandoned_read_errors()  # before any restore: an abandoned read can report before the failure returns
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -185,7 +186,6 @@ class Checkpointer:
   def metrics(self, step: int) -> dict[str, float] | None:
     """The evaluation metrics saved with checkpoint `step` (None if it was saved without)."""
     self._manager.wait_until_finished()
-    _drop_abandoned_read_errors()
     try:
       meta = self._manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as error:  # pylint: disable=broad-except  # see _read
@@ -246,7 +246,6 @@ class Checkpointer:
   def _read(self, step: int, abstract_state: Any | None) -> dict[str, Any]:
     """Every item of checkpoint `step` (state into `abstract_state`'s structure, or raw when None)."""
     self._manager.wait_until_finished()
-    _drop_abandoned_read_errors()
     target = None if abstract_state is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     args = ocp.args.Composite(
       state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()

@@ -120,8 +120,13 @@ def retrieval_examples(
     )
   splits = {name: embedded[name] for name in ('test', 'query', 'gallery') if name in embedded}
   examples = evaluation.retrieval_examples(splits, num_queries=num_queries, k=k)
-  queries = embedding.collect_images(eval_data[examples['query_split']], examples['queries'])
-  neighbours = embedding.collect_images(eval_data[examples['gallery_split']], examples['neighbours'])
+  if examples['query_split'] == examples['gallery_split']:  # leave-one-out: one pass over the split for both
+    queries = neighbours = embedding.collect_images(
+      eval_data[examples['query_split']], examples['queries'] + sum(examples['neighbours'], [])
+    )
+  else:
+    queries = embedding.collect_images(eval_data[examples['query_split']], examples['queries'])
+    neighbours = embedding.collect_images(eval_data[examples['gallery_split']], examples['neighbours'])
   query_images = np.stack([queries[i] for i in examples['queries']])
   neighbour_images = np.stack([np.stack([neighbours[i] for i in row]) for row in examples['neighbours']])
   return examples, (query_images, neighbour_images)

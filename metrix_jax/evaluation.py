@@ -618,6 +618,11 @@ def sample_episodes(
   return support, query
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+  """x [..., d] float64 with its last axis L2-normalised (norms floored at `_NORM_EPS`, as `l2_normalize`)."""
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
+
+
 def episode_accuracy(embeddings, support: np.ndarray, query: np.ndarray) -> np.ndarray:
   """Accuracy [E] of nearest-prototype classification in each episode (prototypical networks' rule).
 
@@ -625,10 +630,8 @@ def episode_accuracy(embeddings, support: np.ndarray, query: np.ndarray) -> np.n
   query of class row n is correct iff the cosine similarity to prototype n (the normalised mean of its class's K
   support embeddings) is strictly the highest; ties count as errors.
   """
-  x = _check_embeddings(embeddings, 'embeddings').astype(np.float64)
-  x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  prototypes = x[support].mean(axis=2)  # [E, N, d]
-  prototypes /= np.maximum(np.linalg.norm(prototypes, axis=-1, keepdims=True), 1e-12)
+  x = _unit_rows(_check_embeddings(embeddings, 'embeddings').astype(np.float64))
+  prototypes = _unit_rows(x[support].mean(axis=2))  # [E, N, d]
   scores = np.einsum('enqd,emd->enqm', x[query], prototypes)  # [E, N, Q, N]: query of row n vs prototype m
   own = np.take_along_axis(scores, np.arange(scores.shape[1])[None, :, None, None], axis=-1)[..., 0]
   others = np.where(np.eye(scores.shape[1], dtype=bool)[None, :, None, :], -np.inf, scores).max(axis=-1)
@@ -671,9 +674,7 @@ def nearest_neighbours(queries, gallery, k: int, *, exclude=None) -> np.ndarray:
   available = len(g) - (0 if exclude is None else 1)
   if not 1 <= int(k) <= available:
     raise ValueError(f'k must be in [1, {available}] for a gallery of {len(g)} items; got k={k}.')
-  q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-  g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-  similarity = q @ g.T
+  similarity = _unit_rows(q) @ _unit_rows(g).T
   if exclude is not None:
     exclude = np.asarray(exclude, np.int64).reshape(-1)
     rows = np.flatnonzero(exclude >= 0)

@@ -262,6 +262,12 @@ def format_table(report: Mapping[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _remove_stale(out_dir: str, name: str) -> None:
+  """Removes out_dir/name, a plot an earlier evaluation wrote that this one does not (it would mislead)."""
+  if os.path.exists(os.path.join(out_dir, name)):
+    os.remove(os.path.join(out_dir, name))
+
+
 def write_outputs(
   report: dict[str, Any], out_dir: str, *, retrieval_images: tuple[Any, Any] | None = None
 ) -> dict[str, str]:
@@ -288,8 +294,8 @@ def write_outputs(
       **plots.positivity_record(pos['lambda'], pos['empirical'], pos['theoretical']),
       **{k: pos[k] for k in ('num_batches', 'batch_size', 'num_items', 'pair_sets')},
     }
-  elif os.path.exists(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG)):  # not from this evaluation: would mislead
-    os.remove(os.path.join(out_dir, rundir.EVAL_POSITIVITY_PNG))
+  else:
+    _remove_stale(out_dir, rundir.EVAL_POSITIVITY_PNG)
   examples = report.get('retrieval_examples')
   if examples is not None and retrieval_images is not None:
     paths['retrieval_grid'] = plots.plot_retrieval_grid(
@@ -301,8 +307,8 @@ def write_outputs(
       f'{report.get("step", "?")}: top-{len(examples["correct"][0])} (green: same class)',
       row_labels=[f'class {label}' for label in examples['query_labels']],
     )
-  elif os.path.exists(os.path.join(out_dir, rundir.EVAL_RETRIEVAL_PNG)):  # an earlier evaluation's: would mislead
-    os.remove(os.path.join(out_dir, rundir.EVAL_RETRIEVAL_PNG))
+  else:
+    _remove_stale(out_dir, rundir.EVAL_RETRIEVAL_PNG)
   report['files'] = {name: os.path.basename(path) for name, path in paths.items()}  # no machine paths
   paths['json'] = jsonio.write_json(os.path.join(out_dir, rundir.EVAL_FILE), report)
   return paths

@@ -718,7 +718,7 @@ def primary_endpoint(study, summary: dict[str, Any]) -> dict[str, Any] | None:
 
 def primary_endpoint_lines(study, summary: dict[str, Any]) -> list[str]:
   """study.md's first section: the pre-registered endpoint with its 95% interval (before every other table)."""
-  p = primary_endpoint(study, summary)
+  p = summary.get('primary_endpoint')
   if p is None:
     return []
   head = f'### Primary endpoint (pre-registered in the docstring of study config `{study.name}`)'

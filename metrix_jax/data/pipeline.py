@@ -62,11 +62,8 @@ class Augment:
   flip: bool = True
 
 
-_AUGMENT_DEFAULTS = {
-  'demo': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
-  'glyphs': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
-  'omniglot': Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False),
-}
+_GLYPH_AUGMENT = Augment(crop_scale=(0.6, 1.0), crop_ratio=(0.8, 1.25), flip=False)  # characters: no mirror images
+_AUGMENT_DEFAULTS = {'demo': _GLYPH_AUGMENT, 'glyphs': _GLYPH_AUGMENT, 'omniglot': _GLYPH_AUGMENT}
 
 
 def augment_defaults(name: str) -> Augment:
