@@ -20,9 +20,9 @@ callable alone on a (mixed) feature map for Metrix feature-level mixing:
 Convolution implementation (`conv_impl`, a field of every module here; never changes the variable tree):
 * `'auto'` (default): on the CPU backend (`jax.default_backend() == 'cpu'` when the module is traced), the convs
   XLA:CPU runs on its slow generic path go through `conv_patches` (shifted slices + one matmul), the rest stay
-  `lax.conv_general_dilated`; on GPU/TPU every conv is the plain `lax.conv_general_dilated`. Only where BN uses
-  running statistics (`bn_mode='frozen'`, the official recipe, or `train=False`: eval embedding): a trainable-BN
-  train step keeps the plain path, because its float32 gradients through the CPU path are wrong (see below).
+  `lax.conv_general_dilated`; on GPU/TPU every conv is the plain `lax.conv_general_dilated`. Frozen and
+  trainable BN alike (a trainable-BN step on tiny maps has float32 gradient noise of several % against float64
+  on both paths alike: BN over few values per channel is ill-conditioned; tests/test_models_cpu.py).
 * `'xla'`: always the plain `lax.conv_general_dilated`.
 * `'patches'`: every supported conv through `conv_patches` (tests and benchmarks).
 The environment variable `METRIX_CONV_IMPL` (`xla` or `patches`), when set, replaces `'auto'`: the A/B switch
@@ -399,11 +399,7 @@ class ResNet(nn.Module):
     _check_depth(self.depth)
     _check_bn_mode(self.bn_mode)
     use_running_average = self.bn_mode == 'frozen' or not train
-    # 'auto' keeps the plain path where BN normalises with batch statistics: there the float32 parameter gradients
-    # through the CPU path are wrong (ResNet-18, batch 16, 32 px: 0.2-0.6 relative vs float64, jitted and eager
-    # alike; the forward agrees to 1e-5, float64 agrees to 1e-14; cause not found), see tests/test_models_cpu.py.
-    # Frozen BN and eval (running statistics) were checked exact.
-    conv_impl = self.conv_impl if use_running_average or self.conv_impl != 'auto' else 'xla'
+    conv_impl = self.conv_impl
     conv, norm = _make_layers(self.dtype, use_running_average, conv_impl)
     kind, stage_sizes = RESNET_STAGES[self.depth]
     block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
