@@ -15,9 +15,10 @@ Aramaic or Tagalog.
 
 Recipe: ResNet-18 from random init at 32 px (BN trained: nothing pretrained to protect), 512-d embedding, Proxy
 Anchor (one proxy per class, proxies at 100x the learning rate, the paper's loss), balanced batches of 25 classes x
-4 images, Adam lr 1e-3 with a cosine schedule, 4,000 steps (~11.8 epochs). Budget: about an hour on a 2-core CPU
-(the trainable-BN step runs ~140 images/s there, BENCHMARKS.md "CPU convolutions": 4,000 x 100 images ~48 min,
-plus 4 evaluations of the 4,830 held-out images).
+4 images, Adam lr 1e-3 with a cosine schedule, 4,000 steps (~11.8 epochs). Measured 2026-11-30 on a 2-core CPU
+(jax 0.10.2, tests running beside it part of the time): 20 min (344 images/s on average, ~465 when alone), held-out
+R@1 / R@2 / R@4 / R@8 = 88.39 / 93.33 / 96.73 / 98.43 on the 161 unseen glyph classes (4,830 images; chance R@1
+0.6%); at epochs 3 / 6 / 9: R@1 16.9 / 60.6 / 85.9.
 """
 
 from metrix_jax import config_lib
