@@ -28,7 +28,7 @@ epochs), MS and contrastive, baseline vs feature-level Metrix, and MS at input a
 
 **The transfer regime** (issue 15), `configs/study/metrix.py:omniglot_transfer`: where the paper makes its claim,
 a backbone pretrained on a large labelled source and fine-tuned on disjoint target classes with frozen BN. Source:
-`python -m metrix_jax.main --config=configs/pretrain_glyphs.py --workdir=workdirs/pretrain_glyphs` (~1 h on 2
+`python -m metrix_jax.main --config=configs/pretrain_glyphs.py --workdir=workdirs/pretrain_glyphs` (20 min on 2
 cores; 1,130 non-Latin glyph classes, none of Omniglot's test alphabets). Then
 
     python scripts/study.py --config=configs/study/metrix.py:omniglot_transfer --workdir=workdirs/transfer \
@@ -49,8 +49,10 @@ its 95% t interval (4 degrees of freedom); study.md reports it first. The paper'
 lies above 0, contradicted if it lies below 0, and undecided otherwise. Secondary (reported, not the endpoint): the
 contrastive pair, MS + embedding-level vs MS, 5-way 1-shot and 20-way 1-shot episode accuracy, utilization (the
 paper's claim: Metrix raises it), alignment, uniformity and positivity; the scratch study as the reference for what
-pretraining changed. Expected cost on an idle 2-core CPU: ~3 min per transfer run (frozen BN: the CPU conv path),
-~8 min per scratch run (trainable BN: the plain path), i.e. ~75 + ~80 min.
+pretraining changed. Measured cost on a 2-core CPU (2026-11-30, the CPU conv path for both): ~3 min per transfer
+run alone (171-186 s; up to 6 min with other jobs beside it), ~4.5 min per scratch run with another study beside
+it; the transfer study took 94 min of training + 7 min of evaluation, the scratch study (seeds 1-3) 28 + 2 min.
+Results: RESULTS.md, first section (run after this endpoint was written).
 """
 
 from ml_collections import config_dict
