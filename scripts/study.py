@@ -295,6 +295,26 @@ def subprocess_env(workdir: str) -> dict[str, str]:
   return env
 
 
+def portable_command(cmd: list[str]) -> list[str]:
+  """`cmd` without absolute machine paths, as recorded in study_run.json / study_eval.json: the interpreter as
+  'python', every absolute path (alone or as a `--flag=` value) relative to the repository root, where the runs
+  start (`cd ROOT && <command>` reruns it)."""
+
+  def rel(path: str) -> str:
+    return os.path.relpath(path, ROOT).replace(os.sep, '/') if os.path.isabs(path) else path
+
+  out = []
+  for i, arg in enumerate(cmd):
+    if i == 0 and os.path.isabs(arg):
+      out.append('python')
+    elif arg.startswith('--') and '=' in arg:
+      flag, value = arg.split('=', 1)
+      out.append(f'{flag}={rel(value)}')
+    else:
+      out.append(rel(arg))
+  return out
+
+
 def execute(cmd: list[str], log_path: str, record_path: str, env: dict[str, str]) -> int:
   """Runs `cmd` with stdout+stderr to `log_path` (appended: a resumed run keeps its history); records the
   command, return code, wall time and load averages in `record_path`."""
@@ -309,7 +329,7 @@ def execute(cmd: list[str], log_path: str, record_path: str, env: dict[str, str]
   _write_json(
     record_path,
     {
-      'command': cmd,
+      'command': portable_command(cmd),
       'returncode': rc,
       'start_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(start)),
       'end_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(end)),

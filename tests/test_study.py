@@ -396,6 +396,11 @@ def test_two_step_demo_study_then_resume_skips(tmp_path):
   assert summary['finished_runs'] == 1 and summary['rows'][0]['label'] == 'MS + Metrix'
   np.testing.assert_allclose(summary['rows'][0]['recall']['1']['mean'], results['recall']['1'], rtol=1e-12)
   assert (workdir / 'recall_at_k.png').exists() and (run_dir / 'study_run.json').exists()
+  command = jsonio.read_json(run_dir / 'study_run.json')['command']  # no absolute machine paths, rerunnable from ROOT
+  assert command[:3] == ['python', '-m', 'metrix_jax.main'] and not any(
+    a.startswith('/') or '=/' in a for a in command
+  ), command
+  assert f'--workdir={os.path.relpath(run_dir, ROOT)}' in command
   again = _cli([f'--config={config}', f'--workdir={workdir}', '--no-evaluate'], timeout=300)
   assert again.returncode == 0 and 'done, skipped' in again.stdout
 
