@@ -51,7 +51,7 @@ contrastive pair, MS + embedding-level vs MS, 5-way 1-shot and 20-way 1-shot epi
 paper's claim: Metrix raises it), alignment, uniformity and positivity; the scratch study as the reference for what
 pretraining changed. Measured cost on a 2-core CPU (2026-11-30, the CPU conv path for both): ~3 min per transfer
 run alone (171-186 s; up to 6 min with other jobs beside it), ~4.5 min per scratch run with another study beside
-it; the transfer study took 94 min of training + 7 min of evaluation, the scratch study (seeds 1-3) 28 + 2 min.
+it; the transfer study took 94 min of training + 7 min of evaluation, the scratch study 51 + 3 min.
 Results: RESULTS.md, first section (run after this endpoint was written).
 """
 
