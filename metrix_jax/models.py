@@ -21,8 +21,9 @@ Convolution implementation (`conv_impl`, a field of every module here; never cha
 * `'auto'` (default): on the CPU backend (`jax.default_backend() == 'cpu'` when the module is traced), the convs
   XLA:CPU runs on its slow generic path go through `conv_patches` (shifted slices + one matmul), the rest stay
   `lax.conv_general_dilated`; on GPU/TPU every conv is the plain `lax.conv_general_dilated`. Frozen and
-  trainable BN alike (a trainable-BN step on tiny maps has float32 gradient noise of several % against float64
-  on both paths alike: BN over few values per channel is ill-conditioned; tests/test_models_cpu.py).
+  trainable BN alike (a float32 trainable-BN step can be ~1e-2 off float64 on both paths alike, when float32
+  crosses a ReLU kink float64 does not and batch-statistics BN spreads that over the channel;
+  tests/test_models_cpu.py).
 * `'xla'`: always the plain `lax.conv_general_dilated`.
 * `'patches'`: every supported conv through `conv_patches` (tests and benchmarks).
 The environment variable `METRIX_CONV_IMPL` (`xla` or `patches`), when set, replaces `'auto'`: the A/B switch
@@ -399,14 +400,13 @@ class ResNet(nn.Module):
     _check_depth(self.depth)
     _check_bn_mode(self.bn_mode)
     use_running_average = self.bn_mode == 'frozen' or not train
-    conv_impl = self.conv_impl
-    conv, norm = _make_layers(self.dtype, use_running_average, conv_impl)
+    conv, norm = _make_layers(self.dtype, use_running_average, self.conv_impl)
     kind, stage_sizes = RESNET_STAGES[self.depth]
     block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
 
     x = conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
-    if _use_cpu_path(conv_impl):
+    if _use_cpu_path(self.conv_impl):
       x = max_pool_slices(x, (3, 3), (2, 2), ((1, 1), (1, 1)))  # the same values and gradients, faster on CPU
     else:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
@@ -418,7 +418,7 @@ class ResNet(nn.Module):
           stride=stride,
           dtype=self.dtype,
           use_running_average=use_running_average,
-          conv_impl=conv_impl,
+          conv_impl=self.conv_impl,
           name=f'layer{stage}_{block}',
         )(x)
     return x

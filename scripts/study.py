@@ -301,7 +301,7 @@ def portable_command(cmd: list[str]) -> list[str]:
   start (`cd ROOT && <command>` reruns it)."""
 
   def rel(path: str) -> str:
-    return os.path.relpath(path, ROOT).replace(os.sep, '/') if os.path.isabs(path) else path
+    return _relative(path, ROOT) if os.path.isabs(path) else path
 
   out = []
   for i, arg in enumerate(cmd):
@@ -470,7 +470,7 @@ def few_shot_settings(entries) -> dict[str, float]:
 
 
 def _relative(path: str, workdir: str) -> str:
-  """`path` relative to `workdir`, with '/' separators: 'ms-feature/seed1'."""
+  """`path` relative to `workdir` (a folder), with '/' separators: 'ms-feature/seed1'."""
   return os.path.relpath(path, workdir).replace(os.sep, '/')
 
 
